@@ -1,0 +1,1 @@
+"""Bench: see README.md."""

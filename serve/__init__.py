@@ -1,0 +1,1 @@
+"""Serve: see README.md."""

@@ -1,0 +1,1 @@
+"""Training: long-tailed data, multi-expert networks, methods, and the checkpoint export reads."""

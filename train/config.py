@@ -1,0 +1,132 @@
+"""The training configuration: defaults < YAML preset < command line, every field overridable.
+
+Presets (train/presets/*.yaml) reproduce the official recipes; `--preset ncl-cifar100-lt`.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from train.errors import UserError
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw}) if not isinstance(default, list) \
+        else field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # What and where
+    method: str = _opt("ncl", "training method (ce, ncl)")
+    dataset: str = _opt("synthetic", "synthetic | cifar10-lt | cifar100-lt | imagenet-lt | places-lt | inat2018 | imagefolder")
+    data_root: str = _opt("data", "dataset folder (CIFAR pickles, image lists + images, or an ImageFolder tree)")
+    download: bool = _opt(False, "download CIFAR through torchvision if missing")
+    out: str = _opt("runs/ncl", "output folder: <method>.pt (last), <method>_best.pt, log.csv")
+    resume: bool = _opt(False, "continue from <out>/<method>.pt exactly where it stopped")
+    # Data
+    imb_factor: float = _opt(100.0, "imbalance factor n_max/n_min (CIFAR, synthetic, ImageFolder)")
+    lt_profile: str = _opt("exp", "long-tail profile: exp | step")
+    subset_mode: str = _opt("shuffle", "which images a class keeps: shuffle (LDAM/RIDE, seed 0) | first (SHIKE)")
+    eval_split: str = _opt("test", "image lists / ImageFolder: evaluate on val or test")
+    train_list: str = _opt("", "image-list file for training (default: the dataset's OLTR name)")
+    eval_list: str = _opt("", "image-list file for evaluation")
+    synthetic_classes: int = _opt(10, "synthetic data: number of classes")
+    synthetic_max: int = _opt(300, "synthetic data: images in the head class")
+    synthetic_test: int = _opt(100, "synthetic data: test images per class")
+    synthetic_seed: int = _opt(0, "synthetic data: generator seed (independent of --seed)")
+    augment: str = _opt("", "augmentation preset: cifar | cifar-basic | imagenet | none (default: per dataset)")
+    input_size: int = _opt(0, "network input size (default: per dataset)")
+    resize: int = _opt(0, "test-time shorter-side resize (default: per dataset)")
+    shot_rule: str = _opt("strict", "shot groups: strict (many>100, few<20) | ncl (>=100, <=20)")
+    workers: int = _opt(0, "data-loader worker processes")
+    # Model
+    arch: str = _opt("resnet32", "resnet32 | resnet20 | resnet8 | resnet50 | resnext50_32x4d | resnet152")
+    num_experts: int = _opt(3, "experts")
+    shared_stages: int = _opt(0, "stages shared by all experts (0: separate trunks)")
+    shortcut: str = _opt("A", "CIFAR ResNet shortcut: A (NCL) | B (SHIKE)")
+    head: str = _opt("linear", "linear | cosine | normed | lws")
+    head_scale: float = _opt(16.0, "scale of cosine/normed heads")
+    pretrained: bool = _opt(False, "start torchvision trunks from ImageNet weights (downloaded)")
+    # Optimization
+    epochs: int = _opt(400, "epochs")
+    batch_size: int = _opt(64, "batch size per process")
+    lr: float = _opt(0.1, "peak learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(True, "Nesterov momentum")
+    weight_decay: float = _opt(2e-4, "weight decay (all parameters, as the official code)")
+    schedule: str = _opt("multistep", "multistep (with warmup) | cosine")
+    warmup_epochs: int = _opt(5, "linear warmup epochs (NCL's factor 1/3 start)")
+    milestones: list[int] = _opt([320, 360], "multistep: epochs where the lr is multiplied by 0.1")
+    eta_min: float = _opt(1e-4, "cosine: final learning rate")
+    seed: int = _opt(42, "random seed")
+    amp: str = _opt("auto", "mixed precision: auto (bf16 on CUDA if supported, else fp16) | bf16 | fp16 | off")
+    channels_last: bool = _opt(True, "channels_last memory format on CUDA")
+    eval_every: int = _opt(1, "evaluate every N epochs (and always at the end)")
+    tensorboard: bool = _opt(False, "also write TensorBoard logs to <out>/tb")
+    # CE baseline
+    balanced_softmax: bool = _opt(False, "ce: add log class counts to the logits (balanced softmax)")
+    # NCL
+    hcm_n: int = _opt(30, "ncl: hard categories kept by HCM")
+    ce_ratio: float = _opt(1.0, "ncl: weight of the full-logit CE")
+    hcm_ratio: float = _opt(1.0, "ncl: weight of the partial-logit CE")
+    diversity_factor: float = _opt(0.6, "ncl: NBOD weight on full distributions")
+    diversity_factor_hcm: float = _opt(0.6, "ncl: NBOD weight on partial distributions")
+    ncl_moco: bool = _opt(False, "ncl: contrastive MoCo branch")
+    con_ratio: float = _opt(1.0, "ncl: weight of the contrastive loss")
+    moco_t: float = _opt(0.2, "ncl: InfoNCE temperature")
+    moco_dim: int = _opt(64, "ncl: projection dimension")
+    moco_queue: int = _opt(1024, "ncl: queue length per expert")
+    moco_momentum: float = _opt(0.999, "ncl: EMA momentum of the key encoder")
+    moco_independent_key_init: bool = _opt(True, "ncl quirk: key encoder from its own random init")
+    moco_frozen_key_projection: bool = _opt(True, "ncl quirk: key projection never updated")
+    moco_ema_before_backward: bool = _opt(True, "ncl quirk: EMA step before backward")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("train.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict:
+    path = Path(name)
+    if not path.is_file():
+        if name not in preset_names():
+            raise UserError(f"unknown preset {name!r}; choose from {', '.join(preset_names())} or give a YAML path")
+        path = resources.files("train.presets") / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise UserError(f"preset {name}: unknown fields {', '.join(sorted(unknown))}")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train", description="Train a multi-expert long-tailed classifier.")
+    parser.add_argument("--preset", help=f"YAML recipe ({', '.join(preset_names())}) or a path to one")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        elif isinstance(default, list):
+            parser.add_argument(flag, type=int, nargs="*", default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(default), default=None, help=f"{f.metadata['help']} [{default}]")
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    values = load_preset(args.pop("preset")) if args.get("preset") else {}
+    values.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)

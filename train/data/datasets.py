@@ -1,0 +1,248 @@
+"""Dataset builders: every source becomes (train view, test view, class names, training counts).
+
+Sources: the embedded synthetic set; CIFAR-10/100-LT through torchvision (pass --download);
+ImageNet-LT / Places-LT / iNaturalist-2018 image lists in the OLTR text format or NCL's JSON;
+ImageFolder trees (split/<class>/*.jpg) with long-tail subsampling of the train split.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torchvision
+from PIL import Image
+from torch.utils.data import Dataset
+
+from train.data import synthetic
+from train.data.longtail import longtail_counts, select_longtail
+from train.errors import UserError
+
+DATASETS = ("synthetic", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018", "imagefolder")
+CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+INAT_MEAN, INAT_STD = [0.466, 0.471, 0.380], [0.195, 0.194, 0.192]
+# OLTR list names per dataset: (train, val, test). iNaturalist's official val set is its test set.
+IMAGE_LISTS = {
+    "imagenet-lt": ("ImageNet_LT_train", "ImageNet_LT_val", "ImageNet_LT_test"),
+    "places-lt": ("Places_LT_train", "Places_LT_val", "Places_LT_test"),
+    "inat2018": ("iNaturalist18_train", "iNaturalist18_val", "iNaturalist18_val"),
+}
+
+
+@dataclass
+class DataOptions:
+    dataset: str = "synthetic"
+    data_root: str = "data"
+    imb_factor: float = 100.0
+    lt_profile: str = "exp"
+    subset_mode: str = "shuffle"
+    download: bool = False
+    eval_split: str = "test"
+    train_list: str = ""
+    eval_list: str = ""
+    synthetic_classes: int = 10
+    synthetic_max: int = 300
+    synthetic_test: int = 100
+    synthetic_seed: int = 0
+
+
+@dataclass
+class DataBundle:
+    """Raw-image datasets plus what the model spec and the metrics need to know about them."""
+    train: "LabeledView"
+    test: "LabeledView"
+    classes: list[str]
+    train_counts: list[int]
+    input_size: int = 32
+    resize: int = 32
+    mean: list[float] = field(default_factory=lambda: list(CIFAR_MEAN))
+    std: list[float] = field(default_factory=lambda: list(CIFAR_STD))
+    augment: str = "cifar"
+
+
+class LabeledView(Dataset):
+    """A subset of a base dataset whose items are (image, label), with a transform set once the model is known."""
+
+    def __init__(self, base: Dataset, targets, indices=None):
+        self.base = base
+        self.indices = list(range(len(targets))) if indices is None else list(indices)
+        self.targets = [int(targets[i]) for i in self.indices]
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, _ = self.base[self.indices[i]]
+        return (self.transform(image) if self.transform else image), self.targets[i]
+
+
+class ArrayImages(Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+class ImageList(Dataset):
+    """(path, label) pairs read with PIL, as RGB."""
+
+    def __init__(self, root: Path, samples: list[tuple[str, int]]):
+        self.root, self.samples = root, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        with Image.open(self.root / path) as image:
+            return image.convert("RGB"), label
+
+
+def _counts(targets, num_classes: int) -> list[int]:
+    return np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).tolist()
+
+
+def _build_synthetic(opt: DataOptions) -> DataBundle:
+    counts = longtail_counts(opt.synthetic_max, opt.synthetic_classes, opt.imb_factor, opt.lt_profile)
+    train_x, train_y = synthetic.synthesize(counts, seed=opt.synthetic_seed)
+    test_x, test_y = synthetic.synthesize([opt.synthetic_test] * opt.synthetic_classes, seed=opt.synthetic_seed + 10_000)
+    classes = [f"pattern{c}" for c in range(opt.synthetic_classes)]
+    return DataBundle(LabeledView(ArrayImages(train_x, train_y), train_y),
+                      LabeledView(ArrayImages(test_x, test_y), test_y), classes, counts,
+                      mean=synthetic.MEAN, std=synthetic.STD, augment="cifar-basic")
+
+
+def _cifar_class(num_classes: int):
+    base = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
+
+    class CifarTree(base):
+        """torchvision's CIFAR reader and downloader. The archive's MD5 is still checked on download;
+        extracted batches are only required to exist, so re-packed trees (e.g. JPEG round-trips) load."""
+
+        def _check_integrity(self) -> bool:
+            folder = os.path.join(self.root, self.base_folder)
+            return all(os.path.isfile(os.path.join(folder, name)) for name, _ in self.train_list + self.test_list)
+
+        def _load_meta(self) -> None:
+            with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
+                data = pickle.load(f, encoding="latin1")
+            self.classes = data[self.meta["key"]]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    return CifarTree
+
+
+def _build_cifar(opt: DataOptions, num_classes: int) -> DataBundle:
+    cls = _cifar_class(num_classes)
+    try:
+        train = cls(opt.data_root, train=True, download=opt.download)
+        test = cls(opt.data_root, train=False, download=opt.download)
+    except RuntimeError as exc:
+        raise UserError(f"CIFAR-{num_classes} not found under {opt.data_root!r} ({exc}); "
+                        "pass --download to fetch it, or --data-root to point at it") from None
+    n_max = min(_counts(train.targets, num_classes))
+    counts = longtail_counts(n_max, num_classes, opt.imb_factor, opt.lt_profile)
+    kept = select_longtail(train.targets, counts, opt.subset_mode, seed=0)
+    return DataBundle(LabeledView(train, train.targets, kept), LabeledView(test, test.targets),
+                      list(train.classes), counts)
+
+
+def read_image_list(path: Path) -> list[tuple[str, int]]:
+    """OLTR text (`relative/path label` per line) or NCL JSON (`annotations[{fpath, category_id}]`)."""
+    if not path.is_file():
+        raise UserError(f"image list not found: {path}")
+    if path.suffix == ".json":
+        with open(path) as f:
+            data = json.load(f)
+        try:
+            return [(a["fpath"], int(a["category_id"])) for a in data["annotations"]]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path} is not an NCL annotation file (annotations[{{fpath, category_id}}])") from None
+    samples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise UserError(f"{path}:{number}: expected 'relative/path label', got {line!r}")
+        samples.append((parts[0], int(parts[1])))
+    return samples
+
+
+def _find_list(root: Path, explicit: str, stem: str) -> Path:
+    if explicit:
+        return Path(explicit) if Path(explicit).is_absolute() else root / explicit
+    for suffix in (".txt", ".json"):
+        if (root / (stem + suffix)).is_file():
+            return root / (stem + suffix)
+    raise UserError(f"no {stem}.txt or {stem}.json under {root}; pass --train-list/--eval-list")
+
+
+def _class_names(samples: list[tuple[str, int]], num_classes: int) -> list[str]:
+    """The parent folder of each class's first image (ImageNet wnids, Places scene names), else class_<i>."""
+    names = {}
+    for path, label in samples:
+        names.setdefault(label, Path(path).parent.name)
+    if len(set(names.values())) != len(names):
+        return [f"class_{c}" for c in range(num_classes)]
+    return [names.get(c, f"class_{c}") for c in range(num_classes)]
+
+
+def _build_image_list(opt: DataOptions) -> DataBundle:
+    root = Path(opt.data_root)
+    train_stem, val_stem, test_stem = IMAGE_LISTS[opt.dataset]
+    if opt.eval_split not in ("val", "test"):
+        raise UserError("--eval-split must be val or test")
+    train_samples = read_image_list(_find_list(root, opt.train_list, train_stem))
+    eval_samples = read_image_list(_find_list(root, opt.eval_list, val_stem if opt.eval_split == "val" else test_stem))
+    num_classes = max(label for _, label in train_samples + eval_samples) + 1
+    train_targets = [label for _, label in train_samples]
+    mean, std = (INAT_MEAN, INAT_STD) if opt.dataset == "inat2018" else (IMAGENET_MEAN, IMAGENET_STD)
+    return DataBundle(LabeledView(ImageList(root, train_samples), train_targets),
+                      LabeledView(ImageList(root, eval_samples), [label for _, label in eval_samples]),
+                      _class_names(train_samples, num_classes), _counts(train_targets, num_classes),
+                      input_size=224, resize=256, mean=mean, std=std, augment="imagenet")
+
+
+def _build_image_folder(opt: DataOptions) -> DataBundle:
+    root = Path(opt.data_root)
+    eval_dir = next((root / s for s in (opt.eval_split, "test", "val") if (root / s).is_dir()), None)
+    if not (root / "train").is_dir() or eval_dir is None:
+        raise UserError(f"{root} must hold train/<class>/*.jpg and test/ (or val/) with the same classes")
+    train = torchvision.datasets.ImageFolder(root / "train")
+    test = torchvision.datasets.ImageFolder(eval_dir)
+    if train.classes != test.classes:
+        raise UserError(f"{root}: train and {eval_dir.name} have different class folders")
+    num_classes = len(train.classes)
+    kept = None
+    counts = _counts(train.targets, num_classes)
+    if opt.imb_factor > 1:
+        counts = longtail_counts(min(counts), num_classes, opt.imb_factor, opt.lt_profile)
+        kept = select_longtail(train.targets, counts, opt.subset_mode, seed=0)
+    with Image.open(train.samples[0][0]) as first:
+        small = max(first.size) <= 64
+    size = dict(input_size=max(first.size), resize=max(first.size), augment="cifar") if small else \
+        dict(input_size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment="imagenet")
+    return DataBundle(LabeledView(train, train.targets, kept), LabeledView(test, test.targets),
+                      list(train.classes), counts, **size)
+
+
+def build_data(opt: DataOptions) -> DataBundle:
+    if opt.dataset == "synthetic":
+        return _build_synthetic(opt)
+    if opt.dataset in ("cifar10-lt", "cifar100-lt"):
+        return _build_cifar(opt, 10 if opt.dataset == "cifar10-lt" else 100)
+    if opt.dataset in IMAGE_LISTS:
+        return _build_image_list(opt)
+    if opt.dataset == "imagefolder":
+        return _build_image_folder(opt)
+    raise UserError(f"unknown dataset {opt.dataset!r}; choose from {', '.join(DATASETS)}")

@@ -1,0 +1,343 @@
+"""The training loop: data, model, method, optimizer and schedule; evaluation; resume; DDP; AMP."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from tqdm import tqdm
+
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.config import TrainConfig
+from train.data.datasets import DataOptions, build_data
+from train.data.longtail import group_accuracy, shot_groups
+from train.data.transforms import eval_transform, train_transform
+from train.errors import UserError
+from train.methods import get_method
+from train.models import ModelSpec, build_model
+from train.models.backbones import load_torchvision_weights
+
+
+class Views:
+    """Several independent draws of the same augmentation (query/key views for contrastive branches)."""
+
+    def __init__(self, transform, count: int):
+        self.transform, self.count = transform, count
+
+    def __call__(self, image):
+        return [self.transform(image) for _ in range(self.count)]
+
+
+def lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    """LR multiplier for 0-indexed `epoch`. Like the official code, the schedule is evaluated at the
+    1-indexed epoch e = epoch + 1, so NCL's first warmup epoch runs at 1/3 (1 - 1/5) + 1/5 = 0.467."""
+    e = epoch + 1
+    warm = 1.0 / 3 * (1 - e / cfg.warmup_epochs) + e / cfg.warmup_epochs if e < cfg.warmup_epochs else 1.0
+    if cfg.schedule == "multistep":
+        return warm * 0.1 ** sum(m <= e for m in cfg.milestones)
+    if cfg.schedule == "cosine":
+        eta = cfg.eta_min / cfg.lr
+        return warm * (eta + (1 - eta) * 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
+    raise UserError(f"unknown schedule {cfg.schedule!r}; choose multistep or cosine")
+
+
+class Distributed:
+    """torchrun's environment: rank, world size, device; single process when absent."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate(state["python"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
+        return None
+    if cfg.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cfg.amp not in ("bf16", "fp16"):
+        raise UserError(f"--amp must be auto, bf16, fp16 or off, not {cfg.amp!r}")
+    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+
+def build_spec(cfg: TrainConfig, data) -> ModelSpec:
+    size = cfg.input_size or data.input_size
+    return ModelSpec(arch=cfg.arch, num_classes=len(data.classes), num_experts=cfg.num_experts,
+                     shared_stages=cfg.shared_stages, shortcut=cfg.shortcut, head=cfg.head,
+                     head_scale=cfg.head_scale, input_size=size, resize=cfg.resize or max(data.resize, size),
+                     mean=list(data.mean), std=list(data.std))
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes: int, device, env: Distributed, channels_last: bool = False) -> tuple:
+    """Per-class correct counts of each expert and of the ensemble (mean of logits): ([K+1, C], [C])."""
+    model.eval()
+    correct, total = None, torch.zeros(num_classes, dtype=torch.float64, device=device)
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        logits = model(images).float()
+        preds = torch.cat([logits.argmax(2), logits.mean(1).argmax(1, keepdim=True)], dim=1)  # [B, K+1]
+        if correct is None:
+            correct = torch.zeros(preds.shape[1], num_classes, dtype=torch.float64, device=device)
+        hits = (preds == targets[:, None]).double()
+        correct.index_add_(1, targets, hits.T)
+        total += torch.bincount(targets, minlength=num_classes).double()
+    return env.all_reduce(correct).cpu().numpy(), env.all_reduce(total).cpu().numpy()
+
+
+def summarize(correct: np.ndarray, total: np.ndarray, train_counts: list[int], rule: str) -> dict:
+    experts = [group_accuracy(correct[k], total, train_counts, rule) for k in range(len(correct) - 1)]
+    return {"ensemble": group_accuracy(correct[-1], total, train_counts, rule), "experts": experts,
+            "best_expert": int(np.argmax([e["overall"] for e in experts]))}
+
+
+def format_metrics(m: dict) -> str:
+    e = m["ensemble"]
+    experts = " ".join(f"{x['overall']:.1f}" for x in m["experts"])
+    return (f"ensemble {e['overall']:.2f} (many {e['many']:.1f} / medium {e['medium']:.1f} / few {e['few']:.1f})"
+            f"  experts {experts}")
+
+
+class CsvLog:
+    def __init__(self, path: Path, keep_epochs: int):
+        self.path = path
+        rows = []
+        if keep_epochs and path.is_file():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= keep_epochs]
+        self.rows = rows
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        fieldnames = list(dict.fromkeys(k for r in self.rows for k in r))
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run training as configured; returns the path of the last checkpoint (<out>/<method>.pt)."""
+    env = Distributed()
+    try:
+        return _train(cfg, env)
+    finally:
+        env.close()
+
+
+def _train(cfg: TrainConfig, env: Distributed) -> Path:
+    device = env.device
+    out = Path(cfg.out)
+    last_path, best_path = out / f"{cfg.method}.pt", out / f"{cfg.method}_best.pt"
+    method_cls = get_method(cfg.method)
+    seed_everything(cfg.seed)
+
+    data = build_data(DataOptions(**{k: getattr(cfg, k) for k in DataOptions.__dataclass_fields__ if hasattr(cfg, k)}))
+    spec = build_spec(cfg, data)
+    augment = train_transform(cfg.augment or data.augment, spec)
+    data.test.transform = eval_transform(spec)
+
+    model = build_model(spec)
+    if cfg.pretrained:
+        for module in ([model.trunk] if model.trunk is not None else []) + [e.backbone for e in model.experts]:
+            load_torchvision_weights(module, cfg.arch)
+    method = method_cls(cfg, model, data.train_counts)
+    data.train.transform = augment if method.views == 1 else Views(augment, method.views)
+    use_cuda = device.type == "cuda"
+    channels_last = cfg.channels_last and use_cuda
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    method.to(device)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    aux_params = [p for p in method.aux.parameters() if p.requires_grad] if method.aux is not None else []
+    optimizer = torch.optim.SGD(params + aux_params, lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(cfg, epoch))
+    dtype = amp_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    start_epoch, best_acc, best_epoch = 0, -1.0, -1
+    if cfg.resume:
+        if not last_path.is_file():
+            raise UserError(f"--resume: no checkpoint at {last_path}")
+        state = load_checkpoint(last_path)
+        if "training" not in state:
+            raise UserError(f"--resume: {last_path} holds no training state")
+        changed = sorted(k for k, v in state["config"].items()
+                         if k not in ("epochs", "resume") and asdict(cfg).get(k) != v)
+        if changed and env.main:
+            print(f"resume: settings differ from the checkpoint's: {', '.join(changed)}")
+        model.load_state_dict(state["state_dict"])
+        t = state["training"]
+        optimizer.load_state_dict(t["optimizer"])
+        scheduler.load_state_dict(t["scheduler"])
+        scaler.load_state_dict(t["scaler"])
+        if method.aux is not None:
+            method.aux.load_state_dict(t["aux"])
+        _set_rng_state(t["rng"][env.rank] if env.rank < len(t["rng"]) else t["rng"][0])
+        start_epoch, best_acc, best_epoch = state["epoch"], t["best_acc"], t["best_epoch"]
+
+    train_model = DistributedDataParallel(model) if env.world > 1 else model
+    generator = torch.Generator()
+    sampler = DistributedSampler(data.train, env.world, env.rank, shuffle=True, seed=cfg.seed) if env.world > 1 \
+        else RandomSampler(data.train, generator=generator)
+    loader = DataLoader(data.train, cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=use_cuda,
+                        drop_last=len(data.train) > cfg.batch_size * env.world, generator=generator,
+                        persistent_workers=cfg.workers > 0)
+    test_view = Subset(data.test, range(env.rank, len(data.test), env.world)) if env.world > 1 else data.test
+    test_loader = DataLoader(test_view, max(cfg.batch_size, 256), num_workers=cfg.workers, pin_memory=use_cuda)
+
+    if env.main:
+        groups = shot_groups(data.train_counts, cfg.shot_rule)
+        print(f"train {cfg.method} on {cfg.dataset}: {len(data.train)} images, {len(data.classes)} classes "
+              f"(counts {max(data.train_counts)}..{min(data.train_counts)}; many/medium/few "
+              f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}), test {len(data.test)}")
+        print(f"model {spec.describe()}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+        print(f"device {device} x{env.world}, amp {dtype or 'off'}, epochs {start_epoch + 1}..{cfg.epochs}, "
+              f"batch {cfg.batch_size}, lr {cfg.lr} ({cfg.schedule}), writing {last_path}")
+        out.mkdir(parents=True, exist_ok=True)
+    log = CsvLog(out / "log.csv", start_epoch) if env.main else None
+    tb = None
+    if cfg.tensorboard and env.main:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(str(out / "tb"))
+
+    metrics = None
+    for epoch in range(start_epoch, cfg.epochs):
+        generator.manual_seed(cfg.seed + epoch)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        train_model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        sums, seen, started = {}, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not env.main, leave=True,
+                   dynamic_ncols=True, mininterval=1.0)
+        for images, targets in bar:
+            targets = targets.to(device, non_blocking=True)
+            images = [v.to(device, non_blocking=True) for v in images] if isinstance(images, list) \
+                else images.to(device, non_blocking=True)
+            if channels_last:
+                images = [v.contiguous(memory_format=torch.channels_last) for v in images] \
+                    if isinstance(images, list) else images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss, logits, parts = method.loss(train_model, images, targets)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the data")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if env.world > 1:
+                for p in aux_params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= env.world
+            scaler.step(optimizer)
+            scaler.update()
+            method.after_step(train_model)
+            n = len(targets)
+            seen += n
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() * n
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+            sums["acc"] = sums.get("acc", 0.0) + (logits.detach().float().mean(1).argmax(1) == targets).sum().item()
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", lr=f"{lr:.4g}", img_s=f"{seen * env.world / elapsed:.0f}")
+        scheduler.step()
+        seconds = time.perf_counter() - started
+        row = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+               "images_per_s": seen * env.world / seconds, "seconds": seconds}
+        row["train_acc"] *= 100
+
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            correct, total = evaluate(model, test_loader, spec.num_classes, device, env, channels_last)
+            metrics = summarize(correct, total, data.train_counts, cfg.shot_rule)
+            row.update({f"test_{k}": v for k, v in metrics["ensemble"].items()})
+            row.update({f"test_expert{k}": e["overall"] for k, e in enumerate(metrics["experts"])})
+            if env.main:
+                print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, {row['images_per_s']:.0f} img/s, "
+                      f"test {format_metrics(metrics)}")
+
+        rng = [_rng_state()]
+        if env.world > 1:
+            rng = [None] * env.world
+            dist.all_gather_object(rng, _rng_state())
+        if not env.main:
+            continue
+        log.append(row)
+        if tb is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    tb.add_scalar(k, v, epoch + 1)
+        payload = {"spec": spec.to_dict(), "classes": list(data.classes), "train_counts": list(data.train_counts),
+                   "state_dict": model.state_dict(), "method": cfg.method, "config": asdict(cfg),
+                   "metrics": metrics or {}, "epoch": epoch + 1}
+        is_best = metrics is not None and metrics["ensemble"]["overall"] > best_acc
+        if is_best:
+            best_acc, best_epoch = metrics["ensemble"]["overall"], epoch + 1
+            save_checkpoint(payload, best_path)
+        payload["training"] = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "scaler": scaler.state_dict(), "rng": rng, "best_acc": best_acc,
+                               "best_epoch": best_epoch,
+                               "aux": method.aux.state_dict() if method.aux is not None else {}}
+        save_checkpoint(payload, last_path)
+    if tb is not None:
+        tb.close()
+    if env.main and metrics is not None:
+        print(f"done: {last_path} (last), {best_path} (best: epoch {best_epoch}, ensemble {best_acc:.2f}%)")
+    return last_path

@@ -1,0 +1,42 @@
+"""What a training method is: a loss over per-expert logits, plus optional training-only modules."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Method:
+    """Base class. Subclasses set `name`, may set `views` (augmented views per image) and `aux`
+    (an nn.Module of training-only parts: trained and checkpointed for resume, never exported)."""
+
+    name = ""
+    views = 1
+
+    def __init__(self, cfg, model: nn.Module, train_counts: list[int]):
+        self.cfg = cfg
+        self.aux: nn.Module | None = None
+        self.log_counts = torch.log(torch.tensor(train_counts, dtype=torch.float32).clamp_min(1))
+
+    def to(self, device: torch.device) -> "Method":
+        self.log_counts = self.log_counts.to(device)
+        if self.aux is not None:
+            self.aux.to(device)
+        return self
+
+    def loss(self, model: nn.Module, images, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(scalar loss, per-expert logits [B, K, C] for training accuracy, named loss parts)."""
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after each optimizer step (EMA updates and the like)."""
+
+
+def balanced_logits(logits: torch.Tensor, log_counts: torch.Tensor) -> torch.Tensor:
+    """Balanced softmax: logits + log n_c (so CE on them equals CE plus the log prior)."""
+    return logits + log_counts
+
+
+def per_expert_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of [B, K, C] logits, summed over experts."""
+    return sum(F.cross_entropy(logits[:, k], targets) for k in range(logits.shape[1]))

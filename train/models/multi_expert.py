@@ -1,0 +1,67 @@
+"""One multi-expert network for every method and for export.
+
+K experts either own whole trunks (NCL, `shared_stages=0`) or branch off a shared trunk after
+`shared_stages` stages (SHIKE, RIDE-style). forward() returns per-expert logits [B, K, C]; the
+ensemble prediction is their mean. Training-only parts (projection heads, EMA encoders, queues)
+live with the method, never here, so what export sees is exactly this module.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from train.models.backbones import StagedBackbone, build_backbone, stage_names
+from train.models.heads import build_head
+from train.models.spec import ModelSpec
+
+
+class Expert(nn.Module):
+    """An expert's own stages, pooled, then its head."""
+
+    def __init__(self, backbone: StagedBackbone, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def features(self, trunk_outputs: list[torch.Tensor]) -> torch.Tensor:
+        deep = self.backbone(trunk_outputs[-1])[-1]
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(deep, 1), 1)
+
+
+class MultiExpertNet(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        names = list(stage_names(spec))
+        if not 0 <= spec.shared_stages < len(names):
+            raise ValueError(f"shared_stages must be in [0, {len(names) - 1}] for {spec.arch}")
+        shared, own = names[:spec.shared_stages], names[spec.shared_stages:]
+        self.trunk = build_backbone(spec).keep_stages(shared) if shared else None
+        experts = []
+        for _ in range(spec.num_experts):
+            backbone = build_backbone(spec).keep_stages(own)
+            experts.append(Expert(backbone, build_head(spec, backbone.out_dim)))
+        self.experts = nn.ModuleList(experts)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features of every expert, [B, K, D]."""
+        trunk_outputs = self.trunk(x) if self.trunk is not None else [x]
+        return torch.stack([expert.features(trunk_outputs) for expert in self.experts], dim=1)
+
+    def heads(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-expert logits [B, K, C] from per-expert features [B, K, D]."""
+        return torch.stack([expert.head(features[:, k]) for k, expert in enumerate(self.experts)], dim=1)
+
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """Per-expert logits [B, K, C] (and the features [B, K, D] with `with_features`)."""
+        features = self.forward_features(x)
+        logits = self.heads(features)
+        return (logits, features) if with_features else logits
+
+
+def build_model(spec: ModelSpec) -> MultiExpertNet:
+    return MultiExpertNet(spec)
