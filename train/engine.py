@@ -143,7 +143,8 @@ def evaluate(model, loader, num_classes: int, device, env: Distributed, channels
 def summarize(correct: np.ndarray, total: np.ndarray, train_counts: list[int], rule: str) -> dict:
     experts = [group_accuracy(correct[k], total, train_counts, rule) for k in range(len(correct) - 1)]
     return {"ensemble": group_accuracy(correct[-1], total, train_counts, rule), "experts": experts,
-            "best_expert": int(np.argmax([e["overall"] for e in experts]))}
+            "best_expert": int(np.argmax([e["overall"] for e in experts])), "test_images": int(total.sum()),
+            "shot_rule": rule}
 
 
 def format_metrics(m: dict) -> str:

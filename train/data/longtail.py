@@ -68,12 +68,12 @@ def group_accuracy(correct: np.ndarray, total: np.ndarray, train_counts: Sequenc
     strict averages per-class accuracies within a group (OLTR); ncl is sample-weighted like NCL's code.
     """
     per_class = np.divide(correct, total, out=np.zeros(len(total)), where=total > 0)
-    result = {"overall": 100.0 * correct.sum() / max(total.sum(), 1)}
+    result = {"overall": float(100.0 * correct.sum() / max(total.sum(), 1))}
     for name, classes in shot_groups(train_counts, rule).items():
         if not classes:
             result[name] = float("nan")
         elif rule == "ncl":
-            result[name] = 100.0 * correct[classes].sum() / max(total[classes].sum(), 1)
+            result[name] = float(100.0 * correct[classes].sum() / max(total[classes].sum(), 1))
         else:
             result[name] = 100.0 * float(per_class[classes].mean())
     return result

@@ -1,0 +1,72 @@
+import csv
+
+import torch
+
+from tests.conftest import TINY_TRAIN, run_module
+from train.checkpoint import load_checkpoint, load_model
+from train.config import config_from_args
+from train.engine import lr_factor, train
+
+
+def test_cli_trains_ncl_on_synthetic_data_far_above_chance(tmp_path):
+    proc = run_module("train", "--preset", "ncl-synthetic", "--arch", "resnet8", "--epochs", "4", "--out", str(tmp_path))
+    assert "train ncl on synthetic" in proc.stdout and "epoch 4:" in proc.stdout
+    data = load_checkpoint(tmp_path / "ncl.pt")
+    ensemble = data["metrics"]["ensemble"]
+    assert ensemble["overall"] > 50, ensemble  # chance is 10 %
+    assert set(ensemble) == {"overall", "many", "medium", "few"} and len(data["metrics"]["experts"]) == 3
+    assert (tmp_path / "ncl_best.pt").is_file()
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and "test_few" in rows[0]
+    model, _ = load_model(tmp_path / "ncl.pt")
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 10)
+
+
+def _tiny(tmp_path, *extra):
+    return config_from_args([*TINY_TRAIN, "--out", str(tmp_path), *extra])
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(_tiny(tmp_path / "a", "--epochs", "2"))
+    train(_tiny(tmp_path / "b", "--epochs", "1"))
+    resumed = train(_tiny(tmp_path / "b", "--epochs", "2", "--resume"))
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["training"]["optimizer"]["state"][0]["momentum_buffer"].equal(b["training"]["optimizer"]["state"][0]["momentum_buffer"])
+
+
+def test_ncl_contrastive_branch_and_ce_baseline_train(tmp_path):
+    path = train(_tiny(tmp_path / "moco", "--epochs", "1", "--ncl-moco", "--moco-queue", "64", "--moco-dim", "16"))
+    data = load_checkpoint(path)
+    assert not any(k.startswith(("key_", "query_", "queue")) for k in data["state_dict"])  # not exported
+    assert "queue" in data["training"]["aux"]
+    ce = train(_tiny(tmp_path / "ce", "--method", "ce", "--balanced-softmax", "--epochs", "1"))
+    assert load_checkpoint(ce)["method"] == "ce"
+
+
+def test_two_process_ddp_with_gloo(tmp_path):
+    proc = run_module("torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "train",
+                      *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path), env={"OMP_NUM_THREADS": "1"})
+    assert "device cpu x2" in proc.stdout
+    data = load_checkpoint(tmp_path / "ncl.pt")
+    assert data["epoch"] == 1 and len(data["training"]["rng"]) == 2
+    assert data["metrics"]["test_images"] == 300  # each rank evaluates its half; every image counted once
+
+
+def test_ncl_warmup_schedule_matches_the_official_code():
+    cfg = config_from_args(["--preset", "ncl-cifar100-lt"])
+    assert abs(lr_factor(cfg, 0) - (1 / 3 * (1 - 1 / 5) + 1 / 5)) < 1e-12
+    assert lr_factor(cfg, 100) == 1.0 and abs(lr_factor(cfg, 319) - 0.1) < 1e-12 and abs(lr_factor(cfg, 359) - 0.01) < 1e-12
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args, message in [(["--preset", "nope"], "unknown preset"),
+                          (["--resume", "--out", str(tmp_path)], "no checkpoint at"),
+                          (["--method", "magic"], "unknown method"),
+                          (["--dataset", "cifar10-lt", "--data-root", str(tmp_path)], "pass --download")]:
+        proc = run_module("train", *args, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"error: ") and message in proc.stderr and "Traceback" not in proc.stderr

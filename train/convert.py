@@ -1,0 +1,123 @@
+"""python -m train.convert: import an official checkpoint into the expertfuse checkpoint format.
+
+  python -m train.convert --from ncl --src best_ensemble_model.pth --out runs/ncl-official/ncl.pt \
+      [--arch resnet32] [--head linear|cosine --head-scale 16] [--dataset cifar100-lt --imb-factor 100]
+
+NCL: strip `module.`; backbone.{k}.* -> experts.{k}.backbone.*; classifier.{k}.* (or classifier_ce.{k}.*
+when the MoCo branch was on) -> experts.{k}.head.*; MoCo queues, EMA encoders and projections dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from train.checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
+from train.cli import run_cli
+from train.data.datasets import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD
+from train.data.longtail import longtail_counts
+from train.errors import UserError
+from train.models.spec import CIFAR_ARCHS, ModelSpec
+
+
+def _load_official(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"source checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user-facing problem
+        raise UserError(f"{path} cannot be read with weights_only=True ({str(exc).splitlines()[0][:160]})") from None
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def infer_arch(trunk: dict[str, torch.Tensor]) -> str:
+    """Architecture from one expert's trunk keys (no prefix)."""
+    if "layer4.0.conv1.weight" not in trunk:
+        blocks = len({k.split(".")[1] for k in trunk if k.startswith("layer1.")})
+        return f"resnet{6 * blocks + 2}"
+    if len({k.split(".")[1] for k in trunk if k.startswith("layer3.")}) > 6:
+        return "resnet152"
+    conv2 = trunk["layer1.0.conv2.weight"]
+    return "resnext50_32x4d" if conv2.shape[1] != conv2.shape[0] else "resnet50"
+
+
+def convert_ncl(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, dict]:
+    """(our state_dict, number of experts, one expert's trunk) from an official NCL state dict."""
+    moco = any(k.startswith("classifier_ce.") for k in state)
+    head_prefix = "classifier_ce" if moco else "classifier"
+    ours, trunk = {}, {}
+    for key, value in state.items():
+        if m := re.fullmatch(r"backbone\.(\d+)\.(.+)", key):
+            ours[f"experts.{m[1]}.backbone.{m[2]}"] = value
+            if m[1] == "0":
+                trunk[m[2]] = value
+        elif m := re.fullmatch(rf"{head_prefix}\.(\d+)\.(weight|bias)", key):
+            ours[f"experts.{m[1]}.head.{m[2]}"] = value
+        elif not re.match(r"(MOCO|backbone_MA|module_MA|classifier_MA|classifier|module)\.", key):
+            raise UserError(f"unexpected key in an NCL checkpoint: {key}")
+    experts = len({k.split(".")[1] for k in ours})
+    if not experts:
+        raise UserError("no backbone.{k}.* keys: this is not an NCL checkpoint")
+    return ours, experts, trunk
+
+
+CONVERTERS = {"ncl": convert_ncl}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="source", required=True, choices=sorted(CONVERTERS), help="official code base")
+    p.add_argument("--src", required=True, type=Path, help="official checkpoint (.pth / .pth.tar)")
+    p.add_argument("--out", required=True, type=Path, help="expertfuse checkpoint to write")
+    p.add_argument("--arch", help="architecture (default: inferred from the weights)")
+    p.add_argument("--head", choices=["linear", "cosine"], help="head type (default: linear for CIFAR, cosine otherwise)")
+    p.add_argument("--head-scale", type=float, default=16.0, help="cosine scale s (NCL: 16; iNat: 32)")
+    p.add_argument("--dataset", default="", help="cifar10-lt | cifar100-lt | imagenet-lt | places-lt | inat2018: "
+                                                 "normalization and (CIFAR) training counts")
+    p.add_argument("--imb-factor", type=float, default=100.0, help="CIFAR imbalance factor for the training counts")
+    p.add_argument("--classes", type=Path, help="text file with one class name per line")
+    return p
+
+
+def convert(args: argparse.Namespace) -> Path:
+    state, experts, trunk = CONVERTERS[args.source](_load_official(args.src))
+    arch = args.arch or infer_arch(trunk)
+    cifar = arch in CIFAR_ARCHS
+    head_key = "experts.0.head.weight"
+    num_classes = state[head_key].shape[0]
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if cifar else (INAT_MEAN, INAT_STD) if args.dataset == "inat2018" \
+        else (IMAGENET_MEAN, IMAGENET_STD)
+    head = args.head or ("linear" if cifar else "cosine")
+    spec = ModelSpec(arch=arch, num_classes=num_classes, num_experts=experts, shortcut="A", head=head,
+                     head_scale=args.head_scale, head_bias=f"experts.0.head.bias" in state,
+                     input_size=32 if cifar else 224, resize=32 if cifar else 256, mean=list(mean), std=list(std))
+    classes = [f"class_{c}" for c in range(num_classes)]
+    if args.classes:
+        classes = [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
+        if len(classes) != num_classes:
+            raise UserError(f"{args.classes} lists {len(classes)} classes, the checkpoint has {num_classes}")
+    counts = []
+    if args.dataset.startswith("cifar"):
+        n_max = 5000 if num_classes == 10 else 500
+        counts = longtail_counts(n_max, num_classes, args.imb_factor)
+    payload = {"spec": spec.to_dict(), "classes": classes, "train_counts": counts, "state_dict": state,
+               "method": args.source, "config": {"converted_from": str(args.src), "source": args.source},
+               "metrics": {}, "epoch": 0}
+    try:
+        model_from_checkpoint(payload, str(args.src))
+    except (CheckpointError, RuntimeError) as exc:
+        raise UserError(f"converted weights do not fit {spec.describe()}: {str(exc).splitlines()[-1][:200]}") from None
+    save_checkpoint(payload, args.out)
+    print(f"wrote {args.out}: {spec.describe()}, {len(state)} tensors kept")
+    return args.out
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(lambda: convert(build_parser().parse_args())))
