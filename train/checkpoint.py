@@ -48,8 +48,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a file that is not a checkpoint
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} is not a readable expertfuse checkpoint ({first_line[:160]})") from None
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
+        raise CheckpointError(f"{path} is not a readable expertfuse checkpoint ({reason[:160]})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an expertfuse checkpoint (official checkpoints: python -m train.convert)")
     if data.get("version") != VERSION:

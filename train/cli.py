@@ -1,4 +1,4 @@
-"""Entry-point wrapper: user errors become one line on stderr and exit code 2, never a traceback."""
+"""Entry-point wrapper: user errors become one line on stderr and their exit code (2), never a traceback."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +12,7 @@ def run_cli(main: Callable[[], object]) -> int:
         main()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -3,3 +3,5 @@
 
 class UserError(Exception):
     """Bad input from the user (a path, a flag, a file): reported in one line, exit code 2."""
+
+    exit_code = 2

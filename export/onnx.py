@@ -1,0 +1,133 @@
+"""python -m export.onnx: a training checkpoint -> one ONNX graph of the fused experts in model_repository/.
+
+  python -m export.onnx --ckpt runs/ncl/ncl.pt [--experts all|0|0,2] [--fusion loop|grouped|auto]
+      [--input uint8-nhwc|float-nchw] [--max-batch 64] [--probs] [--expert-logits] [--fp16] [--out model_repository]
+
+Exports with torch.onnx (dynamo, dynamic batch, opset 18), checks with onnx.checker, runs the result in
+ONNX Runtime at batches 1, 2, 7 and max against PyTorch, and only then adds it to the repository.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.common import (ExportJob, add_common_args, check_parity, median_latency, metadata, prepare, print_summary,
+                           serving_options, signature, test_images)
+from export.graph import InferenceGraph
+from serve.repository import RepositoryError, model_config, write_model
+from train.cli import run_cli
+from train.errors import UserError
+
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom
+
+
+def providers() -> list[str]:
+    """CUDA first when both onnxruntime-gpu and a GPU are usable, then CPU."""
+    available = ort.get_available_providers()
+    cuda = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+    return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=providers())
+
+
+def export_graph(job: ExportJob, fusion: str, folder: Path, opset: int) -> Path:
+    """Export the graph with `fusion` to folder/model.onnx: a file, or (over 2 GB) the folder layout
+    Triton expects for external data, model.onnx/model.onnx plus its weight file. Returns that artifact."""
+    graph = InferenceGraph(job.model, replace(job.opts, fusion=fusion)).eval()
+    example = test_images(job, 2)["random"]  # batch >= 2, or torch.export specializes the batch to 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(graph, (example,), dynamo=True, dynamic_shapes=({0: "batch"},),
+                                    input_names=["image"], output_names=job.opts.output_names,
+                                    opset_version=opset, optimize=True, verbose=False)
+    large = sum(p.numel() * p.element_size() for p in graph.parameters()) > EXTERNAL_DATA_BYTES
+    artifact = folder / "model.onnx"
+    path = artifact / "model.onnx" if large else artifact
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=large)
+    proto = onnx.load(str(path), load_external_data=False)
+    for key, value in metadata(job, fusion).items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "expertfuse"
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return artifact
+
+
+def onnx_file(artifact: Path) -> Path:
+    """The .onnx file inside an artifact (itself, or model.onnx/model.onnx for external data)."""
+    return artifact / "model.onnx" if artifact.is_dir() else artifact
+
+
+def onnx_runner(path: Path):
+    sess = session(path)
+
+    def run(images: np.ndarray) -> np.ndarray:
+        return sess.run(["logits"], {"image": images})[0]
+    return run
+
+
+def choose_fusion(job: ExportJob, folder: Path, opset: int) -> tuple[str, dict]:
+    """Export both strategies and keep the one ONNX Runtime runs faster at a mid-size batch."""
+    batch = min(job.args.max_batch, 32)
+    images = test_images(job, batch)["random"].numpy()
+    timings = {}
+    for fusion in ("loop", "grouped"):
+        path = export_graph(job, fusion, folder / fusion, opset)
+        run = onnx_runner(path)
+        timings[fusion] = median_latency(lambda: run(images))
+    best = min(timings, key=timings.get)
+    print(f"fusion auto: loop {timings['loop'] * 1e3:.2f} ms, grouped {timings['grouped'] * 1e3:.2f} ms "
+          f"at batch {batch} on {providers()[0]} -> {best}")
+    return best, timings
+
+
+def export_onnx(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, default_max_batch=64)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")
+    args = p.parse_args(argv)
+    job = prepare(args)
+    print(f"export {args.ckpt} -> {args.out}/{job.name}: experts {','.join(map(str, job.opts.experts))} of "
+          f"{job.model.num_experts} ({job.spec.describe()}), input {args.input_layout}, "
+          f"{'FP16' if args.fp16 else 'FP32'}, opset {args.opset}")
+    with tempfile.TemporaryDirectory(prefix="expertfuse-export-") as tmp:
+        work = Path(tmp)
+        fusion, timings = choose_fusion(job, work, args.opset) if args.fusion == "auto" else (args.fusion, {})
+        artifact = work / fusion / "model.onnx"
+        if not timings:
+            export_graph(job, fusion, work / fusion, args.opset)
+        print(f"onnx.checker passed; running it in ONNX Runtime ({', '.join(providers())})")
+        parity = check_parity(job, onnx_runner(onnx_file(artifact)), [1, 2, 7, args.max_batch])
+        inputs, outputs = signature(job)
+        params = {k.replace(".", "_"): v for k, v in metadata(job, fusion).items() if k != "expertfuse.classes"}
+        cfg = model_config(job.name, "onnxruntime_onnx", inputs, outputs, serving_options(args, args.max_batch), params)
+        report = work / "export_report.json"
+        report.write_text(json.dumps({"parity": parity, "fusion": fusion, "fusion_timings_s": timings, "opset": args.opset,
+                                      "onnxruntime": ort.__version__, "providers": providers(),
+                                      "checkpoint": str(args.ckpt)}, indent=2))
+        try:
+            model_dir, version = write_model(args.out, cfg, {"model.onnx": artifact, "export_report.json": report},
+                                             job.checkpoint["classes"], overwrite=args.overwrite)
+        except RepositoryError as exc:
+            raise UserError(str(exc)) from None
+    print_summary(model_dir, version, inputs, outputs, fusion)
+    return model_dir
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(export_onnx))

@@ -1,0 +1,173 @@
+"""The Triton model repository writer: the one place config.pbtxt files are produced.
+
+Configs are built as `model_config_pb2.ModelConfig` messages and rendered with protobuf's text
+format, so everything written parses back (tests do exactly that). Writes are atomic: a model
+folder is staged next to the repository and swapped in with renames, so a failure leaves the
+repository as it was.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+LABELS_FILE = "labels.txt"
+ARTIFACTS = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan", "python": "model.py"}
+
+
+class RepositoryError(Exception):
+    """A repository that cannot be written or read as asked (one-line message)."""
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # Triton type without TYPE_: FP32, FP16, UINT8, BYTES
+    dims: list[int]
+    format: str = ""  # NHWC | NCHW for image inputs
+    labels: bool = False  # output carries label_filename (classification extension)
+
+
+@dataclass
+class ServingOptions:
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 100
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    instance_kind: str = "cpu"  # cpu | gpu
+    instance_count: int = 1
+    gpus: list[int] = field(default_factory=list)
+    warmup_batch_sizes: list[int] = field(default_factory=lambda: [1])
+    ort_threads: int = 0  # onnxruntime intra-op threads (0: its default)
+    ort_tensorrt: bool = False  # ONNX Runtime's TensorRT execution accelerator (GPU instances)
+    ort_tensorrt_fp16: bool = False
+    ort_tensorrt_cache: str = ""
+    versions: str = "latest:1"  # latest:N | all | specific:1,3
+
+
+def _version_policy(text: str) -> pb.ModelVersionPolicy:
+    policy = pb.ModelVersionPolicy()
+    kind, _, arg = text.partition(":")
+    if kind == "latest":
+        policy.latest.num_versions = int(arg or 1)
+    elif kind == "all":
+        policy.all.SetInParent()
+    elif kind == "specific":
+        policy.specific.versions.extend(int(v) for v in arg.split(","))
+    else:
+        raise RepositoryError(f"version policy must be latest:N, all or specific:V,...; got {text!r}")
+    return policy
+
+
+def model_config(name: str, platform: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 opts: ServingOptions, parameters: dict[str, str] | None = None) -> pb.ModelConfig:
+    """A ModelConfig for an onnxruntime_onnx, tensorrt_plan or python model with batching on."""
+    cfg = pb.ModelConfig(name=name, max_batch_size=opts.max_batch_size)
+    if platform == "python":
+        cfg.backend = "python"
+    else:
+        cfg.platform = platform
+    for t in inputs:
+        i = cfg.input.add(name=t.name, data_type=getattr(pb, f"TYPE_{t.dtype}"), dims=t.dims)
+        if t.format:
+            i.format = getattr(pb.ModelInput, f"FORMAT_{t.format}")
+    for t in outputs:
+        o = cfg.output.add(name=t.name, data_type=getattr(pb, f"TYPE_{t.dtype}"), dims=t.dims)
+        if t.labels:
+            o.label_filename = LABELS_FILE
+    cfg.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_us
+    cfg.dynamic_batching.preferred_batch_size.extend(opts.preferred_batch_sizes)
+    group = cfg.instance_group.add(count=opts.instance_count,
+                                   kind=pb.ModelInstanceGroup.KIND_GPU if opts.instance_kind == "gpu"
+                                   else pb.ModelInstanceGroup.KIND_CPU)
+    group.gpus.extend(opts.gpus)
+    for batch in sorted(set(b for b in opts.warmup_batch_sizes if 0 < b <= opts.max_batch_size)):
+        warmup = cfg.model_warmup.add(name=f"batch{batch}", batch_size=batch, count=1)
+        for t in inputs:
+            warmup.inputs[t.name].data_type = getattr(pb, f"TYPE_{t.dtype}")
+            warmup.inputs[t.name].dims.extend(t.dims)
+            warmup.inputs[t.name].random_data = True
+    if platform == "onnxruntime_onnx":
+        cfg.parameters["intra_op_thread_count"].string_value = str(opts.ort_threads)
+        if opts.ort_tensorrt:
+            accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            accel.parameters["precision_mode"] = "FP16" if opts.ort_tensorrt_fp16 else "FP32"
+            if opts.ort_tensorrt_cache:
+                accel.parameters["trt_engine_cache_enable"] = "1"
+                accel.parameters["trt_engine_cache_path"] = opts.ort_tensorrt_cache
+    for key, value in (parameters or {}).items():
+        cfg.parameters[key].string_value = str(value)
+    cfg.version_policy.CopyFrom(_version_policy(opts.versions))
+    return cfg
+
+
+def render(cfg: pb.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def parse(text: str) -> pb.ModelConfig:
+    """Parse config.pbtxt text the way Triton does (protobuf text format); raises on any typo."""
+    return text_format.Parse(text, pb.ModelConfig())
+
+
+def read_config(model_dir: Path) -> pb.ModelConfig:
+    path = Path(model_dir) / "config.pbtxt"
+    try:
+        return parse(path.read_text())
+    except OSError:
+        raise RepositoryError(f"{path}: cannot read") from None
+    except text_format.ParseError as exc:
+        raise RepositoryError(f"{path}: {exc}") from None
+
+
+def versions(model_dir: Path) -> list[int]:
+    """Numeric version folders, as Triton counts them (no leading zero)."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+
+
+def write_model(repo: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], labels: Sequence[str] | None = None,
+                overwrite: bool = False, extra_files: dict[str, str] | None = None) -> tuple[Path, int]:
+    """Add a version of model `cfg.name` holding `artifacts` (file name -> source file or folder, moved in).
+
+    A re-export adds a version next to the existing ones; `overwrite` replaces the model folder.
+    Returns (model folder, version number).
+    """
+    repo = Path(repo)
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}-staging-", dir=repo.parent))
+    except OSError as exc:
+        raise RepositoryError(f"cannot write the model repository {repo}: {exc.strerror or exc}") from None
+    final = repo / cfg.name
+    try:
+        staged = staging / cfg.name
+        staged.mkdir()
+        existing = [] if overwrite else versions(final)
+        for v in existing:  # hard links: no copy of the old artifacts, and the old folder stays intact
+            shutil.copytree(final / str(v), staged / str(v), copy_function=os.link)
+        version = (existing[-1] + 1) if existing else 1
+        (staged / str(version)).mkdir()
+        for name, source in artifacts.items():
+            shutil.move(str(source), staged / str(version) / name)
+        (staged / "config.pbtxt").write_text(render(cfg))
+        if labels is not None:
+            (staged / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
+        for name, text in (extra_files or {}).items():
+            (staged / name).write_text(text)
+        parse((staged / "config.pbtxt").read_text())
+        trash = staging / "previous"
+        if final.exists():
+            os.rename(final, trash)
+        os.rename(staged, final)
+        return final, version
+    except OSError as exc:
+        raise RepositoryError(f"cannot write {final}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
