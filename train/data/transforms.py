@@ -1,14 +1,15 @@
 """Augmentation presets (torchvision.transforms.v2) and the test-time preprocessing of an image.
 
-`eval_transform(spec)` is the one definition of test-time preprocessing: resize the shorter side
-to spec.resize, center-crop spec.input_size, scale to [0, 1], normalize with spec.mean/std.
-Exported graphs fold the normalization in and clients do the resize/crop.
+`eval_transform(spec)` is test-time preprocessing: serve.preprocess's pixel transform (resize the
+shorter side, center crop), then scale to [0, 1] and normalize with spec.mean/std. Exported graphs
+fold the normalization in and clients apply the same pixel transform.
 """
 from __future__ import annotations
 
 import torch
 from torchvision.transforms import v2
 
+from serve.preprocess import pixel_transform
 from train.errors import UserError
 from train.models.spec import ModelSpec
 
@@ -57,5 +58,4 @@ def train_transform(name: str, spec: ModelSpec) -> v2.Compose:
 
 
 def eval_transform(spec: ModelSpec) -> v2.Compose:
-    return v2.Compose([v2.ToImage(), v2.Resize(spec.resize, antialias=True), v2.CenterCrop(spec.input_size),
-                       *_to_normalized(spec.mean, spec.std)])
+    return v2.Compose([pixel_transform(spec.resize, spec.input_size), *_to_normalized(spec.mean, spec.std)])
