@@ -21,10 +21,10 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.common import (ExportJob, add_common_args, check_parity, median_latency, metadata, prepare, print_summary,
-                           serving_options, signature, test_images)
+from export.common import (ExportJob, add_common_args, check_parity, default_name, median_latency, metadata, prepare,
+                           print_summary, serving_options, signature, test_images)
 from export.graph import InferenceGraph
-from serve.repository import RepositoryError, model_config, write_model
+from serve.repository import RepositoryError, model_config, write_model, write_naive_ensemble
 from train.cli import run_cli
 from train.errors import UserError
 
@@ -95,19 +95,15 @@ def choose_fusion(job: ExportJob, folder: Path, opset: int) -> tuple[str, dict]:
     return best, timings
 
 
-def export_onnx(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, default_max_batch=64)
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")
-    args = p.parse_args(argv)
-    job = prepare(args)
+def export_to_repository(job: ExportJob) -> tuple[Path, int]:
+    """Export, check parity and add the model to the repository (nothing is written if any step fails)."""
+    args = job.args
     print(f"export {args.ckpt} -> {args.out}/{job.name}: experts {','.join(map(str, job.opts.experts))} of "
           f"{job.model.num_experts} ({job.spec.describe()}), input {args.input_layout}, "
           f"{'FP16' if args.fp16 else 'FP32'}, opset {args.opset}")
     with tempfile.TemporaryDirectory(prefix="expertfuse-export-") as tmp:
         work = Path(tmp)
-        fusion, timings = choose_fusion(job, work, args.opset) if args.fusion == "auto" else (args.fusion, {})
+        fusion, timings = choose_fusion(job, work, args.opset) if job.opts.fusion == "auto" else (job.opts.fusion, {})
         artifact = work / fusion / "model.onnx"
         if not timings:
             export_graph(job, fusion, work / fusion, args.opset)
@@ -126,7 +122,41 @@ def export_onnx(argv: list[str] | None = None) -> Path:
         except RepositoryError as exc:
             raise UserError(str(exc)) from None
     print_summary(model_dir, version, inputs, outputs, fusion)
+    return model_dir, version
+
+
+def export_naive_ensemble(job: ExportJob) -> Path:
+    """Each chosen expert as its own model plus Triton's ensemble scheduler and a mean step: the unfused baseline."""
+    if job.args.probs or job.args.expert_logits:
+        raise UserError("--naive-ensemble serves logits only (no --probs / --expert-logits)")
+    names = []
+    for k in job.opts.experts:
+        name = default_name(job.checkpoint["method"], (k,), job.model.num_experts, job.args.fp16, "")
+        export_to_repository(replace(job, name=name, opts=replace(job.opts, experts=(k,), fusion="loop")))
+        names.append(name)
+    inputs, outputs = signature(job)
+    try:
+        model_dir = write_naive_ensemble(job.args.out, f"{job.name}_naive", names, inputs[0], outputs[0],
+                                         job.checkpoint["classes"], serving_options(job.args, job.args.max_batch),
+                                         overwrite=job.args.overwrite)
+    except RepositoryError as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {model_dir}/ (ensemble of {', '.join(names)} + {job.name}_naive_mean)")
     return model_dir
+
+
+def export_onnx(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, default_max_batch=64)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")
+    p.add_argument("--naive-ensemble", action="store_true",
+                   help="instead: each expert as its own model + a Triton ensemble averaging them (<name>_naive)")
+    args = p.parse_args(argv)
+    job = prepare(args)
+    if args.naive_ensemble:
+        return export_naive_ensemble(job)
+    return export_to_repository(job)[0]
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -171,3 +171,31 @@ def write_model(repo: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], lab
         raise RepositoryError(f"cannot write {final}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_naive_ensemble(repo: Path, name: str, expert_models: Sequence[str], image: TensorSpec, logits: TensorSpec,
+                         labels: Sequence[str], opts: ServingOptions, overwrite: bool = False) -> Path:
+    """The unfused serving baseline: Triton's ensemble scheduler fans the image out to K single-expert
+    models and a python-backend step averages their logits (Triton has no built-in mean)."""
+    from serve.backends import MEAN_MODEL
+
+    k = len(expert_models)
+    mean_inputs = [TensorSpec(f"logits_{i}", "FP32", logits.dims) for i in range(k)]
+    mean_cfg = model_config(f"{name}_mean", "python", mean_inputs, [logits], replace(opts, warmup_batch_sizes=[]))
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(MEAN_MODEL, Path(tmp) / "model.py")
+        write_model(repo, mean_cfg, {"model.py": Path(tmp) / "model.py"}, labels, overwrite=overwrite)
+    cfg = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=opts.max_batch_size)
+    cfg.input.add(name=image.name, data_type=getattr(pb, f"TYPE_{image.dtype}"), dims=image.dims,
+                  format=getattr(pb.ModelInput, f"FORMAT_{image.format}") if image.format else 0)
+    cfg.output.add(name=logits.name, data_type=pb.TYPE_FP32, dims=logits.dims, label_filename=LABELS_FILE)
+    for i, model in enumerate(expert_models):
+        step = cfg.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        step.input_map[image.name] = image.name
+        step.output_map["logits"] = f"expert_logits_{i}"
+    step = cfg.ensemble_scheduling.step.add(model_name=f"{name}_mean", model_version=-1)
+    for i in range(k):
+        step.input_map[f"logits_{i}"] = f"expert_logits_{i}"
+    step.output_map["logits"] = logits.name
+    model_dir, _ = write_model(repo, cfg, {}, labels, overwrite=overwrite)
+    return model_dir

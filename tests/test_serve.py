@@ -1,0 +1,178 @@
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpc_aio
+import tritonclient.http as httpclient
+from PIL import Image
+
+from serve.repository import ServingOptions, TensorSpec, model_config, parse, read_config, render
+from serve.server import ServerError, TritonServer
+from tests.conftest import REPO, run_module
+
+
+def local_logits(repo: Path, model: str, images: np.ndarray) -> np.ndarray:
+    path = repo / model / "1" / "model.onnx"
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], {"image": images})[0]
+
+
+def _infer(module, url, model, images, **output_kw):
+    client = module.InferenceServerClient(url)
+    try:
+        request = module.InferInput("image", list(images.shape), "UINT8")
+        request.set_data_from_numpy(images)
+        return client.infer(model, [request], outputs=[module.InferRequestedOutput("logits", **output_kw)]).as_numpy("logits")
+    finally:
+        client.close()
+
+
+def test_every_written_config_parses_with_model_config_pb2(exported_repository):
+    for model_dir in exported_repository.iterdir():
+        text = (model_dir / "config.pbtxt").read_text()
+        assert parse(text).name == model_dir.name
+    ensemble = read_config(exported_repository / "ncl_naive")
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["ncl_expert0", "ncl_expert1", "ncl_expert2",
+                                                                         "ncl_naive_mean"]
+    opts = ServingOptions(max_batch_size=8, preferred_batch_sizes=[4, 8], instance_kind="gpu", instance_count=2, gpus=[0],
+                          ort_tensorrt=True, ort_tensorrt_fp16=True, ort_tensorrt_cache="/cache", versions="specific:1,3",
+                          warmup_batch_sizes=[1, 8, 99])
+    cfg = parse(render(model_config("m", "onnxruntime_onnx", [TensorSpec("image", "UINT8", [8, 8, 3], "NHWC")],
+                                    [TensorSpec("logits", "FP32", [4], labels=True)], opts)))
+    accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8] and list(cfg.version_policy.specific.versions) == [1, 3]
+    assert cfg.instance_group[0].count == 2 and [w.batch_size for w in cfg.model_warmup] == [1, 8]
+    with pytest.raises(Exception):
+        parse(text.replace("max_batch_size", "max_batch_sise"))
+
+
+def test_http_and_grpc_equal_local_onnxruntime_with_labels(triton, exported_repository):
+    images = np.random.RandomState(0).randint(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    expected = local_logits(exported_repository, "ncl", images)
+    for module, url in ((httpclient, triton.endpoints.http), (grpcclient, triton.endpoints.grpc)):
+        got = _infer(module, url, "ncl", images)
+        assert np.array_equal(got, expected)
+        top = _infer(module, url, "ncl", images, class_count=2)
+        labels = (exported_repository / "ncl" / "labels.txt").read_text().split()
+        for row, logits in zip(top, expected):
+            score, index, label = (row[0].decode() if isinstance(row[0], bytes) else row[0]).split(":")
+            assert int(index) == logits.argmax() and label == labels[int(index)]
+            assert abs(float(score) - logits.max()) < 1e-4
+
+
+def test_naive_ensemble_serves_the_same_function(triton):
+    images = np.random.RandomState(1).randint(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    fused = _infer(grpcclient, triton.endpoints.grpc, "ncl", images)
+    naive = _infer(grpcclient, triton.endpoints.grpc, "ncl_naive", images)
+    assert np.abs(fused - naive).max() < 1e-4
+
+
+def test_dynamic_batching_merges_concurrent_requests(triton):
+    async def burst():
+        client = grpc_aio.InferenceServerClient(triton.endpoints.grpc)
+        try:
+            image = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+            request = grpc_aio.InferInput("image", [1, 32, 32, 3], "UINT8")
+            request.set_data_from_numpy(image)
+            await asyncio.gather(*(client.infer("ncl_expert0", [request]) for _ in range(48)))
+        finally:
+            await client.close()
+    before = _stats(triton)
+    asyncio.run(burst())
+    after = _stats(triton)
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == 48 and executions < inferences
+
+
+def _stats(triton):
+    client = httpclient.InferenceServerClient(triton.endpoints.http)
+    try:
+        s = client.get_inference_statistics("ncl_expert0")["model_stats"][0]
+        return s["inference_count"], s["execution_count"]
+    finally:
+        client.close()
+
+
+def test_bad_requests_fail_while_the_server_keeps_serving(triton):
+    client = httpclient.InferenceServerClient(triton.endpoints.http)
+    try:
+        cases = [("ncl", np.zeros((1, 16, 16, 3), np.uint8), "UINT8", "unexpected shape"),
+                 ("ncl", np.zeros((1, 32, 32, 3), np.float32), "FP32", "data-type"),
+                 ("nope", np.zeros((1, 32, 32, 3), np.uint8), "UINT8", "unknown model")]
+        for model, array, dtype, message in cases:
+            request = httpclient.InferInput("image", list(array.shape), dtype)
+            request.set_data_from_numpy(array)
+            with pytest.raises(httpclient.InferenceServerException, match=message):
+                client.infer(model, [request])
+        assert client.is_server_ready() and client.is_model_ready("ncl")
+    finally:
+        client.close()
+
+
+def test_client_cli_classifies_a_real_image_file(triton, tmp_path):
+    from train.data.synthetic import synthesize
+    pixels = synthesize([1], seed=5, image_size=48)[0][0]
+    Image.fromarray(pixels).save(tmp_path / "cat.jpg")
+    for protocol, url in (("http", triton.endpoints.http), ("grpc", triton.endpoints.grpc)):
+        proc = run_module("serve.client", "--url", url, "--protocol", protocol, "--model", "ncl", "--topk", "3",
+                          str(tmp_path))
+        lines = proc.stdout.strip().splitlines()
+        assert len(lines) == 3 and lines[0].startswith(f"{tmp_path / 'cat.jpg'}  pattern")
+    (tmp_path / "broken.jpg").write_text("not an image")
+    proc = run_module("serve.client", "--url", triton.endpoints.http, "--model", "ncl", str(tmp_path / "broken.jpg"),
+                      check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot read image")
+    proc = run_module("serve.client", "--url", triton.endpoints.grpc, "--protocol", "grpc", "--model", "nope",
+                      str(tmp_path / "cat.jpg"), check=False)
+    assert proc.returncode == 2 and "is not served" in proc.stderr and "ncl_naive" in proc.stderr
+
+
+def test_broken_repository_fails_fast_with_the_reason(tmp_path, exported_repository):
+    broken = tmp_path / "repo"
+    (broken / "bad" / "1").mkdir(parents=True)
+    (broken / "bad" / "config.pbtxt").write_text('name: "bad"\nbackend: "python"\nmax_batch_size: 4\n'
+                                                 'input [{ name: "x" data_type: TYPE_FP32 dims: [2] }]\n'
+                                                 'output [{ name: "y" data_type: TYPE_FP32 dims: [2] }]\n')
+    (broken / "bad" / "1" / "model.py").write_text("raise RuntimeError('model.py is broken on purpose')\n")
+    started = time.monotonic()
+    proc = run_module("serve", "--repository", str(broken), "--server", "bundled", "--http-port", "0", "--grpc-port", "0",
+                      "--metrics-port", "0", check=False, timeout=120)
+    assert proc.returncode == 1 and time.monotonic() - started < 60
+    assert "broken on purpose" in proc.stderr or "failed to load" in proc.stderr, proc.stderr
+    (broken / "bad" / "config.pbtxt").write_text('name: "bad"\nmax_batch_sise: 4\n')
+    proc = run_module("serve", "--repository", str(broken), "--server", "bundled", check=False)
+    assert proc.returncode == 1 and "max_batch_sise" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_stop_leaves_no_process_and_no_shared_memory(exported_repository):
+    server = TritonServer(exported_repository, "bundled").start()
+    pid, prefix = server.process.pid, server.shm_prefix
+    assert list(Path("/dev/shm").glob(f"{prefix}*"))
+    server.stop()
+    server.cleanup()
+    assert not list(Path("/dev/shm").glob(f"{prefix}*"))
+    ps = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    assert not [line for line in ps.splitlines()[1:] if line.split()[0] == str(pid) or line.split()[1] == str(pid)]
+
+
+def test_launcher_serves_until_sigterm(exported_repository):
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", str(exported_repository), "--server", "bundled",
+                             "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("serving"):
+            break
+    proc.terminate()
+    out, err = proc.communicate(timeout=60)
+    text = "".join(lines) + out
+    assert proc.returncode == 0, err
+    assert "server: bundled" in text and "ncl v1 READY  image UINT8 [-1, 32, 32, 3] -> logits FP32 [-1, 10]" in text
+    assert "stopping" in text
