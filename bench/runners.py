@@ -1,0 +1,182 @@
+"""Runners: one interface over every runtime bench can time.
+
+  prepare(images) -> inputs placed where the runtime reads them (not timed)
+  run(prepared)   -> one synchronized batch (timed)
+  logits(images)  -> numpy logits (parity checks)
+
+torch eager (CPU/CUDA, optional CUDA graphs); ONNX Runtime (CPU; CUDA with IO binding; TensorRT EP);
+TensorRT plans (execute_async_v3 on CUDA buffers); Triton over HTTP or gRPC (optional system shared memory).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+
+class Runner:
+    name = ""
+
+    def prepare(self, images: np.ndarray):
+        return images
+
+    def run(self, prepared):
+        raise NotImplementedError
+
+    def to_numpy(self, output) -> np.ndarray:
+        return np.asarray(output)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        return self.to_numpy(self.run(self.prepare(images)))
+
+    def close(self) -> None:
+        pass
+
+
+class TorchRunner(Runner):
+    def __init__(self, graph: torch.nn.Module, device: str = "cpu", cuda_graphs: bool = False):
+        self.device = torch.device(device)
+        self.graph = graph.eval().to(self.device)
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.name = f"torch-{self.device.type}" + ("-cudagraphs" if self.cuda_graphs else "")
+        self._captured: dict[tuple, tuple] = {}
+
+    def prepare(self, images):
+        return torch.from_numpy(images).to(self.device)
+
+    @torch.no_grad()
+    def run(self, x):
+        if self.cuda_graphs:
+            return self._replay(x)
+        out = self.graph(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    def _replay(self, x):
+        key = tuple(x.shape)
+        if key not in self._captured:
+            static_in = x.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    self.graph(static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.graph(static_in)
+            self._captured[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._captured[key]
+        static_in.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        return static_out
+
+    def to_numpy(self, output):
+        return (output[0] if isinstance(output, tuple) else output).float().cpu().numpy()
+
+
+class OrtRunner(Runner):
+    def __init__(self, path: Path, provider: str = "cpu", threads: int = 0):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        providers = {"cpu": ["CPUExecutionProvider"],
+                     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}[provider]
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise RuntimeError(f"onnxruntime lacks {missing[0]}")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.provider = provider
+        self.name = f"onnxruntime-{provider}"
+
+    def prepare(self, images):
+        if self.provider == "cpu":
+            return images
+        return ort.OrtValue.ortvalue_from_numpy(images, "cuda", 0)
+
+    def run(self, prepared):
+        if self.provider == "cpu":
+            return self.session.run(["logits"], {"image": prepared})[0]
+        binding = self.session.io_binding()  # IO binding: no host<->device copies in the timed call
+        binding.bind_ortvalue_input("image", prepared)
+        binding.bind_output("logits", "cuda")
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return binding
+
+    def to_numpy(self, output):
+        return output if isinstance(output, np.ndarray) else output.copy_outputs_to_cpu()[0]
+
+
+class TensorRTRunner(Runner):
+    name = "tensorrt"
+
+    def __init__(self, plan: Path):
+        from export.trt import PlanRunner, require_tensorrt
+        self.plan = PlanRunner(require_tensorrt(), Path(plan).read_bytes())
+
+    def prepare(self, images):
+        return torch.from_numpy(images).cuda()
+
+    def run(self, x):
+        return self.plan.run_device(x)
+
+    def to_numpy(self, output):
+        return output.cpu().numpy()
+
+
+class TritonRunner(Runner):
+    """One synchronous client (HTTP or gRPC); optional system shared memory for input and output."""
+
+    def __init__(self, url: str, protocol: str, model: str, shared_memory: bool = False):
+        import tritonclient.grpc as grpcclient
+        import tritonclient.http as httpclient
+        self.module = httpclient if protocol == "http" else grpcclient
+        self.client = self.module.InferenceServerClient(url)
+        self.model, self.protocol, self.shared_memory = model, protocol, shared_memory
+        self.name = f"triton-{protocol}" + ("-shm" if shared_memory else "")
+        self._regions: list[tuple[str, object]] = []
+
+    def prepare(self, images):
+        request = self.module.InferInput("image", list(images.shape), "UINT8" if images.dtype == np.uint8 else "FP32")
+        output = self.module.InferRequestedOutput("logits")
+        if not self.shared_memory:
+            request.set_data_from_numpy(images)
+            return request, output, None
+        import tritonclient.utils.shared_memory as shm
+        key = f"expertfuse_bench_{len(self._regions)}"
+        in_bytes, out_bytes = images.nbytes, images.shape[0] * 4 * self._classes()
+        region_in = shm.create_shared_memory_region(f"{key}_in", f"/{key}_in", in_bytes)
+        region_out = shm.create_shared_memory_region(f"{key}_out", f"/{key}_out", out_bytes)
+        shm.set_shared_memory_region(region_in, [images])
+        self.client.register_system_shared_memory(f"{key}_in", f"/{key}_in", in_bytes)
+        self.client.register_system_shared_memory(f"{key}_out", f"/{key}_out", out_bytes)
+        self._regions += [(f"{key}_in", region_in), (f"{key}_out", region_out)]
+        request.set_shared_memory(f"{key}_in", in_bytes)
+        output.set_shared_memory(f"{key}_out", out_bytes)
+        return request, output, (region_out, images.shape[0])
+
+    def _classes(self) -> int:
+        meta = self.client.get_model_metadata(self.model)
+        outputs = meta["outputs"] if isinstance(meta, dict) else [{"shape": list(o.shape)} for o in meta.outputs]
+        return int(outputs[0]["shape"][-1])
+
+    def run(self, prepared):
+        request, output, region = prepared
+        result = self.client.infer(self.model, [request], outputs=[output])
+        if region is None:
+            return result.as_numpy("logits")
+        import tritonclient.utils.shared_memory as shm
+        return shm.get_contents_as_numpy(region[0], np.float32, [region[1], self._classes()]).copy()
+
+    def close(self):
+        if self._regions:
+            import tritonclient.utils.shared_memory as shm
+            self.client.unregister_system_shared_memory()
+            for _, region in self._regions:
+                shm.destroy_shared_memory_region(region)
+        self.client.close()

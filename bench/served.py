@@ -1,0 +1,164 @@
+"""Served measurement: a concurrency sweep against Triton, the way perf_analyzer does it.
+
+Load comes from several client processes (threads inside each, one client per thread) so the Python
+client is not the bottleneck; when a client process is nearly saturated the row says so. Each point
+runs a warm-up, then fixed-duration windows; it reports client p50/p90/p95/p99 latency and throughput,
+plus the server's queue / compute split and executions per request from Triton's statistics API.
+A working perf_analyzer binary can be the load generator instead (its CSV is parsed).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import multiprocessing as mp
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.timing import windows_agree
+
+
+def _client_module(protocol: str):
+    if protocol == "http":
+        import tritonclient.http as module
+    else:
+        import tritonclient.grpc as module
+    return module
+
+
+def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, threads: int, start_at: float,
+                 stop_at: float, results) -> None:
+    """One client process: `threads` closed-loop clients from start_at to stop_at; sends (end time, latency) pairs."""
+    import threading
+    module = _client_module(protocol)
+    records, errors = [], []
+
+    def loop() -> None:
+        client = module.InferenceServerClient(url)
+        request = module.InferInput("image", list(images.shape), "UINT8")
+        request.set_data_from_numpy(images)
+        outputs = [module.InferRequestedOutput("logits")]
+        try:
+            while time.time() < start_at:
+                time.sleep(0.001)
+            while (now := time.time()) < stop_at:
+                t0 = time.perf_counter()
+                client.infer(model, [request], outputs=outputs)
+                records.append((time.time(), time.perf_counter() - t0))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the point
+            errors.append(str(exc).splitlines()[0])
+        finally:
+            client.close()
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    cpu0 = time.process_time()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    cpu = time.process_time() - cpu0
+    results.put({"records": records, "errors": errors, "cpu_s": cpu, "wall_s": stop_at - start_at})
+
+
+def server_statistics(url: str, protocol: str, model: str) -> dict:
+    module = _client_module(protocol)
+    client = module.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics(model)
+    finally:
+        client.close()
+    if protocol == "grpc":
+        from google.protobuf.json_format import MessageToDict
+        stats = MessageToDict(stats, preserving_proto_field_name=True)
+    s = stats["model_stats"][0]
+    inf = s.get("inference_stats", {})
+    ns = lambda key: int(inf.get(key, {}).get("ns", 0))  # noqa: E731
+    count = lambda key: int(inf.get(key, {}).get("count", 0))  # noqa: E731
+    return {"inference_count": int(s.get("inference_count", 0)), "execution_count": int(s.get("execution_count", 0)),
+            "success_count": count("success"), "queue_ns": ns("queue"), "compute_input_ns": ns("compute_input"),
+            "compute_infer_ns": ns("compute_infer"), "compute_output_ns": ns("compute_output")}
+
+
+def measure_concurrency(url: str, protocol: str, model: str, image_size: int, batch: int, concurrency: int,
+                        window_s: float = 1.0, windows: int = 3, warmup_s: float = 0.5, max_processes: int = 4,
+                        tolerance: float = 0.1) -> dict:
+    """One point of the sweep. Raises RuntimeError when requests fail."""
+    images = np.random.RandomState(concurrency).randint(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
+    processes = max(1, min(concurrency, max_processes))
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    before = server_statistics(url, protocol, model)
+    start_at = time.time() + 2.0  # time for the spawned clients to import and connect
+    measured_from = start_at + warmup_s
+    stop_at = measured_from + windows * window_s
+    procs = [ctx.Process(target=_load_worker, args=(url, protocol, model, images, n, start_at, stop_at, results))
+             for n in shares]
+    for p in procs:
+        p.start()
+    reports = [results.get(timeout=stop_at - time.time() + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    after = server_statistics(url, protocol, model)
+    errors = [e for r in reports for e in r["errors"]]
+    if errors:
+        raise RuntimeError(f"{model} over {protocol}: {errors[0]}")
+    records = sorted(rec for r in reports for rec in r["records"] if rec[0] >= measured_from)
+    counts = [sum(1 for end, _ in records if measured_from + w * window_s <= end < measured_from + (w + 1) * window_s)
+              for w in range(windows)]
+    latencies = np.array([lat for _, lat in records]) * 1e3
+    delta = {k: after[k] - before[k] for k in after}
+    requests = max(delta["success_count"], 1)
+    cpu_share = [r["cpu_s"] / r["wall_s"] for r in reports]
+    return {"model": model, "protocol": protocol, "concurrency": concurrency, "batch": batch,
+            "throughput": sum(counts) * batch / (windows * window_s),
+            "window_throughputs": [c * batch / window_s for c in counts],
+            "stable": windows_agree([float(c) for c in counts], tolerance),
+            **({f"p{q}_ms": float(np.percentile(latencies, q)) for q in (50, 90, 95, 99)} if len(latencies) else {}),
+            "requests": len(records), "client_processes": processes,
+            "client_cpu_share": cpu_share, "client_bound": max(cpu_share) > 0.9,
+            "server_exec_per_request": delta["execution_count"] / requests,
+            "server_queue_ms": delta["queue_ns"] / requests / 1e6,
+            "server_compute_ms": (delta["compute_input_ns"] + delta["compute_infer_ns"] + delta["compute_output_ns"])
+            / requests / 1e6}
+
+
+def find_perf_analyzer() -> str | None:
+    """A working perf_analyzer binary, or None (the 0.1.0 'perf-analyzer' PyPI placeholder ships none)."""
+    path = shutil.which("perf_analyzer")
+    if path is None:
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return path if out.returncode == 0 and "Perf Analyzer" in (out.stdout + out.stderr) else None
+
+
+def parse_perf_analyzer_csv(text: str) -> list[dict]:
+    """perf_analyzer's -f CSV: times in microseconds, rows sorted by throughput. Returns rows by concurrency, in ms."""
+    rows = []
+    for r in csv.DictReader(io.StringIO(text)):
+        us = lambda key: float(r[key]) / 1e3 if r.get(key) not in (None, "") else None  # noqa: E731
+        rows.append({"concurrency": int(r["Concurrency"]), "throughput": float(r["Inferences/Second"]),
+                     "p50_ms": us("p50 latency"), "p90_ms": us("p90 latency"), "p95_ms": us("p95 latency"),
+                     "p99_ms": us("p99 latency"), "server_queue_ms": us("Server Queue"),
+                     "server_compute_ms": sum(us(k) or 0 for k in ("Server Compute Input", "Server Compute Infer",
+                                                                    "Server Compute Output")),
+                     "client_send_ms": us("Client Send"), "client_recv_ms": us("Client Recv")})
+    return sorted(rows, key=lambda r: r["concurrency"])
+
+
+def run_perf_analyzer(binary: str, url: str, protocol: str, model: str, batch: int, concurrencies: list[int],
+                      window_s: float, workdir: Path) -> list[dict]:
+    out = workdir / f"perf_{model}_{protocol}.csv"
+    lo, hi = min(concurrencies), max(concurrencies)
+    step = max(1, (hi - lo) // max(1, len(concurrencies) - 1))
+    subprocess.run([binary, "-m", model, "-u", url, "-i", protocol, "-b", str(batch),
+                    "--concurrency-range", f"{lo}:{hi}:{step}", "--measurement-interval", str(int(window_s * 1000)),
+                    "-s", "25", "-f", str(out)], check=True, capture_output=True, timeout=600)
+    return [{"model": model, "protocol": protocol, "batch": batch, "load_generator": "perf_analyzer", **r}
+            for r in parse_perf_analyzer_csv(out.read_text())]
