@@ -1,0 +1,123 @@
+"""python -m bench.demo: the whole product on the embedded synthetic data, with the real CLIs in sequence.
+
+  train NCL (3 x ResNet-32, a few CPU epochs) -> export ONNX (fused ensemble, and every expert alone
+  plus the naive Triton ensemble) -> start Triton -> classify images over HTTP and gRPC -> bench single
+  vs ensemble in-process and served -> summary and plots -> stop the server.
+
+Every step prints what it runs; a failing step stops the pipeline with its reason.
+`--quick` is the reduced form the test suite runs (1 epoch, tiny data, short windows).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from serve.server import free_port
+from train.data.synthetic import synthesize
+
+
+class StepFailed(Exception):
+    pass
+
+
+def step(title: str, *args: str) -> None:
+    command = [sys.executable, "-m", *args]
+    print(f"\n== {title}\n$ python -m {shlex.join(args)}", flush=True)
+    started = time.monotonic()
+    code = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    if code != 0:
+        raise StepFailed(f"{title}: python -m {args[0]} exited with code {code}")
+    print(f"-- {title}: done in {time.monotonic() - started:.0f} s", flush=True)
+
+
+def start_server(repository: Path, http_port: int, grpc_port: int) -> subprocess.Popen:
+    args = ["serve", "--repository", str(repository), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+            "--metrics-port", str(free_port())]
+    print(f"\n== start Triton\n$ python -m {shlex.join(args)} &", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        print(f"   {line}", end="", flush=True)
+        if line.startswith("serving"):
+            return proc
+    raise StepFailed(f"start Triton: python -m serve exited with code {proc.wait()}: {proc.stderr.read().strip()}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    print("\n== Triton stopped", flush=True)
+
+
+def write_images(folder: Path, count: int, size: int) -> list[Path]:
+    """A few held-out synthetic images as PNG files, the way a user would have them on disk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = 10
+    images, labels = synthesize([1] * classes, seed=424242, image_size=size)
+    paths = []
+    for i in range(min(count, classes)):
+        paths.append(folder / f"pattern{labels[i]}_{i}.png")
+        Image.fromarray(images[i]).save(paths[-1])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything goes [runs/demo]")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's 6; 1 with --quick)")
+    p.add_argument("--quick", action="store_true", help="reduced form: 1 epoch, tiny data, short measurements")
+    p.add_argument("--bench-out", type=Path, help="bench results folder [<out>/bench]")
+    a = p.parse_args(argv)
+    out = a.out
+    ckpt, repo, bench_out = out / "train" / "ncl.pt", out / "model_repository", a.bench_out or out / "bench"
+    train_args = ["train", "--preset", "ncl-synthetic", "--out", str(out / "train")]
+    bench_args = ["--batches", "1,8,64", "--window-s", "1.0", "--concurrency", "1,8"]
+    if a.quick:
+        train_args += ["--arch", "resnet8", "--synthetic-max", "100", "--imb-factor", "10", "--synthetic-test", "20",
+                       "--epochs", str(a.epochs or 1)]
+        bench_args = ["--batches", "1,4", "--window-s", "0.2", "--concurrency", "1,2", "--client-processes", "2"]
+    elif a.epochs:
+        train_args += ["--epochs", str(a.epochs)]
+    started = time.monotonic()
+    server = None
+    try:
+        step("train NCL on the synthetic long-tailed data", *train_args)
+        export = ["--ckpt", str(ckpt), "--out", str(repo), "--overwrite", "--max-batch", "64"]
+        step("export the fused ensemble to ONNX", "export.onnx", *export)
+        step("export each expert alone + the naive Triton ensemble", "export.onnx", *export, "--naive-ensemble")
+        http_port, grpc_port = free_port(), free_port()
+        server = start_server(repo, http_port, grpc_port)
+        images = write_images(out / "images", 4, 32)
+        step("classify images over HTTP", "serve.client", "--url", f"127.0.0.1:{http_port}", "--model", "ncl",
+             "--topk", "1", *map(str, images))
+        step("classify images over gRPC", "serve.client", "--url", f"127.0.0.1:{grpc_port}", "--protocol", "grpc",
+             "--model", "ncl", "--topk", "1", *map(str, images))
+        step("bench single expert vs ensemble, in-process and served", "bench", "--ckpt", str(ckpt), "--served",
+             "--http-url", f"127.0.0.1:{http_port}", "--grpc-url", f"127.0.0.1:{grpc_port}",
+             "--runtimes", "torch-cpu,onnxruntime-cpu", "--out", str(bench_out), *bench_args)
+    except StepFailed as exc:
+        print(f"\ndemo stopped: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            stop_server(server)
+    print(f"\ndemo finished in {time.monotonic() - started:.0f} s: checkpoint {ckpt}, repository {repo}/, "
+          f"summary {bench_out / 'summary.md'}, plots {bench_out}/*.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
