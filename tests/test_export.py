@@ -168,3 +168,21 @@ def test_trt_build():
         model_dir = export_trt(["--ckpt", str(ckpt), "--out", str(Path(tmp) / "repo"), "--max-batch", "16", "--opt-batch", "8"])
         assert (model_dir / "1" / "model.plan").is_file() and (model_dir / "1" / "build.json").is_file()
         assert parse((model_dir / "config.pbtxt").read_text()).max_batch_size == 16
+
+
+def test_large_models_use_the_external_data_layout(tmp_path, monkeypatch):
+    """Over 2 GB, the artifact is the folder model.onnx/ holding model.onnx plus its weights (forced here)."""
+    import export.onnx as export_onnx
+    from serve.bundled import runtime_repository
+    monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_BYTES", 0)
+    ckpt = make_checkpoint(tmp_path / "m.pt", num_experts=2)
+    model_dir = export_onnx.export_onnx(["--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--fusion", "grouped",
+                                         "--max-batch", "4"])
+    artifact = model_dir / "1" / "model.onnx"
+    assert artifact.is_dir() and (artifact / "model.onnx").is_file() and len(list(artifact.iterdir())) >= 2
+    images = np.random.RandomState(0).randint(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    model, _ = load_model(ckpt)
+    ref = reference_logits(model, (0, 1), torch.from_numpy(images), "uint8-nhwc").numpy()
+    assert np.abs(ort_logits(artifact / "model.onnx", images) - ref).max() <= 1e-4
+    runtime_repository(tmp_path / "repo", tmp_path / "runtime")
+    assert (tmp_path / "runtime" / "ncl" / "1" / "model.onnx" / "model.onnx").is_file()

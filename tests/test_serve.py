@@ -176,3 +176,28 @@ def test_launcher_serves_until_sigterm(exported_repository):
     assert proc.returncode == 0, err
     assert "server: bundled" in text and "ncl v1 READY  image UINT8 [-1, 32, 32, 3] -> logits FP32 [-1, 10]" in text
     assert "stopping" in text
+
+
+def test_models_meet_nvidia_image_client_requirements(triton):
+    """image_client.py (Triton client examples) accepts a model with exactly one input of 3 dims plus batch
+    and a declared NHWC/NCHW format, and one FP32 vector output; labels come from label_filename."""
+    client = grpcclient.InferenceServerClient(triton.endpoints.grpc)
+    try:
+        meta, cfg = client.get_model_metadata("ncl"), client.get_model_config("ncl").config
+    finally:
+        client.close()
+    assert len(meta.inputs) == len(meta.outputs) == len(cfg.input) == 1
+    assert meta.outputs[0].datatype == "FP32" and sum(d > 1 for d in meta.outputs[0].shape[1:]) == 1
+    assert len(meta.inputs[0].shape) == 4 and cfg.max_batch_size > 0
+    assert cfg.input[0].format == cfg.input[0].FORMAT_NHWC and cfg.output[0].label_filename == "labels.txt"
+
+
+def test_bundled_mode_refuses_tensorrt_plans(tmp_path):
+    model = tmp_path / "repo" / "plan"
+    (model / "1").mkdir(parents=True)
+    (model / "1" / "model.plan").write_bytes(b"\0")
+    cfg = model_config("plan", "tensorrt_plan", [TensorSpec("image", "UINT8", [8, 8, 3], "NHWC")],
+                       [TensorSpec("logits", "FP32", [4])], ServingOptions(instance_kind="gpu"))
+    (model / "config.pbtxt").write_text(render(cfg))
+    proc = run_module("serve", "--repository", str(tmp_path / "repo"), "--server", "bundled", check=False)
+    assert proc.returncode == 1 and "TensorRT plan" in proc.stderr and "--server local or docker" in proc.stderr

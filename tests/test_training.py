@@ -39,8 +39,10 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_ncl_contrastive_branch_and_ce_baseline_train(tmp_path):
-    path = train(_tiny(tmp_path / "moco", "--epochs", "1", "--ncl-moco", "--moco-queue", "64", "--moco-dim", "16"))
+    path = train(_tiny(tmp_path / "moco", "--epochs", "1", "--ncl-moco", "--moco-queue", "64", "--moco-dim", "16",
+                       "--tensorboard"))
     data = load_checkpoint(path)
+    assert list((tmp_path / "moco" / "tb").glob("events.out.tfevents.*"))
     assert not any(k.startswith(("key_", "query_", "queue")) for k in data["state_dict"])  # not exported
     assert "queue" in data["training"]["aux"]
     ce = train(_tiny(tmp_path / "ce", "--method", "ce", "--balanced-softmax", "--epochs", "1"))
