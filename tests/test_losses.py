@@ -49,3 +49,11 @@ def test_nbod_is_not_stop_gradient():
     logits = torch.randn(4, 3, 5, requires_grad=True)
     nbod_loss(logits, torch.ones(4, 5)).backward()
     assert logits.grad.abs().sum() > 0
+
+
+def test_nbod_gradient_stays_finite_when_probabilities_underflow():
+    # logits 200 apart: softmax gives exact zeros, where xlogy(p, p) would have an infinite gradient
+    logits = torch.tensor([[[200.0, 0.0, -200.0], [0.0, 200.0, 0.0]]], requires_grad=True)
+    loss = nbod_loss(logits, torch.ones(1, 3))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()

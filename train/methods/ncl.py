@@ -38,14 +38,18 @@ def nil_loss(balanced: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
 
 
 def pairwise_kl(logits: torch.Tensor) -> torch.Tensor:
-    """sum over ordered pairs j != k of KL(p_j || p_k), batchmean, for [B, K, C] logits."""
+    """sum over ordered pairs j != k of KL(p_j || p_k), batchmean, for [B, K, C] logits.
+
+    Both logs are log(p + 1e-9), as in the official code. Neither side is detached, so F.kl_div's
+    xlogy(p_j, p_j) would give an infinite gradient wherever p_j underflows to 0; this form stays finite.
+    """
     probs = logits.softmax(dim=2)
     log_probs = torch.log(probs + 1e-9)
     total = logits.new_zeros(())
     for k in range(logits.shape[1]):
         for j in range(logits.shape[1]):
             if j != k:
-                total = total + F.kl_div(log_probs[:, k], probs[:, j], reduction="batchmean")
+                total = total + (probs[:, j] * (log_probs[:, j] - log_probs[:, k])).sum(1).mean()
     return total
 
 
