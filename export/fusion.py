@@ -6,6 +6,7 @@ Experts' channels are stacked expert-major on one axis ([B, K*C, H, W]):
   convolution with K*Cout outputs; every later convolution becomes a grouped one (groups = K*g);
 - parameter-free option-A shortcuts and identity shortcuts over a shared input become 1x1 convolutions
   with 0/1 weights, which copy values exactly;
+- SHIKE's shallow aligners are fused per source stage the same way, then multiplied into the deep features;
 - the heads become one linear layer over [B, K*D]; with the mean folded in (weights / K) it returns
   the ensemble logits directly, otherwise a block-diagonal layer returns every expert's logits.
 """
@@ -132,6 +133,39 @@ class FusedHead(nn.Module):
         return out if self.fold_mean else out.reshape(-1, self.k, out.shape[1] // self.k)
 
 
+class FusedAligners(nn.Module):
+    """SHIKE's per-expert shallow aligners, fused per source stage (experts reading the same trunk output
+    share an aligner depth): the first unit reads the shared feature, later units are grouped. The
+    groups' outputs are concatenated and put back in expert order with one channel gather."""
+
+    def __init__(self, experts: list[nn.Module], channels: int):
+        super().__init__()
+        self.sources = sorted({e.source for e in experts})
+        groups, order = [], []
+        for source in self.sources:
+            members = [i for i, e in enumerate(experts) if e.source == source]
+            order += members
+            units = experts[members[0]].fusion.units
+            groups.append(nn.ModuleList(
+                fuse_convs([(experts[m].fusion.units[k][0], experts[m].fusion.units[k][1]) for m in members],
+                           shared_input=k == 0) for k in range(len(units))))
+        self.groups = nn.ModuleList(groups)
+        position = {expert: slot for slot, expert in enumerate(order)}
+        index = [position[e] * channels + c for e in range(len(experts)) for c in range(channels)]
+        self.register_buffer("index", torch.tensor(index, dtype=torch.long))
+
+    def forward(self, trunk_outputs: list[torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for source, units in zip(self.sources, self.groups):
+            x = trunk_outputs[source]
+            for k, conv in enumerate(units):
+                x = conv(x)
+                if k != 1:  # the aligner's ReLU rule
+                    x = F.relu(x)
+            parts.append(x)
+        return torch.cat(parts, dim=1).index_select(1, self.index)
+
+
 class GroupedExperts(nn.Module):
     """The fused network: shared trunk (run once) -> fused expert stages -> pooled -> fused heads.
 
@@ -140,8 +174,6 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, model: MultiExpertNet, fold_mean: bool = True):
         super().__init__()
-        if model.spec.fusion:
-            raise UserError(f"grouped fusion of {model.spec.fusion!r} experts is not supported; use --fusion loop")
         self.trunk = model.trunk
         backbones = [e.backbone for e in model.experts]
         layers: list[nn.Module] = []
@@ -158,10 +190,12 @@ class GroupedExperts(nn.Module):
                     shared = False
             shared = False
         self.body = nn.Sequential(*layers)
+        self.aligners = FusedAligners(list(model.experts), backbones[0].out_dim) if model.spec.fusion else None
         self.head = FusedHead([e.head for e in model.experts], backbones[0].out_dim, fold_mean)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.trunk is not None:
-            x = self.trunk(x)[-1]
-        features = torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
-        return self.head(features)
+        trunk_outputs = self.trunk(x) if self.trunk is not None else [x]
+        deep = self.body(trunk_outputs[-1])
+        if self.aligners is not None:
+            deep = deep * self.aligners(trunk_outputs)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(deep, 1), 1))

@@ -5,7 +5,8 @@ import torch
 from tests.conftest import TINY_TRAIN, run_module
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
-from train.engine import lr_factor, train
+from train.engine import train
+from train.schedule import lr_factor, main_stage
 
 
 def test_cli_trains_ncl_on_synthetic_data_far_above_chance(tmp_path):
@@ -59,9 +60,10 @@ def test_two_process_ddp_with_gloo(tmp_path):
 
 
 def test_ncl_warmup_schedule_matches_the_official_code():
-    cfg = config_from_args(["--preset", "ncl-cifar100-lt"])
-    assert abs(lr_factor(cfg, 0) - (1 / 3 * (1 - 1 / 5) + 1 / 5)) < 1e-12
-    assert lr_factor(cfg, 100) == 1.0 and abs(lr_factor(cfg, 319) - 0.1) < 1e-12 and abs(lr_factor(cfg, 359) - 0.01) < 1e-12
+    stage = main_stage(config_from_args(["--preset", "ncl-cifar100-lt"]))
+    assert abs(lr_factor(stage, 0) - (1 / 3 * (1 - 1 / 5) + 1 / 5)) < 1e-12
+    assert lr_factor(stage, 100) == 1.0 and abs(lr_factor(stage, 319) - 0.1) < 1e-12
+    assert abs(lr_factor(stage, 359) - 0.01) < 1e-12
 
 
 def test_cli_errors_are_one_line(tmp_path):

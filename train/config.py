@@ -22,7 +22,7 @@ def _opt(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # What and where
-    method: str = _opt("ncl", "training method (ce, ncl)")
+    method: str = _opt("ncl", "training method (ce, ncl, shike, ecl)")
     dataset: str = _opt("synthetic", "synthetic | cifar10-lt | cifar100-lt | imagenet-lt | places-lt | inat2018 | imagefolder")
     data_root: str = _opt("data", "dataset folder (CIFAR pickles, image lists + images, or an ImageFolder tree)")
     download: bool = _opt(False, "download CIFAR through torchvision if missing")
@@ -49,6 +49,7 @@ class TrainConfig:
     num_experts: int = _opt(3, "experts")
     shared_stages: int = _opt(0, "stages shared by all experts (0: separate trunks)")
     shortcut: str = _opt("A", "CIFAR ResNet shortcut: A (NCL) | B (SHIKE)")
+    fusion: str = _opt("", "shallow-feature fusion into the experts: '' | dkf (SHIKE; needs --shared-stages >= 2)")
     head: str = _opt("linear", "linear | cosine | normed | lws")
     head_scale: float = _opt(16.0, "scale of cosine/normed heads")
     pretrained: bool = _opt(False, "start torchvision trunks from ImageNet weights (downloaded)")
@@ -59,8 +60,9 @@ class TrainConfig:
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(True, "Nesterov momentum")
     weight_decay: float = _opt(2e-4, "weight decay (all parameters, as the official code)")
-    schedule: str = _opt("multistep", "multistep (with warmup) | cosine")
-    warmup_epochs: int = _opt(5, "linear warmup epochs (NCL's factor 1/3 start)")
+    schedule: str = _opt("multistep", "multistep (with warmup) | cosine | warmup-cosine (SHIKE)")
+    warmup_epochs: int = _opt(5, "linear warmup epochs")
+    warmup_start: float = _opt(1.0 / 3, "LR factor the warmup starts from (NCL 1/3; SHIKE 1/6)")
     milestones: list[int] = _opt([320, 360], "multistep: epochs where the lr is multiplied by 0.1")
     eta_min: float = _opt(1e-4, "cosine: final learning rate")
     seed: int = _opt(42, "random seed")
@@ -85,6 +87,16 @@ class TrainConfig:
     moco_independent_key_init: bool = _opt(True, "ncl quirk: key encoder from its own random init")
     moco_frozen_key_projection: bool = _opt(True, "ncl quirk: key projection never updated")
     moco_ema_before_backward: bool = _opt(True, "ncl quirk: EMA step before backward")
+    # ECL (a documented interpretation: see train/methods/ecl.py)
+    ecl_reweight: bool = _opt(True, "ecl: per-class distillation weights from the label vs distillation heads")
+    ecl_kd_weight: float = _opt(1.0, "ecl: weight of the re-weighted expert-to-expert distillation")
+    ecl_feature_weight: float = _opt(1.0, "ecl: weight of feature-level distillation (0 turns it off)")
+    ecl_contrastive: bool = _opt(False, "ecl: contrastive proxy branch (NCL's MoCo branch; moco_* settings)")
+    # SHIKE
+    dkt_weight: float = _opt(10.0, "shike: weight of the hardest-negative-suppressed KL")
+    crt_epochs: int = _opt(0, "shike: classifier re-training epochs after --epochs (fresh heads, frozen trunk)")
+    crt_lr: float = _opt(0.1, "shike: peak LR of classifier re-training")
+    crt_bn_update: bool = _opt(True, "shike: the frozen trunk's BatchNorm statistics keep updating in cRT (official)")
 
 
 def preset_names() -> list[str]:

@@ -1,10 +1,12 @@
 """python -m train.convert: import an official checkpoint into the expertfuse checkpoint format.
 
-  python -m train.convert --from ncl --src best_ensemble_model.pth --out runs/ncl-official/ncl.pt \
+  python -m train.convert --from ncl|shike --src best_ensemble_model.pth --out runs/ncl-official/ncl.pt \
       [--arch resnet32] [--head linear|cosine --head-scale 16] [--dataset cifar100-lt --imb-factor 100]
 
 NCL: strip `module.`; backbone.{k}.* -> experts.{k}.backbone.*; classifier.{k}.* (or classifier_ce.{k}.*
 when the MoCo branch was on) -> experts.{k}.head.*; MoCo queues, EMA encoders and projections dropped.
+SHIKE: no prefix; conv1/bn1/layer1/layer2 -> trunk.*; layer3s.{e} -> experts.{e}.backbone.layer3;
+shallow_exps.{e} -> experts.{e}.fusion; rt_classifiers.{e} (cRT) or classifiers.{e}, transposed.
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ def infer_arch(trunk: dict[str, torch.Tensor]) -> str:
     return "resnext50_32x4d" if conv2.shape[1] != conv2.shape[0] else "resnet50"
 
 
-def convert_ncl(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, dict]:
-    """(our state_dict, number of experts, one expert's trunk) from an official NCL state dict."""
+def convert_ncl(state: dict[str, torch.Tensor], args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict]:
+    """(our state_dict, spec fields) from an official NCL state dict (module. already stripped)."""
     moco = any(k.startswith("classifier_ce.") for k in state)
     head_prefix = "classifier_ce" if moco else "classifier"
     ours, trunk = {}, {}
@@ -64,10 +66,38 @@ def convert_ncl(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     experts = len({k.split(".")[1] for k in ours})
     if not experts:
         raise UserError("no backbone.{k}.* keys: this is not an NCL checkpoint")
-    return ours, experts, trunk
+    arch = args.arch or infer_arch(trunk)
+    head = args.head or ("linear" if arch in CIFAR_ARCHS else "cosine")
+    return ours, {"arch": arch, "num_experts": experts, "shortcut": "A", "head": head, "head_scale": args.head_scale,
+                  "head_bias": "experts.0.head.bias" in ours}
 
 
-CONVERTERS = {"ncl": convert_ncl}
+def convert_shike(state: dict[str, torch.Tensor], args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict]:
+    """SHIKE (CIFAR ResNet-32 MoE): shared conv1/bn1/layer1/layer2, layer3s.{e}, shallow_exps.{e} aligners,
+    NormedLinear heads stored [in, out] (transposed here); the cRT heads (rt_classifiers) when present."""
+    heads = "rt_classifiers" if any(k.startswith("rt_classifiers.") for k in state) and not args.stage1_heads \
+        else "classifiers"
+    ours = {}
+    for key, value in state.items():
+        if re.match(r"(conv1|bn1|layer1|layer2)\.", key):
+            ours[f"trunk.{key}"] = value
+        elif m := re.fullmatch(r"layer3s\.(\d+)\.(.+)", key):
+            ours[f"experts.{m[1]}.backbone.layer3.{m[2]}"] = value
+        elif m := re.fullmatch(r"shallow_exps\.(\d+)\.convs\.StridedConv(\d+)\.conv\.(\d)\.(.+)", key):
+            ours[f"experts.{m[1]}.fusion.units.{m[2]}.{m[3]}.{m[4]}"] = value
+        elif m := re.fullmatch(rf"{heads}\.(\d+)\.weight", key):
+            ours[f"experts.{m[1]}.head.weight"] = value.t().contiguous()
+        elif not re.fullmatch(r"(rt_)?classifiers\.\d+\.weight", key):
+            raise UserError(f"unexpected key in a SHIKE checkpoint: {key}")
+    experts = len({k.split(".")[1] for k in ours if k.startswith("experts.")})
+    if not experts or "trunk.conv1.weight" not in ours:
+        raise UserError("no layer3s.{e}.* / conv1 keys: this is not a SHIKE checkpoint")
+    blocks = len({k.split(".")[2] for k in ours if k.startswith("trunk.layer1.")})
+    return ours, {"arch": args.arch or f"resnet{6 * blocks + 2}", "num_experts": experts, "shortcut": "B",
+                  "shared_stages": 3, "fusion": "dkf", "head": "normed", "head_scale": 30.0, "head_bias": False}
+
+
+CONVERTERS = {"ncl": convert_ncl, "shike": convert_shike}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,21 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "normalization and (CIFAR) training counts")
     p.add_argument("--imb-factor", type=float, default=100.0, help="CIFAR imbalance factor for the training counts")
     p.add_argument("--classes", type=Path, help="text file with one class name per line")
+    p.add_argument("--stage1-heads", action="store_true", help="shike: serve the stage-1 heads, not the cRT heads")
     return p
 
 
 def convert(args: argparse.Namespace) -> Path:
-    state, experts, trunk = CONVERTERS[args.source](_load_official(args.src))
-    arch = args.arch or infer_arch(trunk)
-    cifar = arch in CIFAR_ARCHS
-    head_key = "experts.0.head.weight"
-    num_classes = state[head_key].shape[0]
+    state, fields = CONVERTERS[args.source](_load_official(args.src), args)
+    cifar = fields["arch"] in CIFAR_ARCHS
+    num_classes = state["experts.0.head.weight"].shape[0]
     mean, std = (CIFAR_MEAN, CIFAR_STD) if cifar else (INAT_MEAN, INAT_STD) if args.dataset == "inat2018" \
         else (IMAGENET_MEAN, IMAGENET_STD)
-    head = args.head or ("linear" if cifar else "cosine")
-    spec = ModelSpec(arch=arch, num_classes=num_classes, num_experts=experts, shortcut="A", head=head,
-                     head_scale=args.head_scale, head_bias=f"experts.0.head.bias" in state,
-                     input_size=32 if cifar else 224, resize=32 if cifar else 256, mean=list(mean), std=list(std))
+    spec = ModelSpec(**fields, num_classes=num_classes, input_size=32 if cifar else 224, resize=32 if cifar else 256,
+                     mean=list(mean), std=list(std))
     classes = [f"class_{c}" for c in range(num_classes)]
     if args.classes:
         classes = [line.strip() for line in args.classes.read_text().splitlines() if line.strip()]
@@ -105,8 +132,7 @@ def convert(args: argparse.Namespace) -> Path:
             raise UserError(f"{args.classes} lists {len(classes)} classes, the checkpoint has {num_classes}")
     counts = []
     if args.dataset.startswith("cifar"):
-        n_max = 5000 if num_classes == 10 else 500
-        counts = longtail_counts(n_max, num_classes, args.imb_factor)
+        counts = longtail_counts(5000 if num_classes == 10 else 500, num_classes, args.imb_factor)
     payload = {"spec": spec.to_dict(), "classes": classes, "train_counts": counts, "state_dict": state,
                "method": args.source, "config": {"converted_from": str(args.src), "source": args.source},
                "metrics": {}, "epoch": 0}

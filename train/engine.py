@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import os
 import random
 import time
@@ -25,6 +24,7 @@ from train.errors import UserError
 from train.methods import get_method
 from train.models import ModelSpec, build_model
 from train.models.backbones import load_torchvision_weights
+from train.schedule import Stage, lr_factor
 
 
 class Views:
@@ -35,19 +35,6 @@ class Views:
 
     def __call__(self, image):
         return [self.transform(image) for _ in range(self.count)]
-
-
-def lr_factor(cfg: TrainConfig, epoch: int) -> float:
-    """LR multiplier for 0-indexed `epoch`. Like the official code, the schedule is evaluated at the
-    1-indexed epoch e = epoch + 1, so NCL's first warmup epoch runs at 1/3 (1 - 1/5) + 1/5 = 0.467."""
-    e = epoch + 1
-    warm = 1.0 / 3 * (1 - e / cfg.warmup_epochs) + e / cfg.warmup_epochs if e < cfg.warmup_epochs else 1.0
-    if cfg.schedule == "multistep":
-        return warm * 0.1 ** sum(m <= e for m in cfg.milestones)
-    if cfg.schedule == "cosine":
-        eta = cfg.eta_min / cfg.lr
-        return warm * (eta + (1 - eta) * 0.5 * (1 + math.cos(math.pi * e / cfg.epochs)))
-    raise UserError(f"unknown schedule {cfg.schedule!r}; choose multistep or cosine")
 
 
 class Distributed:
@@ -116,7 +103,7 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 def build_spec(cfg: TrainConfig, data) -> ModelSpec:
     size = cfg.input_size or data.input_size
     return ModelSpec(arch=cfg.arch, num_classes=len(data.classes), num_experts=cfg.num_experts,
-                     shared_stages=cfg.shared_stages, shortcut=cfg.shortcut, head=cfg.head,
+                     shared_stages=cfg.shared_stages, shortcut=cfg.shortcut, fusion=cfg.fusion, head=cfg.head,
                      head_scale=cfg.head_scale, input_size=size, resize=cfg.resize or max(data.resize, size),
                      mean=list(data.mean), std=list(data.std))
 
@@ -206,15 +193,23 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     method.to(device)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    stages = method.stages()
+    starts = np.cumsum([0] + [s.epochs for s in stages]).tolist()
+    total_epochs = starts[-1]
+    stage_of = lambda epoch: max(i for i in range(len(stages)) if starts[i] <= epoch)  # noqa: E731
     aux_params = [p for p in method.aux.parameters() if p.requires_grad] if method.aux is not None else []
-    optimizer = torch.optim.SGD(params + aux_params, lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(cfg, epoch))
+
+    def build_optimizer(stage: Stage):
+        """A fresh optimizer over what trains in this stage (a stage may freeze or replace parts)."""
+        params = [p for p in model.parameters() if p.requires_grad] + aux_params
+        opt = torch.optim.SGD(params, lr=stage.lr, momentum=cfg.momentum,
+                              nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(stage, e))
+
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    start_epoch, best_acc, best_epoch = 0, -1.0, -1
+    start_epoch, current, best_acc, best_epoch, state = 0, 0, -1.0, -1, None
     if cfg.resume:
         if not last_path.is_file():
             raise UserError(f"--resume: no checkpoint at {last_path}")
@@ -225,17 +220,24 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
                          if k not in ("epochs", "resume") and asdict(cfg).get(k) != v)
         if changed and env.main:
             print(f"resume: settings differ from the checkpoint's: {', '.join(changed)}")
-        model.load_state_dict(state["state_dict"])
         t = state["training"]
-        optimizer.load_state_dict(t["optimizer"])
-        scheduler.load_state_dict(t["scheduler"])
+        start_epoch, current = state["epoch"], t.get("stage", 0)
+        for stage in stages[1:current + 1]:
+            method.enter_stage(stage, model)  # the same modules and frozen parts as when it was saved
+        model.to(device)
+        model.load_state_dict(state["state_dict"])
         scaler.load_state_dict(t["scaler"])
         if method.aux is not None:
             method.aux.load_state_dict(t["aux"])
         _set_rng_state(t["rng"][env.rank] if env.rank < len(t["rng"]) else t["rng"][0])
-        start_epoch, best_acc, best_epoch = state["epoch"], t["best_acc"], t["best_epoch"]
+        best_acc, best_epoch = t["best_acc"], t["best_epoch"]
 
-    train_model = DistributedDataParallel(model) if env.world > 1 else model
+    optimizer, scheduler = build_optimizer(stages[current])
+    if state is not None:
+        optimizer.load_state_dict(state["training"]["optimizer"])
+        scheduler.load_state_dict(state["training"]["scheduler"])
+    wrap = lambda m: DistributedDataParallel(m) if env.world > 1 else m  # noqa: E731
+    train_model = wrap(model)
     generator = torch.Generator()
     sampler = DistributedSampler(data.train, env.world, env.rank, shuffle=True, seed=cfg.seed) if env.world > 1 \
         else RandomSampler(data.train, generator=generator)
@@ -250,8 +252,10 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
         print(f"train {cfg.method} on {cfg.dataset}: {len(data.train)} images, {len(data.classes)} classes "
               f"(counts {max(data.train_counts)}..{min(data.train_counts)}; many/medium/few "
               f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}), test {len(data.test)}")
+        if len(stages) > 1:
+            print("stages: " + ", ".join(f"{s.name} {s.epochs} epochs (lr {s.lr}, {s.schedule})" for s in stages))
         print(f"model {spec.describe()}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-        print(f"device {device} x{env.world}, amp {dtype or 'off'}, epochs {start_epoch + 1}..{cfg.epochs}, "
+        print(f"device {device} x{env.world}, amp {dtype or 'off'}, epochs {start_epoch + 1}..{total_epochs}, "
               f"batch {cfg.batch_size}, lr {cfg.lr} ({cfg.schedule}), writing {last_path}")
         out.mkdir(parents=True, exist_ok=True)
     log = CsvLog(out / "log.csv", start_epoch) if env.main else None
@@ -261,14 +265,24 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
         tb = SummaryWriter(str(out / "tb"))
 
     metrics = None
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, total_epochs):
+        if stage_of(epoch) != current:
+            current = stage_of(epoch)
+            method.enter_stage(stages[current], model)
+            model.to(device)
+            optimizer, scheduler = build_optimizer(stages[current])
+            train_model = wrap(model)
+            if env.main:
+                print(f"stage {stages[current].name}: {stages[current].epochs} epochs, "
+                      f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable parameters")
         generator.manual_seed(cfg.seed + epoch)
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
-        train_model.train()
+        method.train_mode(train_model)
         lr = optimizer.param_groups[0]["lr"]
         sums, seen, started = {}, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not env.main, leave=True,
+        stage_note = f" {stages[current].name}" if len(stages) > 1 else ""
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}{stage_note}", disable=not env.main, leave=True,
                    dynamic_ncols=True, mininterval=1.0)
         for images, targets in bar:
             targets = targets.to(device, non_blocking=True)
@@ -305,7 +319,7 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
                "images_per_s": seen * env.world / seconds, "seconds": seconds}
         row["train_acc"] *= 100
 
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == total_epochs:
             correct, total = evaluate(model, test_loader, spec.num_classes, device, env, channels_last)
             metrics = summarize(correct, total, data.train_counts, cfg.shot_rule)
             row.update({f"test_{k}": v for k, v in metrics["ensemble"].items()})
@@ -332,7 +346,7 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
         if is_best:
             best_acc, best_epoch = metrics["ensemble"]["overall"], epoch + 1
             save_checkpoint(payload, best_path)
-        payload["training"] = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        payload["training"] = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "stage": current,
                                "scaler": scaler.state_dict(), "rng": rng, "best_acc": best_acc,
                                "best_epoch": best_epoch,
                                "aux": method.aux.state_dict() if method.aux is not None else {}}

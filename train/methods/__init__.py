@@ -2,9 +2,11 @@
 from train.errors import UserError
 from train.methods.base import Method
 from train.methods.ce import CrossEntropy
+from train.methods.ecl import ECL
 from train.methods.ncl import NCL
+from train.methods.shike import SHIKE
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (CrossEntropy, NCL)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (CrossEntropy, NCL, SHIKE, ECL)}
 
 
 def get_method(name: str) -> type[Method]:

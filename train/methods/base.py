@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.schedule import Stage, main_stage
+
 
 class Method:
     """Base class. Subclasses set `name`, may set `views` (augmented views per image) and `aux`
@@ -30,6 +32,17 @@ class Method:
 
     def after_step(self, model: nn.Module) -> None:
         """Called after each optimizer step (EMA updates and the like)."""
+
+    def stages(self) -> list[Stage]:
+        """Training stages in order; most methods have one."""
+        return [main_stage(self.cfg)]
+
+    def enter_stage(self, stage: Stage, model: nn.Module) -> None:
+        """Called when a later stage begins (and on resume into it): replace or freeze parts here."""
+
+    def train_mode(self, model: nn.Module) -> None:
+        """Put the model in training mode for an epoch (a stage may keep some parts in eval mode)."""
+        model.train()
 
 
 def balanced_logits(logits: torch.Tensor, log_counts: torch.Tensor) -> torch.Tensor:

@@ -10,21 +10,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from train.errors import UserError
 from train.models.backbones import StagedBackbone, build_backbone, stage_names
+from train.models.dkf import ShallowAligner, dkf_source, stage_channels
 from train.models.heads import build_head
 from train.models.spec import ModelSpec
 
 
 class Expert(nn.Module):
-    """An expert's own stages, pooled, then its head."""
+    """An expert's own stages (times its aligned shallow trunk feature, with DKF), pooled, then its head."""
 
-    def __init__(self, backbone: StagedBackbone, head: nn.Module):
+    def __init__(self, backbone: StagedBackbone, head: nn.Module, fusion: ShallowAligner | None = None, source: int = 0):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.fusion = fusion
+        self.source = source  # which trunk stage output the fusion reads (derived from the spec, not saved)
 
     def features(self, trunk_outputs: list[torch.Tensor]) -> torch.Tensor:
         deep = self.backbone(trunk_outputs[-1])[-1]
+        if self.fusion is not None:
+            deep = deep * self.fusion(trunk_outputs[self.source])
         return torch.flatten(nn.functional.adaptive_avg_pool2d(deep, 1), 1)
 
 
@@ -36,11 +42,19 @@ class MultiExpertNet(nn.Module):
         if not 0 <= spec.shared_stages < len(names):
             raise ValueError(f"shared_stages must be in [0, {len(names) - 1}] for {spec.arch}")
         shared, own = names[:spec.shared_stages], names[spec.shared_stages:]
+        if spec.fusion not in ("", "dkf"):
+            raise UserError(f"unknown fusion {spec.fusion!r}; choose dkf or none")
+        if spec.fusion and spec.shared_stages < 2:
+            raise UserError("dkf fusion needs a shared trunk of at least 2 stages (--shared-stages)")
         self.trunk = build_backbone(spec).keep_stages(shared) if shared else None
         experts = []
-        for _ in range(spec.num_experts):
+        for e in range(spec.num_experts):
             backbone = build_backbone(spec).keep_stages(own)
-            experts.append(Expert(backbone, build_head(spec, backbone.out_dim)))
+            fusion, source = None, 0
+            if spec.fusion == "dkf":
+                source = dkf_source(e, spec.shared_stages)
+                fusion = ShallowAligner(stage_channels(self.trunk, shared[source]), spec.shared_stages - source)
+            experts.append(Expert(backbone, build_head(spec, backbone.out_dim), fusion, source))
         self.experts = nn.ModuleList(experts)
 
     @property
