@@ -29,6 +29,7 @@ def add_common_args(p: argparse.ArgumentParser, default_max_batch: int) -> None:
     p.add_argument("--out", type=Path, default=Path("model_repository"), help="model repository [model_repository]")
     p.add_argument("--name", help="model name (default from the checkpoint: ncl, ncl_expert0, ncl_trt, ...)")
     p.add_argument("--experts", default="all", help="all | 0 | 0,2 [all]")
+    p.add_argument("--head", help="serve one named head of the checkpoint (SSD: soft | hard; default soft)")
     p.add_argument("--fusion", default="auto", choices=["loop", "grouped", "auto"],
                    help="how experts run in the graph; auto measures both on the target [auto]")
     p.add_argument("--input", dest="input_layout", default="uint8-nhwc", choices=INPUT_LAYOUTS,
@@ -63,14 +64,22 @@ def prepare(args: argparse.Namespace, suffix: str = "") -> ExportJob:
         raise UserError("--max-batch must be at least 1")
     model, data = load_model(args.ckpt)
     experts = parse_experts(args.experts, model.num_experts)
-    name = args.name or default_name(data["method"], experts, model.num_experts, args.fp16, suffix)
+    names = model.spec.expert_names
+    head = getattr(args, "head", None) or ("soft" if "soft" in names and args.experts == "all" else None)
+    if head:
+        if head not in names:
+            raise UserError(f"--head {head}: the checkpoint's heads are {', '.join(names) or 'unnamed (use --experts)'}")
+        experts = (names.index(head),)
+    name = args.name or default_name(data["method"], experts, model.num_experts, args.fp16, suffix, names)
     digest = hashlib.sha256(args.ckpt.read_bytes()).hexdigest()
     opts = GraphOptions(experts, args.fusion, args.input_layout, args.probs, args.expert_logits, args.fp16)
     return ExportJob(model, data, digest, opts, name, args)
 
 
-def default_name(method: str, experts: tuple[int, ...], total: int, fp16: bool, suffix: str) -> str:
+def default_name(method: str, experts: tuple[int, ...], total: int, fp16: bool, suffix: str,
+                 names: list[str] | None = None) -> str:
     part = "" if len(experts) == total and experts == tuple(range(total)) else \
+        f"_{names[experts[0]]}" if len(experts) == 1 and names else \
         f"_expert{experts[0]}" if len(experts) == 1 else "_experts" + "_".join(map(str, experts))
     return f"{method}{part}{'_fp16' if fp16 else ''}{suffix}"
 

@@ -190,6 +190,7 @@ class GroupedExperts(nn.Module):
                     shared = False
             shared = False
         self.body = nn.Sequential(*layers)
+        self.tile = 1 if layers else len(backbones)  # heads-only experts all read the trunk's one feature
         self.aligners = FusedAligners(list(model.experts), backbones[0].out_dim) if model.spec.fusion else None
         self.head = FusedHead([e.head for e in model.experts], backbones[0].out_dim, fold_mean)
 
@@ -198,4 +199,4 @@ class GroupedExperts(nn.Module):
         deep = self.body(trunk_outputs[-1])
         if self.aligners is not None:
             deep = deep * self.aligners(trunk_outputs)
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(deep, 1), 1))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(deep, 1), 1).repeat(1, self.tile))

@@ -22,7 +22,7 @@ def _opt(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # What and where
-    method: str = _opt("ncl", "training method (ce, ncl, shike, ecl)")
+    method: str = _opt("ncl", "training method (ce, ncl, shike, ecl, ssd)")
     dataset: str = _opt("synthetic", "synthetic | cifar10-lt | cifar100-lt | imagenet-lt | places-lt | inat2018 | imagefolder")
     data_root: str = _opt("data", "dataset folder (CIFAR pickles, image lists + images, or an ImageFolder tree)")
     download: bool = _opt(False, "download CIFAR through torchvision if missing")
@@ -92,6 +92,15 @@ class TrainConfig:
     ecl_kd_weight: float = _opt(1.0, "ecl: weight of the re-weighted expert-to-expert distillation")
     ecl_feature_weight: float = _opt(1.0, "ecl: weight of feature-level distillation (0 turns it off)")
     ecl_contrastive: bool = _opt(False, "ecl: contrastive proxy branch (NCL's MoCo branch; moco_* settings)")
+    # SSD (stage I runs for --epochs with --lr/--schedule; stage III repeats that recipe)
+    ssd_slg_epochs: int = _opt(5, "ssd: stage II epochs (LWS on the frozen hard head, class-aware sampling)")
+    ssd_slg_lr: float = _opt(0.2, "ssd: peak LR of the LWS stages (cosine)")
+    ssd_slg_batch_size: int = _opt(0, "ssd: batch size of the LWS stages (0: --batch-size; official 512)")
+    ssd_sdl_epochs: int = _opt(135, "ssd: stage III epochs (fresh network, hard CE + soft distillation)")
+    ssd_lws_epochs: int = _opt(0, "ssd: optional stage IV epochs (LWS on the hard head)")
+    ssd_kd_t: float = _opt(2.0, "ssd: distillation temperature")
+    ssd_bn_update: bool = _opt(True, "ssd: the frozen trunk's BatchNorm statistics keep updating in LWS stages (official)")
+    ssd_teacher_train_bn: bool = _opt(True, "ssd: the teacher's BatchNorm runs in train mode (official quirk)")
     # SHIKE
     dkt_weight: float = _opt(10.0, "shike: weight of the hardest-negative-suppressed KL")
     crt_epochs: int = _opt(0, "shike: classifier re-training epochs after --epochs (fresh heads, frozen trunk)")

@@ -1,12 +1,14 @@
 """python -m train.convert: import an official checkpoint into the expertfuse checkpoint format.
 
-  python -m train.convert --from ncl|shike --src best_ensemble_model.pth --out runs/ncl-official/ncl.pt \
+  python -m train.convert --from ncl|shike|ssd --src best_ensemble_model.pth --out runs/ncl-official/ncl.pt \
       [--arch resnet32] [--head linear|cosine --head-scale 16] [--dataset cifar100-lt --imb-factor 100]
 
 NCL: strip `module.`; backbone.{k}.* -> experts.{k}.backbone.*; classifier.{k}.* (or classifier_ce.{k}.*
 when the MoCo branch was on) -> experts.{k}.head.*; MoCo queues, EMA encoders and projections dropped.
 SHIKE: no prefix; conv1/bn1/layer1/layer2 -> trunk.*; layer3s.{e} -> experts.{e}.backbone.layer3;
 shallow_exps.{e} -> experts.{e}.fusion; rt_classifiers.{e} (cRT) or classifiers.{e}, transposed.
+SSD: module. stripped; encoder_q (or encoder) -> trunk; classifier -> the hard head, classifier_kd -> the soft
+head; LWS scales folded into the hard head; teacher and MoCo parts dropped.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from train.cli import run_cli
 from train.data.datasets import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD
 from train.data.longtail import longtail_counts
 from train.errors import UserError
+from train.models.backbones import stage_names
 from train.models.spec import CIFAR_ARCHS, ModelSpec
 
 
@@ -97,7 +100,38 @@ def convert_shike(state: dict[str, torch.Tensor], args: argparse.Namespace) -> t
                   "shared_stages": 3, "fusion": "dkf", "head": "normed", "head_scale": 30.0, "head_bias": False}
 
 
-CONVERTERS = {"ncl": convert_ncl, "shike": convert_shike}
+def convert_ssd(state: dict[str, torch.Tensor], args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], dict]:
+    """SSD-LT (module. already stripped). Stage III: encoder_q + classifier (hard) + classifier_kd (soft); the
+    teacher (encoder_t, classifier_t) is dropped. Stage II / IV: encoder + classifier.fc with the LWS scales
+    folded in (hard head only). Stage I: encoder_q + classifier; MoCo keys dropped."""
+    encoder = "encoder_q" if any(k.startswith("encoder_q.") for k in state) else "encoder"
+    ours, trunk, heads = {}, {}, {}
+    for key, value in state.items():
+        if key.startswith(encoder + "."):
+            rest = key[len(encoder) + 1:]
+            if not rest.startswith("fc."):
+                ours[f"trunk.{rest}"] = trunk[rest] = value
+        elif m := re.fullmatch(r"(classifier|classifier_kd|classifier\.fc)\.(weight|bias)", key):
+            heads.setdefault(m[1].removesuffix(".fc"), {})[m[2]] = value
+        elif key == "classifier.scales":
+            heads.setdefault("scales", {})["scales"] = value
+        elif not re.match(r"(encoder_k|encoder_t|classifier_t|q_fc|k_fc)\.|queue|label_queue|queue_ptr", key):
+            raise UserError(f"unexpected key in an SSD checkpoint: {key}")
+    if not trunk or "classifier" not in heads:
+        raise UserError("no encoder / classifier keys: this is not an SSD checkpoint")
+    hard = heads["classifier"]
+    if "scales" in heads:  # LWS: W' = diag(s) W, b' = s * b
+        s = heads["scales"]["scales"]
+        hard = {"weight": hard["weight"] * s[:, None], "bias": hard["bias"] * s}
+    named = {"hard": hard, **({"soft": heads["classifier_kd"]} if "classifier_kd" in heads else {})}
+    for i, head in enumerate(named.values()):
+        ours[f"experts.{i}.head.weight"], ours[f"experts.{i}.head.bias"] = head["weight"], head["bias"]
+    arch = args.arch or infer_arch(trunk)
+    return ours, {"arch": arch, "num_experts": len(named), "expert_names": list(named), "head": "linear",
+                  "shared_stages": len(stage_names(arch))}
+
+
+CONVERTERS = {"ncl": convert_ncl, "shike": convert_shike, "ssd": convert_ssd}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -102,10 +102,11 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
 
 def build_spec(cfg: TrainConfig, data) -> ModelSpec:
     size = cfg.input_size or data.input_size
-    return ModelSpec(arch=cfg.arch, num_classes=len(data.classes), num_experts=cfg.num_experts,
-                     shared_stages=cfg.shared_stages, shortcut=cfg.shortcut, fusion=cfg.fusion, head=cfg.head,
-                     head_scale=cfg.head_scale, input_size=size, resize=cfg.resize or max(data.resize, size),
-                     mean=list(data.mean), std=list(data.std))
+    fields = dict(arch=cfg.arch, num_classes=len(data.classes), num_experts=cfg.num_experts,
+                  shared_stages=cfg.shared_stages, shortcut=cfg.shortcut, fusion=cfg.fusion, head=cfg.head,
+                  head_scale=cfg.head_scale, input_size=size, resize=cfg.resize or max(data.resize, size),
+                  mean=list(data.mean), std=list(data.std))
+    return ModelSpec(**get_method(cfg.method).adapt_spec(fields))
 
 
 @torch.no_grad()
@@ -187,7 +188,6 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
         for module in ([model.trunk] if model.trunk is not None else []) + [e.backbone for e in model.experts]:
             load_torchvision_weights(module, cfg.arch)
     method = method_cls(cfg, model, data.train_counts)
-    data.train.transform = augment if method.views == 1 else Views(augment, method.views)
     use_cuda = device.type == "cuda"
     channels_last = cfg.channels_last and use_cuda
     model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -197,14 +197,15 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
     starts = np.cumsum([0] + [s.epochs for s in stages]).tolist()
     total_epochs = starts[-1]
     stage_of = lambda epoch: max(i for i in range(len(stages)) if starts[i] <= epoch)  # noqa: E731
-    aux_params = [p for p in method.aux.parameters() if p.requires_grad] if method.aux is not None else []
-
     def build_optimizer(stage: Stage):
         """A fresh optimizer over what trains in this stage (a stage may freeze or replace parts)."""
-        params = [p for p in model.parameters() if p.requires_grad] + aux_params
+        params = [p for p in model.parameters() if p.requires_grad] + trainable_aux()
         opt = torch.optim.SGD(params, lr=stage.lr, momentum=cfg.momentum,
                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(stage, e))
+
+    def trainable_aux() -> list:
+        return [p for p in method.aux.parameters() if p.requires_grad] if method.aux is not None else []
 
     dtype = amp_dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -225,7 +226,7 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
         for stage in stages[1:current + 1]:
             method.enter_stage(stage, model)  # the same modules and frozen parts as when it was saved
         model.to(device)
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(t.get("model_state", state["state_dict"]))
         scaler.load_state_dict(t["scaler"])
         if method.aux is not None:
             method.aux.load_state_dict(t["aux"])
@@ -239,11 +240,20 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
     wrap = lambda m: DistributedDataParallel(m) if env.world > 1 else m  # noqa: E731
     train_model = wrap(model)
     generator = torch.Generator()
-    sampler = DistributedSampler(data.train, env.world, env.rank, shuffle=True, seed=cfg.seed) if env.world > 1 \
-        else RandomSampler(data.train, generator=generator)
-    loader = DataLoader(data.train, cfg.batch_size, sampler=sampler, num_workers=cfg.workers, pin_memory=use_cuda,
-                        drop_last=len(data.train) > cfg.batch_size * env.world, generator=generator,
-                        persistent_workers=cfg.workers > 0)
+
+    def build_loader(stage: Stage):
+        """The training loader of a stage: its own sampler (e.g. class-aware), batch size and views."""
+        data.train.transform = augment if method.views == 1 else Views(augment, method.views)
+        batch = stage.batch_size or cfg.batch_size
+        sampler = method.sampler(stage, data.train.targets, generator, env.rank, env.world)
+        if sampler is None:
+            sampler = DistributedSampler(data.train, env.world, env.rank, shuffle=True, seed=cfg.seed) \
+                if env.world > 1 else RandomSampler(data.train, generator=generator)
+        return sampler, DataLoader(data.train, batch, sampler=sampler, num_workers=cfg.workers, pin_memory=use_cuda,
+                                   drop_last=len(data.train) > batch * env.world, generator=generator,
+                                   persistent_workers=cfg.workers > 0)
+
+    sampler, loader = build_loader(stages[current])
     test_view = Subset(data.test, range(env.rank, len(data.test), env.world)) if env.world > 1 else data.test
     test_loader = DataLoader(test_view, max(cfg.batch_size, 256), num_workers=cfg.workers, pin_memory=use_cuda)
 
@@ -271,12 +281,13 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
             method.enter_stage(stages[current], model)
             model.to(device)
             optimizer, scheduler = build_optimizer(stages[current])
+            sampler, loader = build_loader(stages[current])
             train_model = wrap(model)
             if env.main:
                 print(f"stage {stages[current].name}: {stages[current].epochs} epochs, "
                       f"{sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable parameters")
         generator.manual_seed(cfg.seed + epoch)
-        if isinstance(sampler, DistributedSampler):
+        if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         method.train_mode(train_model)
         lr = optimizer.param_groups[0]["lr"]
@@ -298,7 +309,7 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if env.world > 1:
-                for p in aux_params:
+                for p in trainable_aux():
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
                         p.grad /= env.world
@@ -340,13 +351,14 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
                 if k != "epoch":
                     tb.add_scalar(k, v, epoch + 1)
         payload = {"spec": spec.to_dict(), "classes": list(data.classes), "train_counts": list(data.train_counts),
-                   "state_dict": model.state_dict(), "method": cfg.method, "config": asdict(cfg),
+                   "state_dict": method.export_state(model), "method": cfg.method, "config": asdict(cfg),
                    "metrics": metrics or {}, "epoch": epoch + 1}
-        is_best = metrics is not None and metrics["ensemble"]["overall"] > best_acc
+        is_best = metrics is not None and method.selection_metric(metrics) > best_acc
         if is_best:
-            best_acc, best_epoch = metrics["ensemble"]["overall"], epoch + 1
+            best_acc, best_epoch = method.selection_metric(metrics), epoch + 1
             save_checkpoint(payload, best_path)
         payload["training"] = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "stage": current,
+                               "model_state": model.state_dict(),
                                "scaler": scaler.state_dict(), "rng": rng, "best_acc": best_acc,
                                "best_epoch": best_epoch,
                                "aux": method.aux.state_dict() if method.aux is not None else {}}
@@ -354,5 +366,5 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
     if tb is not None:
         tb.close()
     if env.main and metrics is not None:
-        print(f"done: {last_path} (last), {best_path} (best: epoch {best_epoch}, ensemble {best_acc:.2f}%)")
+        print(f"done: {last_path} (last), {best_path} (best: epoch {best_epoch}, {best_acc:.2f}%)")
     return last_path

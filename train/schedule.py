@@ -26,6 +26,7 @@ class Stage:
     warmup_start: float = 1.0 / 3
     milestones: list[int] = field(default_factory=list)
     eta_min: float = 0.0
+    batch_size: int = 0  # 0: the configured batch size
 
 
 def lr_factor(stage: Stage, epoch: int) -> float:

@@ -5,8 +5,9 @@ from train.methods.ce import CrossEntropy
 from train.methods.ecl import ECL
 from train.methods.ncl import NCL
 from train.methods.shike import SHIKE
+from train.methods.ssd import SSD
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (CrossEntropy, NCL, SHIKE, ECL)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (CrossEntropy, NCL, SHIKE, ECL, SSD)}
 
 
 def get_method(name: str) -> type[Method]:

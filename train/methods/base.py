@@ -15,6 +15,11 @@ class Method:
     name = ""
     views = 1
 
+    @staticmethod
+    def adapt_spec(fields: dict) -> dict:
+        """The method's say on the model spec built from the configuration (most keep it as it is)."""
+        return fields
+
     def __init__(self, cfg, model: nn.Module, train_counts: list[int]):
         self.cfg = cfg
         self.aux: nn.Module | None = None
@@ -43,6 +48,18 @@ class Method:
     def train_mode(self, model: nn.Module) -> None:
         """Put the model in training mode for an epoch (a stage may keep some parts in eval mode)."""
         model.train()
+
+    def sampler(self, stage: Stage, targets: list[int], generator: torch.Generator, rank: int, world: int):
+        """A stage's own training sampler (None: shuffle every image once per epoch)."""
+        return None
+
+    def export_state(self, model: nn.Module) -> dict:
+        """The state_dict export reads (a method may fold training-only parts into it)."""
+        return model.state_dict()
+
+    def selection_metric(self, metrics: dict) -> float:
+        """What 'best' means when keeping <method>_best.pt: the ensemble's overall accuracy."""
+        return metrics["ensemble"]["overall"]
 
 
 def balanced_logits(logits: torch.Tensor, log_counts: torch.Tensor) -> torch.Tensor:

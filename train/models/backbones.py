@@ -125,8 +125,8 @@ def build_backbone(spec: ModelSpec) -> StagedBackbone:
     return TorchvisionTrunk(spec.arch)
 
 
-def stage_names(spec: ModelSpec) -> tuple[str, ...]:
-    return CifarResNet.stage_names if spec.arch in CIFAR_ARCHS else TorchvisionTrunk.stage_names
+def stage_names(arch: str) -> tuple[str, ...]:
+    return CifarResNet.stage_names if arch in CIFAR_ARCHS else TorchvisionTrunk.stage_names
 
 
 def load_torchvision_weights(backbone: StagedBackbone, arch: str) -> None:

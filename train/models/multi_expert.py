@@ -28,7 +28,8 @@ class Expert(nn.Module):
         self.source = source  # which trunk stage output the fusion reads (derived from the spec, not saved)
 
     def features(self, trunk_outputs: list[torch.Tensor]) -> torch.Tensor:
-        deep = self.backbone(trunk_outputs[-1])[-1]
+        own = self.backbone(trunk_outputs[-1])
+        deep = own[-1] if own else trunk_outputs[-1]  # heads-only experts (SSD's hard and soft heads)
         if self.fusion is not None:
             deep = deep * self.fusion(trunk_outputs[self.source])
         return torch.flatten(nn.functional.adaptive_avg_pool2d(deep, 1), 1)
@@ -38,9 +39,9 @@ class MultiExpertNet(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
-        names = list(stage_names(spec))
-        if not 0 <= spec.shared_stages < len(names):
-            raise ValueError(f"shared_stages must be in [0, {len(names) - 1}] for {spec.arch}")
+        names = list(stage_names(spec.arch))
+        if not 0 <= spec.shared_stages <= len(names):
+            raise UserError(f"shared_stages must be in [0, {len(names)}] for {spec.arch}")
         shared, own = names[:spec.shared_stages], names[spec.shared_stages:]
         if spec.fusion not in ("", "dkf"):
             raise UserError(f"unknown fusion {spec.fusion!r}; choose dkf or none")

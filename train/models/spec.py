@@ -29,6 +29,8 @@ class ModelSpec:
     head_bias: bool = True
     # Depth-wise knowledge fusion of shallow trunk features into each expert (SHIKE); "" for none.
     fusion: str = ""
+    # Names of the experts when they are not interchangeable (SSD: ["hard", "soft"] heads on one trunk).
+    expert_names: list[str] = field(default_factory=list)
     input_size: int = 32
     # Test-time preprocessing: resize the shorter side to `resize`, center-crop `input_size`.
     resize: int = 32
@@ -44,10 +46,15 @@ class ModelSpec:
             raise UserError(f"shortcut must be 'A' or 'B', not {self.shortcut!r}")
         if self.num_experts < 1 or self.num_classes < 2:
             raise UserError("a model needs at least 1 expert and 2 classes")
+        if self.expert_names and len(self.expert_names) != self.num_experts:
+            raise UserError(f"expert_names {self.expert_names} do not match num_experts {self.num_experts}")
 
     @property
     def layout(self) -> str:
         return "shared-trunk" if self.shared_stages else "separate"
+
+    def expert_name(self, index: int) -> str:
+        return self.expert_names[index] if self.expert_names else f"expert{index}"
 
     def to_dict(self) -> dict:
         return asdict(self)

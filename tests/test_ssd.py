@@ -1,0 +1,105 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from tests.conftest import run_module
+from tests.test_export import ort_logits
+from train.checkpoint import load_checkpoint, load_model
+from train.methods.ssd import ClassAwareSampler, distillation, masked_info_nce
+from train.models.heads import LWSHead
+
+SSD_TINY = ["--method", "ssd", "--dataset", "synthetic", "--arch", "resnet8", "--synthetic-max", "120", "--imb-factor",
+            "20", "--synthetic-test", "30", "--batch-size", "32", "--lr", "0.05", "--schedule", "cosine",
+            "--warmup-epochs", "0", "--moco-queue", "64", "--moco-dim", "16"]
+
+
+def test_label_masked_info_nce_drops_same_class_negatives():
+    q = F.normalize(torch.tensor([[1.0, 0.0]]), dim=1)
+    k = F.normalize(torch.tensor([[0.6, 0.8]]), dim=1)
+    queue = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
+    labels = torch.tensor([3, 5])
+    loss = masked_info_nce(q, k, queue, labels, torch.tensor([3]), 0.2)
+    pos, neg = 0.6 / 0.2, 0.0 / 0.2  # the first queue entry shares class 3: not a negative
+    assert loss.item() == pytest.approx(-math.log(math.exp(pos) / (math.exp(pos) + math.exp(neg))), rel=1e-5)
+
+
+def test_distillation_is_t_squared_kl_with_batchmean():
+    student, teacher = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, 0.0]])
+    p, log_q = torch.softmax(teacher / 2, 1), torch.log_softmax(student / 2, 1)
+    expected = 4 * (p * (p.log() - log_q)).sum().item()
+    assert distillation(student.repeat(3, 1), teacher.repeat(3, 1), 2.0).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_class_aware_sampler_draws_pairs_from_balanced_classes():
+    targets = [0] * 50 + [1] * 5 + [2] * 2
+    order = list(ClassAwareSampler(targets, 2, torch.Generator().manual_seed(0)))
+    assert len(order) == len(targets)
+    classes = [targets[i] for i in order]
+    assert all(classes[i] == classes[i + 1] for i in range(0, len(classes) - 1, 2))  # 2 consecutive per class
+    counts = np.bincount(classes)
+    assert counts.max() - counts.min() <= 4  # balanced, whatever the imbalance
+    ranks = [list(ClassAwareSampler(targets, 2, torch.Generator().manual_seed(0), r, 2)) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(order)
+
+
+def test_ssd_trains_all_stages_and_exports_either_head(tmp_path):
+    run_module("train", *SSD_TINY, "--epochs", "3", "--ssd-slg-epochs", "1", "--ssd-sdl-epochs", "3",
+               "--ssd-lws-epochs", "1", "--out", str(tmp_path / "ssd"))
+    data = load_checkpoint(tmp_path / "ssd" / "ssd.pt")
+    assert data["spec"]["expert_names"] == ["hard", "soft"] and data["epoch"] == 8
+    assert max(e["overall"] for e in data["metrics"]["experts"]) > 30  # chance: 10 %
+    assert "experts.0.head.weight" in data["state_dict"] and "experts.0.head.scales" in data["training"]["model_state"]
+    model, _ = load_model(tmp_path / "ssd" / "ssd.pt")
+    images = np.random.RandomState(8).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - torch.tensor(model.spec.mean)[:, None, None]) \
+        / torch.tensor(model.spec.std)[:, None, None]
+    with torch.no_grad():
+        ref = model(x)
+    for head, index in (("soft", 1), ("hard", 0)):
+        run_module("export.onnx", "--ckpt", str(tmp_path / "ssd" / "ssd.pt"), "--out", str(tmp_path / "repo"),
+                   "--head", head, "--fusion", "grouped", "--max-batch", "4")
+        got = ort_logits(tmp_path / "repo" / f"ssd_{head}" / "1" / "model.onnx", images)
+        assert np.abs(got - ref[:, index].numpy()).max() <= 1e-4
+    proc = run_module("export.onnx", "--ckpt", str(tmp_path / "ssd" / "ssd.pt"), "--head", "medium", check=False)
+    assert proc.returncode == 2 and "heads are hard, soft" in proc.stderr
+
+
+def test_lws_scales_fold_exactly():
+    lws = LWSHead(6, 4)
+    with torch.no_grad():
+        lws.fc.weight.normal_()
+        lws.scales.copy_(torch.tensor([0.5, 1.5, 2.0, 0.1]))
+    x = torch.randn(3, 6)
+    assert torch.allclose(lws(x), lws.folded()(x), atol=1e-6)
+
+
+def _resnext_state(prefix: str) -> dict:
+    return {f"module.{prefix}.{k}": v for k, v in torchvision.models.resnext50_32x4d().state_dict().items()
+            if not k.startswith("fc.")}
+
+
+def test_convert_official_ssd_stage3_and_lws_checkpoints(tmp_path):
+    stage3 = {**_resnext_state("encoder_q"), **_resnext_state("encoder_t")}
+    for head in ("classifier", "classifier_kd", "classifier_t.fc"):
+        stage3[f"module.{head}.weight"], stage3[f"module.{head}.bias"] = torch.randn(1000, 2048), torch.randn(1000)
+    stage3["module.classifier_t.scales"] = torch.rand(1000)
+    torch.save({"epoch": 135, "state_dict": stage3, "optimizer": {}, "best_acc1": 55.4}, tmp_path / "s3.pth.tar")
+    run_module("train.convert", "--from", "ssd", "--src", str(tmp_path / "s3.pth.tar"), "--out", str(tmp_path / "s3.pt"))
+    model, data = load_model(tmp_path / "s3.pt")
+    assert data["spec"]["arch"] == "resnext50_32x4d" and data["spec"]["expert_names"] == ["hard", "soft"]
+    assert torch.equal(model.state_dict()["experts.1.head.weight"], stage3["module.classifier_kd.weight"])
+    assert torch.equal(model.state_dict()["trunk.layer4.2.bn3.running_var"], stage3["module.encoder_q.layer4.2.bn3.running_var"])
+
+    stage4 = _resnext_state("encoder")
+    stage4["module.classifier.fc.weight"], stage4["module.classifier.fc.bias"] = torch.randn(1000, 2048), torch.randn(1000)
+    stage4["module.classifier.scales"] = torch.rand(1000) + 0.5
+    torch.save({"epoch": 5, "state_dict": stage4}, tmp_path / "s4.pth.tar")
+    run_module("train.convert", "--from", "ssd", "--src", str(tmp_path / "s4.pth.tar"), "--out", str(tmp_path / "s4.pt"))
+    model, data = load_model(tmp_path / "s4.pt")
+    assert data["spec"]["expert_names"] == ["hard"]
+    folded = stage4["module.classifier.fc.weight"] * stage4["module.classifier.scales"][:, None]
+    assert torch.allclose(model.state_dict()["experts.0.head.weight"], folded)
