@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-batch", type=int, default=1, help="images per served request [1]")
     p.add_argument("--load-generator", default="python", choices=["python", "perf_analyzer"])
     p.add_argument("--client-processes", type=int, default=4, help="most client processes generating load [4]")
+    p.add_argument("--client", default="threads", choices=["threads", "asyncio"],
+                   help="inside each load process: threads with sync clients, or tritonclient asyncio coroutines")
     p.add_argument("--out", type=Path, default=Path("bench/results/latest"))
     return p
 
@@ -90,7 +92,8 @@ def run_served(args, fused: str, image_size: int, log=print) -> list[dict]:
                                                args.window_s, workdir)
                 else:
                     points = [measure_concurrency(url, protocol, model, image_size, args.served_batch, c, args.window_s,
-                                                  max_processes=args.client_processes) for c in args.concurrency]
+                                                  max_processes=args.client_processes, client_kind=args.client)
+                              for c in args.concurrency]
                 for row in points:
                     row["model_role"] = role
                     rows.append(row)

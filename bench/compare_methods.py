@@ -4,8 +4,8 @@ data and the same short schedule, through the real training CLI; writes a markdo
   python -m bench.compare_methods [--epochs 6] [--arch resnet20] [--out bench/results/methods-synthetic]
 
 Every run: 10 synthetic classes at IF 100, batch 64, peak LR 0.02, 2 warmup epochs then cosine, seed 42.
-SHIKE spends its last epoch on classifier re-training; SSD runs its stages I and III for the full schedule
-each (plus one LWS epoch), so it trains about twice as long. SSD is reported by its soft head.
+SHIKE adds 2 epochs of classifier re-training; SSD runs its stages I and III for the full schedule each
+(plus one LWS epoch), so it trains about twice as long. SSD is reported by its soft head.
 """
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ def runs(epochs: int) -> dict[str, list[str]]:
     return {"ce": ["--method", "ce", "--epochs", e],
             "ncl": ["--method", "ncl", "--hcm-n", "3", "--epochs", e],
             "shike": ["--method", "shike", "--shortcut", "B", "--shared-stages", "3", "--fusion", "dkf", "--head", "normed",
-                      "--head-scale", "30", "--no-nesterov", "--epochs", str(epochs - 1), "--crt-epochs", "1",
-                      "--crt-lr", "0.05"],
+                      "--head-scale", "30", "--no-nesterov", "--epochs", e, "--crt-epochs", "2", "--crt-lr", "0.1"],
             "ecl": ["--method", "ecl", "--epochs", e],
             "ssd": ["--method", "ssd", "--epochs", e, "--ssd-slg-epochs", "1", "--ssd-sdl-epochs", e,
                     "--moco-queue", "256", "--moco-dim", "32"]}

@@ -1,7 +1,6 @@
 """In-process measurement: single expert vs fused ensemble on torch, ONNX Runtime and TensorRT, per batch size."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -10,19 +9,13 @@ import torch
 
 from bench.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner
 from bench.timing import measure
-from export.common import prepare
+from export.common import job_for
 from export.graph import InferenceGraph, reference_logits
 from export.onnx import export_graph, onnx_file
 
 # variant -> (experts, fusion): what the product compares
 VARIANTS = {"single": ("0", "loop"), "ensemble-loop": ("all", "loop"), "ensemble-grouped": ("all", "grouped")}
 PARITY_ATOL = 1e-3
-
-
-def export_job(ckpt: Path, experts: str, fusion: str):
-    args = argparse.Namespace(ckpt=ckpt, experts=experts, fusion=fusion, input_layout="uint8-nhwc", probs=False,
-                              expert_logits=False, fp16=False, max_batch=256, name=None, atol=1e-4)
-    return prepare(args)
 
 
 def available_runtimes() -> list[str]:
@@ -85,7 +78,7 @@ def run_inprocess(ckpt: Path, runtimes: list[str], batches: list[int], window_s:
     """Every (variant, runtime) pair: parity first, then the batch sweep. One row per (variant, runtime, batch)."""
     rows = []
     for variant, (experts, fusion) in VARIANTS.items():
-        job = export_job(ckpt, experts, fusion)
+        job = job_for(ckpt, experts, fusion)
         size = job.spec.input_size
         parity_images = np.random.RandomState(7).randint(0, 256, (8, size, size, 3), dtype=np.uint8)
         for runtime in runtimes:

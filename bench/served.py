@@ -1,7 +1,7 @@
 """Served measurement: a concurrency sweep against Triton, the way perf_analyzer does it.
 
-Load comes from several client processes (threads inside each, one client per thread) so the Python
-client is not the bottleneck; when a client process is nearly saturated the row says so. Each point
+Load comes from several client processes (inside each, threads with one sync client per thread, or
+asyncio coroutines on tritonclient's aio clients) so the Python client is not the bottleneck; when a client process is nearly saturated the row says so. Each point
 runs a warm-up, then fixed-duration windows; it reports client p50/p90/p95/p99 latency and throughput,
 plus the server's queue / compute split and executions per request from Triton's statistics API.
 A working perf_analyzer binary can be the load generator instead (its CSV is parsed).
@@ -29,12 +29,50 @@ def _client_module(protocol: str):
     return module
 
 
+def _asyncio_loops(url: str, protocol: str, model: str, images: np.ndarray, clients: int, start_at: float,
+                   stop_at: float, records: list, errors: list) -> None:
+    """`clients` closed-loop coroutines on one tritonclient asyncio client (http.aio or grpc.aio)."""
+    import asyncio
+    if protocol == "http":
+        import tritonclient.http.aio as aio
+    else:
+        import tritonclient.grpc.aio as aio
+
+    async def run() -> None:
+        client = aio.InferenceServerClient(url)
+        request = aio.InferInput("image", list(images.shape), "UINT8")
+        request.set_data_from_numpy(images)
+        outputs = [aio.InferRequestedOutput("logits")]
+
+        async def loop() -> None:
+            while time.time() < stop_at:
+                t0 = time.perf_counter()
+                await client.infer(model, [request], outputs=outputs)
+                records.append((time.time(), time.perf_counter() - t0))
+        try:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            await asyncio.gather(*(loop() for _ in range(clients)))
+        except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the point
+            errors.append(str(exc).splitlines()[0])
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+
+
 def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, threads: int, start_at: float,
-                 stop_at: float, results) -> None:
-    """One client process: `threads` closed-loop clients from start_at to stop_at; sends (end time, latency) pairs."""
+                 stop_at: float, results, client_kind: str = "threads") -> None:
+    """One client process: `threads` closed-loop clients (threads with sync clients, or asyncio coroutines)
+    from start_at to stop_at; sends its (end time, latency) pairs and CPU time to the parent."""
     import threading
     module = _client_module(protocol)
     records, errors = [], []
+    if client_kind == "asyncio":
+        cpu0 = time.process_time()
+        _asyncio_loops(url, protocol, model, images, threads, start_at, stop_at, records, errors)
+        results.put({"records": records, "errors": errors, "cpu_s": time.process_time() - cpu0,
+                     "wall_s": stop_at - start_at})
+        return
 
     def loop() -> None:
         client = module.InferenceServerClient(url)
@@ -44,7 +82,7 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
         try:
             while time.time() < start_at:
                 time.sleep(0.001)
-            while (now := time.time()) < stop_at:
+            while time.time() < stop_at:
                 t0 = time.perf_counter()
                 client.infer(model, [request], outputs=outputs)
                 records.append((time.time(), time.perf_counter() - t0))
@@ -84,7 +122,7 @@ def server_statistics(url: str, protocol: str, model: str) -> dict:
 
 def measure_concurrency(url: str, protocol: str, model: str, image_size: int, batch: int, concurrency: int,
                         window_s: float = 1.0, windows: int = 3, warmup_s: float = 0.5, max_processes: int = 4,
-                        tolerance: float = 0.1) -> dict:
+                        tolerance: float = 0.1, client_kind: str = "threads") -> dict:
     """One point of the sweep. Raises RuntimeError when requests fail."""
     images = np.random.RandomState(concurrency).randint(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
     processes = max(1, min(concurrency, max_processes))
@@ -95,7 +133,8 @@ def measure_concurrency(url: str, protocol: str, model: str, image_size: int, ba
     start_at = time.time() + 2.0  # time for the spawned clients to import and connect
     measured_from = start_at + warmup_s
     stop_at = measured_from + windows * window_s
-    procs = [ctx.Process(target=_load_worker, args=(url, protocol, model, images, n, start_at, stop_at, results))
+    procs = [ctx.Process(target=_load_worker,
+                         args=(url, protocol, model, images, n, start_at, stop_at, results, client_kind))
              for n in shares]
     for p in procs:
         p.start()
@@ -113,7 +152,7 @@ def measure_concurrency(url: str, protocol: str, model: str, image_size: int, ba
     delta = {k: after[k] - before[k] for k in after}
     requests = max(delta["success_count"], 1)
     cpu_share = [r["cpu_s"] / r["wall_s"] for r in reports]
-    return {"model": model, "protocol": protocol, "concurrency": concurrency, "batch": batch,
+    return {"model": model, "protocol": protocol, "concurrency": concurrency, "batch": batch, "client": client_kind,
             "throughput": sum(counts) * batch / (windows * window_s),
             "window_throughputs": [c * batch / window_s for c in counts],
             "stable": windows_agree([float(c) for c in counts], tolerance),

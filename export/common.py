@@ -76,6 +76,14 @@ def prepare(args: argparse.Namespace, suffix: str = "") -> ExportJob:
     return ExportJob(model, data, digest, opts, name, args)
 
 
+def job_for(ckpt: Path, experts: str = "all", fusion: str = "loop", *, probs: bool = False,
+            expert_logits: bool = False, max_batch: int = 256) -> ExportJob:
+    """An FP32 uint8-NHWC export job without a command line (bench and tests)."""
+    return prepare(argparse.Namespace(ckpt=Path(ckpt), experts=experts, fusion=fusion, input_layout="uint8-nhwc",
+                                      probs=probs, expert_logits=expert_logits, fp16=False, max_batch=max_batch,
+                                      name=None, atol=1e-4, head=None))
+
+
 def default_name(method: str, experts: tuple[int, ...], total: int, fp16: bool, suffix: str,
                  names: list[str] | None = None) -> str:
     part = "" if len(experts) == total and experts == tuple(range(total)) else \
@@ -161,14 +169,24 @@ def check_parity(job: ExportJob, run: Callable[[np.ndarray], np.ndarray], batche
     return rows
 
 
-def median_latency(run: Callable[[], object], repeats: int = 15) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+def pick_fastest(runners: dict[str, Callable[[np.ndarray], object]], inputs: dict[int, np.ndarray],
+                 rounds: int = 5, repeats: int = 4) -> tuple[str, dict[str, dict[int, float]]]:
+    """The candidate with the lowest geometric-mean median latency over the batch sizes in `inputs`.
+    Candidates alternate round by round, so noise on a shared machine hits them alike."""
+    for run in runners.values():
+        for x in inputs.values():
+            run(x)
+    times = {name: {b: [] for b in inputs} for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            for b, x in inputs.items():
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    run(x)
+                    times[name][b].append(time.perf_counter() - t0)
+    medians = {name: {b: float(np.median(ts)) for b, ts in per.items()} for name, per in times.items()}
+    score = {name: float(np.exp(np.mean(np.log(list(per.values()))))) for name, per in medians.items()}
+    return min(score, key=score.get), medians
 
 
 def print_summary(model_dir: Path, version: int, inputs: list[TensorSpec], outputs: list[TensorSpec], fusion: str) -> None:

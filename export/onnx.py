@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.common import (ExportJob, add_common_args, check_parity, default_name, median_latency, metadata, prepare,
+from export.common import (ExportJob, add_common_args, check_parity, default_name, metadata, pick_fastest, prepare,
                            print_summary, serving_options, signature, test_images)
 from export.graph import InferenceGraph
 from serve.repository import RepositoryError, model_config, write_model, write_naive_ensemble
@@ -81,17 +81,13 @@ def onnx_runner(path: Path):
 
 
 def choose_fusion(job: ExportJob, folder: Path, opset: int) -> tuple[str, dict]:
-    """Export both strategies and keep the one ONNX Runtime runs faster at a mid-size batch."""
-    batch = min(job.args.max_batch, 32)
-    images = test_images(job, batch)["random"].numpy()
-    timings = {}
-    for fusion in ("loop", "grouped"):
-        path = export_graph(job, fusion, folder / fusion, opset)
-        run = onnx_runner(path)
-        timings[fusion] = median_latency(lambda: run(images))
-    best = min(timings, key=timings.get)
-    print(f"fusion auto: loop {timings['loop'] * 1e3:.2f} ms, grouped {timings['grouped'] * 1e3:.2f} ms "
-          f"at batch {batch} on {providers()[0]} -> {best}")
+    """Export both strategies and keep the one ONNX Runtime runs faster (batch 1 and a mid-size batch)."""
+    images = test_images(job, min(job.args.max_batch, 32))["random"].numpy()
+    inputs = {1: images[:1], len(images): images}
+    runners = {f: onnx_runner(onnx_file(export_graph(job, f, folder / f, opset))) for f in ("loop", "grouped")}
+    best, timings = pick_fastest(runners, inputs)
+    print("fusion auto on " + providers()[0] + ": " + "; ".join(
+        f"{f} " + ", ".join(f"b{b} {t * 1e3:.2f} ms" for b, t in per.items()) for f, per in timings.items()) + f" -> {best}")
     return best, timings
 
 

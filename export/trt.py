@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.common import (add_common_args, check_parity, median_latency, metadata, prepare, print_summary,
+from export.common import (add_common_args, check_parity, metadata, pick_fastest, prepare, print_summary,
                            serving_options, signature, test_images)
 from export.onnx import DEFAULT_OPSET, export_graph, onnx_file
 from serve.repository import RepositoryError, model_config, write_model
@@ -132,17 +132,18 @@ def export_trt(argv: list[str] | None = None) -> Path:
     with tempfile.TemporaryDirectory(prefix="expertfuse-trt-") as tmp:
         work = Path(tmp)
         fusions = ["loop", "grouped"] if args.fusion == "auto" else [args.fusion]
-        plans, timings = {}, {}
+        plans = {}
         for fusion in fusions:
             artifact = export_graph(job, fusion, work / fusion, args.opset)
             plans[fusion] = build_plan(trt, onnx_file(artifact), shape, (args.min_batch, args.opt_batch, args.max_batch),
                                        args.fp16, args.workspace_gb, args.timing_cache, args.version_compatible)
-            if len(fusions) > 1:
-                run, images = PlanRunner(trt, plans[fusion]), test_images(job, args.opt_batch)["random"].numpy()
-                timings[fusion] = median_latency(lambda: run(images))
-        fusion = min(timings, key=timings.get) if timings else fusions[0]
-        if timings:
-            print(f"fusion auto: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in timings.items()) + f" -> {fusion}")
+        fusion = fusions[0]
+        if len(fusions) > 1:
+            images = test_images(job, args.opt_batch)["random"].numpy()
+            fusion, timings = pick_fastest({f: PlanRunner(trt, plans[f]) for f in fusions},
+                                           {args.min_batch: images[:args.min_batch], args.opt_batch: images})
+            print("fusion auto on TensorRT: " + "; ".join(f"{f} " + ", ".join(f"b{b} {t * 1e3:.2f} ms" for b, t in per.items())
+                                                        for f, per in timings.items()) + f" -> {fusion}")
         parity = check_parity(parity_job, PlanRunner(trt, plans[fusion]),
                               sorted({args.min_batch, 2, 7, args.max_batch} & set(range(args.min_batch, args.max_batch + 1))))
         (work / "model.plan").write_bytes(plans[fusion])

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from bench.inprocess import check_parity, export_job, make_runner, sweep
+from bench.inprocess import check_parity, make_runner, sweep
+from export.common import job_for
 from bench.runners import TritonRunner
 from bench.served import parse_perf_analyzer_csv
 from tests.conftest import run_module
@@ -13,20 +14,20 @@ DATA = __import__("pathlib").Path(__file__).parent / "data"
 
 def test_runners_agree_with_the_reference_and_a_wrong_one_is_refused(tiny_checkpoint, tmp_path):
     images = np.random.RandomState(3).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    ensemble = export_job(tiny_checkpoint, "all", "grouped")
+    ensemble = job_for(tiny_checkpoint, "all", "grouped")
     for runtime in ("torch-cpu", "onnxruntime-cpu"):
         runner = make_runner(runtime, ensemble, "grouped", tmp_path)
         assert check_parity(runner, ensemble.model, ensemble.opts.experts, images)["ok"], runtime
         rows = sweep(runner, 32, [1, 2], window_s=0.05)
         assert [r["batch"] for r in rows] == [1, 2] and all(r["items_per_s"] > 0 for r in rows)
-    single = make_runner("onnxruntime-cpu", export_job(tiny_checkpoint, "1", "loop"), "loop", tmp_path)
+    single = make_runner("onnxruntime-cpu", job_for(tiny_checkpoint, "1", "loop"), "loop", tmp_path)
     verdict = check_parity(single, ensemble.model, ensemble.opts.experts, images)  # expert 1 is not the ensemble
     assert not verdict["ok"] and verdict["max_abs_diff"] > 1e-3
 
 
 def test_triton_runner_with_and_without_shared_memory(triton, tiny_checkpoint):
     images = np.random.RandomState(4).randint(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    job = export_job(tiny_checkpoint, "all", "loop")
+    job = job_for(tiny_checkpoint, "all", "loop")
     results = []
     for protocol, url in (("http", triton.endpoints.http), ("grpc", triton.endpoints.grpc)):
         for shm in (False, True):
@@ -78,3 +79,12 @@ def test_demo_pipeline_runs_end_to_end_in_reduced_form(tmp_path):
         assert title in proc.stdout, title
     summary = (tmp_path / "demo" / "bench" / "summary.md").read_text()
     assert "fused vs naive Triton ensemble" in summary and "ensemble cost" in summary
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_asyncio_load_generator(triton, protocol):
+    from bench.served import measure_concurrency
+    url = triton.endpoints.http if protocol == "http" else triton.endpoints.grpc
+    row = measure_concurrency(url, protocol, "ncl_expert0", 32, 1, 4, window_s=0.3, max_processes=1, client_kind="asyncio")
+    assert row["client"] == "asyncio" and row["requests"] > 0 and row["throughput"] > 0
+    assert row["server_exec_per_request"] <= 1.0

@@ -1,14 +1,9 @@
-import argparse
-
-import numpy as np
 import pytest
 import torch
 
-from export.common import prepare
-from export.graph import reference_logits
-from export.onnx import export_graph
+from export.common import job_for
 from tests.conftest import TINY_TRAIN
-from tests.test_export import ort_logits
+from tests.test_export import export_both_fusions
 from train.checkpoint import load_checkpoint
 from train.config import config_from_args
 from train.engine import train
@@ -50,12 +45,7 @@ def test_ecl_trains_with_every_component_and_exports_like_ncl(tmp_path):
     assert data["metrics"]["ensemble"]["overall"] > 30  # chance: 10 %
     assert {"distill_heads.0.weight", "label_conf", "moco.queue"} <= set(data["training"]["aux"])
     assert not any("distill" in k for k in data["state_dict"])  # training-only heads are not exported
-    args = argparse.Namespace(ckpt=tmp_path / "ecl" / "ecl.pt", experts="all", fusion="grouped", input_layout="uint8-nhwc",
-                              probs=False, expert_logits=False, fp16=False, max_batch=8, name=None, atol=1e-4)
-    job = prepare(args)
-    images = np.random.RandomState(6).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    ref = reference_logits(job.model, (0, 1, 2), torch.from_numpy(images), "uint8-nhwc").numpy()
-    assert np.abs(ort_logits(export_graph(job, "grouped", tmp_path / "onnx", 18), images) - ref).max() <= 1e-4
+    export_both_fusions(job_for(tmp_path / "ecl" / "ecl.pt", max_batch=8), tmp_path)
 
 
 def test_ecl_components_can_be_switched_off(tmp_path):

@@ -13,7 +13,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from serve.repository import ServingOptions, TensorSpec, model_config, parse, read_config, render
-from serve.server import ServerError, TritonServer
+from serve.server import TritonServer
 from tests.conftest import REPO, run_module
 
 

@@ -1,22 +1,18 @@
-import argparse
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from export.common import job_for
 from tests.conftest import run_module
-from tests.test_export import make_checkpoint, ort_logits
-from export.common import prepare
-from export.graph import reference_logits
-from export.onnx import export_graph
+from tests.test_export import export_both_fusions, make_checkpoint
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
+from train.methods import get_method
 from train.methods.shike import dkt_loss, dkt_teacher
 from train.models import ModelSpec, build_model
 from train.schedule import lr_factor
-from train.methods import get_method
 
 SHIKE_TINY = ["--method", "shike", "--dataset", "synthetic", "--arch", "resnet8", "--shortcut", "B", "--shared-stages", "3",
               "--fusion", "dkf", "--head", "normed", "--head-scale", "30", "--synthetic-max", "120", "--imb-factor", "20",
@@ -89,17 +85,7 @@ def test_short_synthetic_run_learns_and_crt_freezes_the_trunk(tmp_path):
 def test_shike_exports_with_grouped_fusion_of_the_per_expert_parts(tmp_path):
     ckpt = make_checkpoint(tmp_path / "shike.pt", shortcut="B", shared_stages=3, fusion="dkf", head="normed",
                            head_scale=30)
-    args = argparse.Namespace(ckpt=ckpt, experts="all", fusion="grouped", input_layout="uint8-nhwc", probs=False,
-                              expert_logits=True, fp16=False, max_batch=8, name=None, atol=1e-4)
-    job = prepare(args)
-    images = np.random.RandomState(5).randint(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    ref = reference_logits(job.model, (0, 1, 2), torch.from_numpy(images), "uint8-nhwc").numpy()
-    outs = {}
-    for fusion in ("loop", "grouped"):
-        path = export_graph(job, fusion, tmp_path / fusion, 18)
-        outs[fusion] = ort_logits(path, images, "expert_logits")
-        assert np.abs(ort_logits(path, images) - ref).max() <= 1e-4
-    assert np.abs(outs["loop"] - outs["grouped"]).max() <= 1e-4
+    export_both_fusions(job_for(ckpt, expert_logits=True, max_batch=8), tmp_path, ("expert_logits",))
     run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--fusion", "grouped",
                "--experts", "0,1", "--max-batch", "4")
 
@@ -168,3 +154,11 @@ def test_resume_across_the_crt_boundary_is_exact(tmp_path):
     assert a["epoch"] == b["epoch"] == 3 and a["training"]["stage"] == b["training"]["stage"] == 1
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+
+
+def test_dkf_generalises_to_resnet50_class_trunks():
+    model = build_model(ModelSpec(arch="resnet50", num_classes=10, num_experts=3, shared_stages=4, fusion="dkf",
+                                  head="normed", head_scale=30, input_size=64))
+    assert [e.source for e in model.experts] == [1, 2, 3]  # layer1..layer3 cycled
+    assert [len(e.fusion.units) for e in model.experts] == [3, 2, 1]
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3, 10)

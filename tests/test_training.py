@@ -73,4 +73,4 @@ def test_cli_errors_are_one_line(tmp_path):
                           (["--dataset", "cifar10-lt", "--data-root", str(tmp_path)], "pass --download")]:
         proc = run_module("train", *args, check=False)
         assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.startswith(f"error: ") and message in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.stderr.startswith("error: ") and message in proc.stderr and "Traceback" not in proc.stderr

@@ -60,7 +60,9 @@ class SHIKE(Method):
         self.stage = "main"
 
     def stages(self) -> list[Stage]:
-        crt = [Stage("crt", self.cfg.crt_epochs, self.cfg.crt_lr, "warmup-cosine", 5, 0.375)] if self.cfg.crt_epochs else []
+        """DKT, then cRT with the official warmup (0.375 -> 1 over a quarter of the stage: 5 of 20 epochs)."""
+        epochs = self.cfg.crt_epochs
+        crt = [Stage("crt", epochs, self.cfg.crt_lr, "warmup-cosine", min(5, epochs // 4), 0.375)] if epochs else []
         return [main_stage(self.cfg), *crt]
 
     def enter_stage(self, stage: Stage, model) -> None:
