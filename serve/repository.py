@@ -133,7 +133,7 @@ def versions(model_dir: Path) -> list[int]:
 
 
 def write_model(repo: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], labels: Sequence[str] | None = None,
-                overwrite: bool = False, extra_files: dict[str, str] | None = None) -> tuple[Path, int]:
+                overwrite: bool = False) -> tuple[Path, int]:
     """Add a version of model `cfg.name` holding `artifacts` (file name -> source file or folder, moved in).
 
     A re-export adds a version next to the existing ones; `overwrite` replaces the model folder.
@@ -159,8 +159,6 @@ def write_model(repo: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], lab
         (staged / "config.pbtxt").write_text(render(cfg))
         if labels is not None:
             (staged / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
-        for name, text in (extra_files or {}).items():
-            (staged / name).write_text(text)
         parse((staged / "config.pbtxt").read_text())
         trash = staging / "previous"
         if final.exists():

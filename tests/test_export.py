@@ -59,8 +59,6 @@ def test_cli_exports_a_3_expert_resnet32_ncl_model(tmp_path):
     assert np.abs(ort_logits(model_dir / "1" / "model.onnx", images.numpy()) - ref).max() <= 1e-4
 
 
-@pytest.mark.parametrize("spec", [dict(), dict(shortcut="B", shared_stages=2, head="cosine", head_scale=16)],
-                         ids=["separate", "shared-trunk"])
 def export_both_fusions(job, tmp_path: Path, outputs=("logits",), batch: int = 6) -> dict:
     """Export `loop` and `grouped`, run both in ONNX Runtime and check: logits equal the PyTorch reference
     (max |diff| <= 1e-4, same top-1) and every output agrees between the two strategies."""
@@ -77,6 +75,8 @@ def export_both_fusions(job, tmp_path: Path, outputs=("logits",), batch: int = 6
     return results["grouped"]
 
 
+@pytest.mark.parametrize("spec", [dict(), dict(shortcut="B", shared_stages=2, head="cosine", head_scale=16)],
+                         ids=["separate", "shared-trunk"])
 def test_loop_and_grouped_agree_with_the_reference_in_onnxruntime(tmp_path, spec):
     job = job_for(make_checkpoint(tmp_path / "m.pt", **spec), probs=True, expert_logits=True, max_batch=8)
     out = export_both_fusions(job, tmp_path, ("probs", "expert_logits"), batch=9)
