@@ -22,12 +22,20 @@ def test_round_trip_rebuilds_the_exact_network(tmp_path):
     torch.load(path, weights_only=True)  # the contract: loads without unpickling objects
 
 
+class ForeignObject:
+    """Anything torch.load(weights_only=True) must not unpickle."""
+
+
 def test_bad_checkpoints_give_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(CheckpointError, match="not a readable expertfuse checkpoint"):
         load_checkpoint(tmp_path / "text.pt")
+    torch.save({"state_dict": ForeignObject()}, tmp_path / "pickled.pt")  # weights_only must refuse, in one line
+    with pytest.raises(CheckpointError, match=r"not a readable expertfuse checkpoint \(Unsupported global") as err:
+        load_checkpoint(tmp_path / "pickled.pt")
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not an expertfuse checkpoint"):
         load_checkpoint(tmp_path / "other.pt")

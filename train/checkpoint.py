@@ -8,6 +8,7 @@ One `.pt` file, loadable with `torch.load(weights_only=True)`, holding a plain d
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -48,9 +49,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a file that is not a checkpoint
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
-        raise CheckpointError(f"{path} is not a readable expertfuse checkpoint ({reason[:160]})") from None
+        raise CheckpointError(f"{path} is not a readable expertfuse checkpoint ({_load_failure(exc)})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an expertfuse checkpoint (official checkpoints: python -m train.convert)")
     if data.get("version") != VERSION:
@@ -59,6 +58,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         if key not in data:
             raise CheckpointError(f"{path} lacks '{key}'")
     return data
+
+
+def _load_failure(exc: Exception) -> str:
+    """The one useful sentence of a torch.load failure: the weights-only unpickler's reason when there is one
+    (torch wraps it in several lines of advice about weights_only=False, which we never follow)."""
+    text = str(exc)
+    match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    reason = match.group(1) if match else next((line.strip() for line in text.splitlines() if line.strip()),
+                                                type(exc).__name__)
+    return reason.split(". ")[0][:160]
 
 
 def model_from_checkpoint(data: dict, source: str = "checkpoint") -> MultiExpertNet:
