@@ -74,3 +74,13 @@ def test_cli_errors_are_one_line(tmp_path):
         proc = run_module("train", *args, check=False)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_module("train", "--method", "ncl", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path))
+    good = (tmp_path / "ncl.pt").read_bytes()
+    proc = run_module("train", "--method", "ncl", *TINY_TRAIN, "--epochs", "1", "--lr", "1e8", "--out", str(tmp_path),
+                      check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: loss became nan in epoch 1")
+    assert (tmp_path / "ncl.pt").read_bytes() == good

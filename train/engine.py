@@ -142,6 +142,26 @@ def format_metrics(m: dict) -> str:
             f"  experts {experts}")
 
 
+class EpochSums:
+    """Sample-weighted sums of an epoch's loss, loss parts and correct predictions, kept on the device so a
+    training step never waits for it; read() syncs once and stops training if the loss stopped being finite."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, batch_means: dict[str, torch.Tensor], n: int) -> None:
+        for name, value in batch_means.items():
+            total = value.detach().float() * n
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+
+    def read(self) -> dict[str, float]:
+        values = {name: float(v) for name, v in self.sums.items()}
+        if not np.isfinite(values.get("loss", 0.0)):
+            raise UserError(f"loss became {values['loss']} in epoch {self.epoch + 1}; lower --lr or check the data")
+        return values
+
+
 class CsvLog:
     def __init__(self, path: Path, keep_epochs: int):
         self.path = path
@@ -291,7 +311,8 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
             sampler.set_epoch(epoch)
         method.train_mode(train_model)
         lr = optimizer.param_groups[0]["lr"]
-        sums, seen, started = {}, 0, time.perf_counter()
+        sums, seen, started = EpochSums(epoch), 0, time.perf_counter()
+        shown = started
         stage_note = f" {stages[current].name}" if len(stages) > 1 else ""
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}{stage_note}", disable=not env.main, leave=True,
                    dynamic_ncols=True, mininterval=1.0)
@@ -304,8 +325,6 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
                     if isinstance(images, list) else images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss, logits, parts = method.loss(train_model, images, targets)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the data")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if env.world > 1:
@@ -318,15 +337,17 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
             method.after_step(train_model)
             n = len(targets)
             seen += n
-            sums["loss"] = sums.get("loss", 0.0) + loss.item() * n
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * n
-            sums["acc"] = sums.get("acc", 0.0) + (logits.detach().float().mean(1).argmax(1) == targets).sum().item()
-            elapsed = time.perf_counter() - started
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", lr=f"{lr:.4g}", img_s=f"{seen * env.world / elapsed:.0f}")
+            accuracy = (logits.detach().float().mean(1).argmax(1) == targets).float().mean()
+            sums.add({"loss": loss, **parts, "acc": accuracy}, n)
+            now = time.perf_counter()
+            if now - shown >= 1.0:  # reading the sums waits for the device: once a second, not every step
+                shown = now
+                bar.set_postfix(loss=f"{sums.read()['loss'] / seen:.3f}", lr=f"{lr:.4g}",
+                                img_s=f"{seen * env.world / (now - started):.0f}")
         scheduler.step()
+        totals = sums.read()
         seconds = time.perf_counter() - started
-        row = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+        row = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v / max(seen, 1) for k, v in totals.items()},
                "images_per_s": seen * env.world / seconds, "seconds": seconds}
         row["train_acc"] *= 100
 
