@@ -12,16 +12,20 @@ HTTP and gRPC, at each concurrency. Writes bench.json, inprocess.csv, served.csv
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.inprocess import available_runtimes, run_inprocess
+import numpy as np
+
+from bench.inprocess import available_runtimes, check_parity, run_inprocess
 from bench.machine import machine_info
 from bench.report import headline, markdown, write_all
+from bench.runners import TritonRunner
 from bench.served import find_perf_analyzer, measure_concurrency, run_perf_analyzer
 from serve.server import ServerError, TritonServer, choose_server
-from train.checkpoint import load_checkpoint
+from train.checkpoint import load_model
 from train.cli import run_cli
 from train.errors import UserError
 
@@ -63,7 +67,21 @@ def served_roles(fused: str) -> dict[str, str]:
     return {"fused": fused, "single": f"{fused}_expert0", "naive": f"{fused}_naive"}
 
 
-def run_served(args, fused: str, image_size: int, log=print) -> list[dict]:
+def served_parity(url: str, protocol: str, name: str, network, images: np.ndarray) -> dict:
+    """The served model against the checkpoint's PyTorch reference, before it is timed: the experts and the
+    precision its config records (export writes them; a naive ensemble, which has none, averages them all)."""
+    runner = TritonRunner(url, protocol, name)
+    try:
+        params = runner.parameters()
+        experts = tuple(int(e) for e in params.get("expertfuse_experts", "").split(",") if e) \
+            or tuple(range(network.num_experts))
+        return check_parity(runner, network, experts, images, fp16=params.get("expertfuse_precision") == "fp16")
+    finally:
+        runner.close()
+
+
+def run_served(args, fused: str, network, log=print) -> list[dict]:
+    """Parity-check, then time the fused model, one expert and the naive ensemble over each protocol."""
     import tritonclient.http as httpclient
     perf_analyzer = find_perf_analyzer() if args.load_generator == "perf_analyzer" else None
     if args.load_generator == "perf_analyzer" and not perf_analyzer:
@@ -75,18 +93,28 @@ def run_served(args, fused: str, image_size: int, log=print) -> list[dict]:
         log(f"starting Triton: {mode} ({why})")
         server = TritonServer(args.repository, mode).start()
         args.http_url, args.grpc_url = server.endpoints.http, server.endpoints.grpc
-    rows = []
+    rows, workdir = [], None
+    image_size = network.spec.input_size
+    parity_images = np.random.RandomState(7).randint(0, 256, (16, image_size, image_size, 3), dtype=np.uint8)
     try:
         client = httpclient.InferenceServerClient(args.http_url)
         ready = {m["name"] for m in client.get_model_repository_index() if m.get("state") == "READY"}
         client.close()
-        workdir = Path(tempfile.mkdtemp(prefix="expertfuse-bench-"))
+        workdir = Path(tempfile.mkdtemp(prefix="expertfuse-bench-"))  # perf_analyzer's CSV files
         for role, model in served_roles(fused).items():
             if model not in ready:
                 log(f"  {role}: model {model!r} is not served; skipped")
                 continue
             for protocol in args.protocols.split(","):
                 url = args.http_url if protocol == "http" else args.grpc_url
+                parity = served_parity(url, protocol, model, network, parity_images)
+                checked = {"model": model, "protocol": protocol, "model_role": role,
+                           "parity_max_abs_diff": parity["max_abs_diff"], "parity_top1_agreement": parity["top1_agreement"]}
+                if not parity["ok"]:
+                    log(f"  {role:>6} {model:<16} {protocol:<4} REFUSED: does not compute what {args.ckpt} does "
+                        f"(max|diff| {parity['max_abs_diff']:.2e}, top-1 {100 * parity['top1_agreement']:.1f}%)")
+                    rows.append({**checked, "refused": "parity"})
+                    continue
                 if perf_analyzer:
                     points = run_perf_analyzer(perf_analyzer, url, protocol, model, args.served_batch, args.concurrency,
                                                args.window_s, workdir)
@@ -95,7 +123,7 @@ def run_served(args, fused: str, image_size: int, log=print) -> list[dict]:
                                                   max_processes=args.client_processes, client_kind=args.client)
                               for c in args.concurrency]
                 for row in points:
-                    row["model_role"] = role
+                    row.update(checked)
                     rows.append(row)
                     log(f"  {role:>6} {model:<16} {protocol:<4} c={row['concurrency']:<3} {row['throughput']:8.1f} img/s  "
                         f"p50 {row.get('p50_ms', float('nan')):7.2f} ms  p99 {row.get('p99_ms', float('nan')):7.2f} ms"
@@ -105,12 +133,14 @@ def run_served(args, fused: str, image_size: int, log=print) -> list[dict]:
         if server is not None:
             server.stop()
             server.cleanup()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    ckpt = load_checkpoint(args.ckpt)
+    network, ckpt = load_model(args.ckpt)
     runtimes = args.runtimes.split(",") if args.runtimes else available_runtimes()
     unknown = set(runtimes) - set(available_runtimes())
     if unknown:
@@ -124,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.served:
         print(f"served: concurrency {args.concurrency}, batch {args.served_batch}, {args.protocols}")
         try:
-            result["served"] = run_served(args, args.model or ckpt["method"], ckpt["spec"]["input_size"])
+            result["served"] = run_served(args, args.model or ckpt["method"], network)
         except ServerError as exc:
             raise UserError(str(exc)) from None
     result["headline"] = headline(result["inprocess"], result["served"])

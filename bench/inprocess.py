@@ -16,6 +16,8 @@ from export.onnx import export_graph, onnx_file
 # variant -> (experts, fusion): what the product compares
 VARIANTS = {"single": ("0", "loop"), "ensemble-loop": ("all", "loop"), "ensemble-grouped": ("all", "grouped")}
 PARITY_ATOL = 1e-3
+# FP16 graphs: a sanity gate against a wrong model (which agrees about 1/C of the time), not export's precision gate.
+PARITY_FP16_TOP1 = 0.9
 
 
 def available_runtimes() -> list[str]:
@@ -53,13 +55,15 @@ def make_runner(runtime: str, job, fusion: str, workdir: Path) -> Runner:
     raise ValueError(f"unknown runtime {runtime!r}; available: {', '.join(available_runtimes())}")
 
 
-def check_parity(runner: Runner, model, experts: tuple[int, ...], images: np.ndarray) -> dict:
-    """Compare a runner with the PyTorch FP32 reference; bench refuses to time a runner that disagrees."""
+def check_parity(runner: Runner, model, experts: tuple[int, ...], images: np.ndarray, fp16: bool = False) -> dict:
+    """Compare a runner with the PyTorch FP32 reference; bench refuses to time a runner that disagrees.
+    FP32: max|diff| <= PARITY_ATOL and identical top-1; FP16: top-1 agreement >= PARITY_FP16_TOP1."""
     ref = reference_logits(model, experts, torch.from_numpy(images), "uint8-nhwc").numpy()
     got = runner.logits(images)
     diff = float(np.abs(got - ref).max())
     top1 = float((got.argmax(1) == ref.argmax(1)).mean())
-    return {"max_abs_diff": diff, "top1_agreement": top1, "ok": diff <= PARITY_ATOL and top1 == 1.0}
+    ok = top1 >= PARITY_FP16_TOP1 if fp16 else diff <= PARITY_ATOL and top1 == 1.0
+    return {"max_abs_diff": diff, "top1_agreement": top1, "ok": ok}
 
 
 def sweep(runner: Runner, image_size: int, batches: list[int], window_s: float, tolerance: float = 0.1) -> list[dict]:

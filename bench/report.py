@@ -101,8 +101,7 @@ def markdown(result: dict) -> str:
         lines += ["## In-process", "", "| variant | runtime | batch | p50 ms | p99 ms | images/s | stable |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['runtime']} | {r['batch']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                   f"{r['items_per_s']:.1f} | {'yes' if r['stable'] else 'no'} |" for r in timed]
-    refused = [r for r in result["inprocess"] if "refused" in r]
-    lines += [f"- refused to time {r['variant']} on {r['runtime']}: {r['refused']}" for r in refused]
+    lines += [f"- refused to time {r['variant']} on {r['runtime']}: {r['refused']}" for r in result["inprocess"] if "refused" in r]
     served = [r for r in result["served"] if "throughput" in r]
     if served:
         lines += ["", "## Served (Triton)", "", "| model | role | protocol | concurrency | img/s | p50 ms | p90 ms | p95 ms | p99 ms | "
@@ -111,6 +110,8 @@ def markdown(result: dict) -> str:
                   f"{_fmt(r.get('p50_ms'))} | {_fmt(r.get('p90_ms'))} | {_fmt(r.get('p95_ms'))} | {_fmt(r.get('p99_ms'))} | "
                   f"{_fmt(r.get('server_queue_ms'))} | {_fmt(r.get('server_compute_ms'))} | "
                   f"{_fmt(r.get('server_exec_per_request'))} | {'yes' if r.get('client_bound') else 'no'} |" for r in served]
+    lines += [f"- refused to time served {r['model']} ({r['model_role']}) over {r['protocol']}: {r['refused']}"
+              for r in result["served"] if "refused" in r]
     h = result["headline"]
     lines += ["", "## Headline", ""]
     lines += [f"- ensemble cost t_ensemble/t_single, {c['variant']} on {c['runtime']} at batch {c['batch']}: "

@@ -160,6 +160,13 @@ class TritonRunner(Runner):
         output.set_shared_memory(f"{key}_out", out_bytes)
         return request, output, (region_out, images.shape[0])
 
+    def parameters(self) -> dict[str, str]:
+        """The served model config's string parameters (export records its experts and precision there)."""
+        cfg = self.client.get_model_config(self.model)
+        if self.protocol == "grpc":
+            return {key: value.string_value for key, value in cfg.config.parameters.items()}
+        return {key: value.get("string_value", "") for key, value in cfg.get("parameters", {}).items()}
+
     def _classes(self) -> int:
         meta = self.client.get_model_metadata(self.model)
         outputs = meta["outputs"] if isinstance(meta, dict) else [{"shape": list(o.shape)} for o in meta.outputs]

@@ -2,12 +2,14 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from bench.inprocess import check_parity, make_runner, sweep
 from export.common import job_for
 from bench.runners import TritonRunner
 from bench.served import parse_perf_analyzer_csv
 from tests.conftest import run_module
+from train.checkpoint import load_checkpoint, save_checkpoint
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 
@@ -52,12 +54,30 @@ def test_served_bench_writes_json_csv_and_plots(triton, tiny_checkpoint, tmp_pat
     assert roles == {"fused", "single", "naive"}
     fused = next(r for r in result["served"] if r["model_role"] == "fused")
     assert fused["throughput"] > 0 and fused["p99_ms"] >= fused["p50_ms"] > 0 and "server_exec_per_request" in fused
+    assert all(r["parity_max_abs_diff"] <= 1e-3 and r["parity_top1_agreement"] == 1.0 for r in result["served"])
     assert result["machine"]["cores"] >= 1 and "torch" in result["machine"]["packages"]
     assert result["headline"]["fused_vs_naive"] and result["headline"]["ensemble_cost"]
     header = (out / "served.csv").read_text().splitlines()[0]
     assert "throughput" in header and "p95_ms" in header
     for name in ("throughput_vs_batch.png", "latency_vs_concurrency.png", "single_vs_ensemble.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_served_bench_refuses_a_server_running_another_model(triton, tiny_checkpoint, tmp_path):
+    """The served models come from tiny_checkpoint; a bench of a retrained checkpoint must not time them."""
+    data = load_checkpoint(tiny_checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    data["state_dict"] = {k: v + 0.3 * torch.randn(v.shape, generator=generator) if k.endswith("conv1.weight") else v
+                          for k, v in data["state_dict"].items()}
+    save_checkpoint(data, tmp_path / "retrained.pt")
+    out = tmp_path / "bench"
+    proc = run_module("bench", "--ckpt", str(tmp_path / "retrained.pt"), "--no-inprocess", "--served",
+                      "--http-url", triton.endpoints.http, "--grpc-url", triton.endpoints.grpc, "--concurrency", "1",
+                      "--window-s", "0.1", "--out", str(out))
+    assert proc.stdout.count("REFUSED") == 6  # fused, single and naive over HTTP and gRPC
+    served = json.loads((out / "bench.json").read_text())["served"]
+    assert len(served) == 6 and all(r["refused"] == "parity" and "throughput" not in r for r in served)
+    assert "refused to time served ncl_naive (naive) over grpc: parity" in (out / "summary.md").read_text()
 
 
 def test_perf_analyzer_csv_is_parsed_in_ms_and_sorted_by_concurrency():
