@@ -59,6 +59,9 @@ def export_graph(job: ExportJob, fusion: str, folder: Path, opset: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=large)
     proto = onnx.load(str(path), load_external_data=False)
+    # The lowest IR version that carries the graph's opsets (IR 8 for opset 18), never higher than the exporter's:
+    # any ONNX Runtime that knows the opset then loads it, including an older one inside a Triton container.
+    proto.ir_version = min(proto.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import), True))
     for key, value in metadata(job, fusion).items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "expertfuse"

@@ -50,7 +50,9 @@ def test_cli_exports_a_3_expert_resnet32_ncl_model(tmp_path):
     assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16 and cfg.input[0].dims == [32, 32, 3]
     assert cfg.output[0].label_filename == "labels.txt" and (model_dir / "labels.txt").read_text().split()[9] == "class9"
     onnx.checker.check_model(str(model_dir / "1" / "model.onnx"), full_check=True)
-    meta = {p.key: p.value for p in onnx.load(str(model_dir / "1" / "model.onnx")).metadata_props}
+    proto = onnx.load(str(model_dir / "1" / "model.onnx"))
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 18)] and proto.ir_version == 8  # oldest IR for opset 18
+    meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["expertfuse.fusion"] == "grouped" and meta["expertfuse.experts"] == "0,1,2"
     assert len(meta["expertfuse.checkpoint_sha256"]) == 64 and "class3" in meta["expertfuse.classes"]
     model, _ = load_model(ckpt)
