@@ -24,17 +24,11 @@ from bench.machine import machine_info
 from bench.report import headline, markdown, write_all
 from bench.runners import TritonRunner
 from bench.served import find_perf_analyzer, measure_concurrency, run_perf_analyzer
+from export.common import int_list
 from serve.server import ServerError, TritonServer, choose_server
 from train.checkpoint import load_model
 from train.cli import run_cli
 from train.errors import UserError
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, required=True, help="training checkpoint")
     p.add_argument("--runtimes", help=f"comma-separated (default: all available here: {','.join(available_runtimes())})")
-    p.add_argument("--batches", type=_ints, default=[1, 8, 64], help="in-process batch sizes [1,8,64]")
+    p.add_argument("--batches", type=int_list, default=[1, 8, 64], help="in-process batch sizes [1,8,64]")
     p.add_argument("--window-s", type=float, default=1.0, help="length of one timed window [1.0]")
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process sweep")
     p.add_argument("--served", action="store_true", help="also measure through Triton")
@@ -53,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-url", help="a running Triton's gRPC endpoint host:port")
     p.add_argument("--model", help="served fused model name (default: the checkpoint's method, e.g. ncl)")
     p.add_argument("--protocols", default="http,grpc")
-    p.add_argument("--concurrency", type=_ints, default=[1, 8], help="served concurrency levels [1,8]")
+    p.add_argument("--concurrency", type=int_list, default=[1, 8], help="served concurrency levels [1,8]")
     p.add_argument("--served-batch", type=int, default=1, help="images per served request [1]")
     p.add_argument("--load-generator", default="python", choices=["python", "perf_analyzer"])
     p.add_argument("--client-processes", type=int, default=4, help="most client processes generating load [4]")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from export.graph import INPUT_LAYOUTS, GraphOptions, parse_experts, reference_logits
-from serve.repository import ServingOptions, TensorSpec
+from serve.repository import RepositoryError, ServingOptions, TensorSpec, version_policy
 from train.checkpoint import load_model
 from train.data.synthetic import synthesize
 from train.errors import UserError
@@ -22,6 +22,23 @@ from train.models import MultiExpertNet
 class ParityError(UserError):
     """The exported model disagrees with PyTorch: the export fails with exit code 1."""
     exit_code = 1
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: '1,8,64' -> [1, 8, 64]."""
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def version_policy_arg(text: str) -> str:
+    """argparse type: a Triton version policy, checked by the repository writer's own parser."""
+    try:
+        version_policy(text)
+    except RepositoryError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def add_common_args(p: argparse.ArgumentParser, default_max_batch: int) -> None:
@@ -41,8 +58,13 @@ def add_common_args(p: argparse.ArgumentParser, default_max_batch: int) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the model folder instead of adding a version")
     p.add_argument("--atol", type=float, default=1e-4, help="FP32 parity tolerance on logits [1e-4]")
     p.add_argument("--instance-kind", choices=["cpu", "gpu"], help="Triton instance kind (default: gpu if CUDA)")
-    p.add_argument("--instance-count", type=int, default=1)
+    p.add_argument("--instance-count", type=int, default=1, help="Triton model instances [1]")
+    p.add_argument("--gpus", type=int_list, default=[], help="GPU ids of the instances, e.g. 0,1 (default: all)")
     p.add_argument("--max-queue-delay-us", type=int, default=100, help="dynamic batching queue delay [100]")
+    p.add_argument("--preferred-batch-sizes", type=int_list, default=[],
+                   help="dynamic batching's preferred batch sizes, e.g. 16,32 (default: none)")
+    p.add_argument("--version-policy", type=version_policy_arg, default="latest:1",
+                   help="which versions Triton serves: latest:N | all | specific:1,3 [latest:1]")
 
 
 @dataclass
@@ -62,6 +84,8 @@ class ExportJob:
 def prepare(args: argparse.Namespace, suffix: str = "") -> ExportJob:
     if args.max_batch < 1:
         raise UserError("--max-batch must be at least 1")
+    if any(not 1 <= b <= args.max_batch for b in args.preferred_batch_sizes):
+        raise UserError(f"--preferred-batch-sizes {args.preferred_batch_sizes} must lie in 1..--max-batch {args.max_batch}")
     model, data = load_model(args.ckpt)
     experts = parse_experts(args.experts, model.num_experts)
     names = model.spec.expert_names
@@ -81,7 +105,7 @@ def job_for(ckpt: Path, experts: str = "all", fusion: str = "loop", *, probs: bo
     """An FP32 uint8-NHWC export job without a command line (bench and tests)."""
     return prepare(argparse.Namespace(ckpt=Path(ckpt), experts=experts, fusion=fusion, input_layout="uint8-nhwc",
                                       probs=probs, expert_logits=expert_logits, fp16=False, max_batch=max_batch,
-                                      name=None, atol=1e-4, head=None))
+                                      name=None, atol=1e-4, head=None, preferred_batch_sizes=[]))
 
 
 def default_name(method: str, experts: tuple[int, ...], total: int, fp16: bool, suffix: str,
@@ -105,9 +129,14 @@ def signature(job: ExportJob) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def serving_options(args: argparse.Namespace, max_batch: int) -> ServingOptions:
+    """The Triton settings of the shared flags; export.onnx adds its ONNX Runtime options."""
     kind = args.instance_kind or ("gpu" if torch.cuda.is_available() else "cpu")
-    return ServingOptions(max_batch_size=max_batch, max_queue_delay_us=args.max_queue_delay_us, instance_kind=kind,
-                          instance_count=args.instance_count, warmup_batch_sizes=[1, max_batch])
+    if args.gpus and kind != "gpu":
+        raise UserError("--gpus applies to GPU instances only; add --instance-kind gpu")
+    return ServingOptions(max_batch_size=max_batch, max_queue_delay_us=args.max_queue_delay_us,
+                          preferred_batch_sizes=args.preferred_batch_sizes, instance_kind=kind,
+                          instance_count=args.instance_count, gpus=args.gpus, warmup_batch_sizes=[1, max_batch],
+                          versions=args.version_policy)
 
 
 def metadata(job: ExportJob, fusion: str) -> dict[str, str]:

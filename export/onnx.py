@@ -24,7 +24,7 @@ import torch
 from export.common import (ExportJob, add_common_args, check_parity, default_name, metadata, pick_fastest, prepare,
                            print_summary, serving_options, signature, test_images)
 from export.graph import InferenceGraph
-from serve.repository import RepositoryError, model_config, write_model, write_naive_ensemble
+from serve.repository import RepositoryError, ServingOptions, model_config, write_model, write_naive_ensemble
 from train.cli import run_cli
 from train.errors import UserError
 
@@ -94,9 +94,21 @@ def choose_fusion(job: ExportJob, folder: Path, opset: int) -> tuple[str, dict]:
     return best, timings
 
 
+def onnx_serving_options(args: argparse.Namespace) -> ServingOptions:
+    """The shared Triton settings plus the onnxruntime backend's own (threads, TensorRT execution accelerator)."""
+    opts = replace(serving_options(args, args.max_batch), ort_threads=args.ort_threads, ort_tensorrt=args.ort_tensorrt,
+                   ort_tensorrt_fp16=args.ort_tensorrt_fp16, ort_tensorrt_cache=args.ort_tensorrt_cache)
+    if (opts.ort_tensorrt_fp16 or opts.ort_tensorrt_cache) and not opts.ort_tensorrt:
+        raise UserError("--ort-tensorrt-fp16 and --ort-tensorrt-cache configure --ort-tensorrt; add it")
+    if opts.ort_tensorrt and opts.instance_kind != "gpu":
+        raise UserError("--ort-tensorrt applies to GPU instances only; add --instance-kind gpu")
+    return opts
+
+
 def export_to_repository(job: ExportJob) -> tuple[Path, int]:
     """Export, check parity and add the model to the repository (nothing is written if any step fails)."""
     args = job.args
+    serving = onnx_serving_options(args)
     print(f"export {args.ckpt} -> {args.out}/{job.name}: experts {','.join(map(str, job.opts.experts))} of "
           f"{job.model.num_experts} ({job.spec.describe()}), input {args.input_layout}, "
           f"{'FP16' if args.fp16 else 'FP32'}, opset {args.opset}")
@@ -110,7 +122,7 @@ def export_to_repository(job: ExportJob) -> tuple[Path, int]:
         parity = check_parity(job, onnx_runner(onnx_file(artifact)), [1, 2, 7, args.max_batch])
         inputs, outputs = signature(job)
         params = {k.replace(".", "_"): v for k, v in metadata(job, fusion).items() if k != "expertfuse.classes"}
-        cfg = model_config(job.name, "onnxruntime_onnx", inputs, outputs, serving_options(args, args.max_batch), params)
+        cfg = model_config(job.name, "onnxruntime_onnx", inputs, outputs, serving, params)
         report = work / "export_report.json"
         report.write_text(json.dumps({"parity": parity, "fusion": fusion, "fusion_timings_s": timings, "opset": args.opset,
                                       "onnxruntime": ort.__version__, "providers": providers(),
@@ -136,7 +148,7 @@ def export_naive_ensemble(job: ExportJob) -> Path:
     inputs, outputs = signature(job)
     try:
         model_dir = write_naive_ensemble(job.args.out, f"{job.name}_naive", names, inputs[0], outputs[0],
-                                         job.checkpoint["classes"], serving_options(job.args, job.args.max_batch),
+                                         job.checkpoint["classes"], onnx_serving_options(job.args),
                                          overwrite=job.args.overwrite)
     except RepositoryError as exc:
         raise UserError(str(exc)) from None
@@ -149,6 +161,11 @@ def export_onnx(argv: list[str] | None = None) -> Path:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, default_max_batch=64)
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")
+    p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads per instance (0: its default)")
+    p.add_argument("--ort-tensorrt", action="store_true",
+                   help="NGC Triton: run GPU instances through ONNX Runtime's TensorRT execution accelerator")
+    p.add_argument("--ort-tensorrt-fp16", action="store_true", help="with --ort-tensorrt: FP16 precision mode")
+    p.add_argument("--ort-tensorrt-cache", default="", help="with --ort-tensorrt: engine cache folder on the server")
     p.add_argument("--naive-ensemble", action="store_true",
                    help="instead: each expert as its own model + a Triton ensemble averaging them (<name>_naive)")
     args = p.parse_args(argv)

@@ -50,17 +50,21 @@ class ServingOptions:
     versions: str = "latest:1"  # latest:N | all | specific:1,3
 
 
-def _version_policy(text: str) -> pb.ModelVersionPolicy:
+def version_policy(text: str) -> pb.ModelVersionPolicy:
+    """'latest:N' | 'all' | 'specific:1,3' -> Triton's version_policy (RepositoryError on anything else)."""
     policy = pb.ModelVersionPolicy()
     kind, _, arg = text.partition(":")
-    if kind == "latest":
-        policy.latest.num_versions = int(arg or 1)
-    elif kind == "all":
-        policy.all.SetInParent()
-    elif kind == "specific":
-        policy.specific.versions.extend(int(v) for v in arg.split(","))
-    else:
-        raise RepositoryError(f"version policy must be latest:N, all or specific:V,...; got {text!r}")
+    try:
+        if kind == "latest" and int(arg or 1) > 0:
+            policy.latest.num_versions = int(arg or 1)
+        elif kind == "all" and not arg:
+            policy.all.SetInParent()
+        elif kind == "specific" and all(int(v) > 0 for v in arg.split(",")):
+            policy.specific.versions.extend(int(v) for v in arg.split(","))
+        else:
+            raise ValueError
+    except ValueError:
+        raise RepositoryError(f"version policy must be latest:N, all or specific:V,...; got {text!r}") from None
     return policy
 
 
@@ -102,7 +106,7 @@ def model_config(name: str, platform: str, inputs: Sequence[TensorSpec], outputs
                 accel.parameters["trt_engine_cache_path"] = opts.ort_tensorrt_cache
     for key, value in (parameters or {}).items():
         cfg.parameters[key].string_value = str(value)
-    cfg.version_policy.CopyFrom(_version_policy(opts.versions))
+    cfg.version_policy.CopyFrom(version_policy(opts.versions))
     return cfg
 
 

@@ -43,11 +43,19 @@ def ort_logits(path: Path, images: np.ndarray, output: str = "logits") -> np.nda
 def test_cli_exports_a_3_expert_resnet32_ncl_model(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ncl.pt", arch="resnet32")
     proc = run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--fusion", "grouped",
-                      "--max-batch", "16")
+                      "--max-batch", "16", "--instance-kind", "gpu", "--gpus", "0,1", "--preferred-batch-sizes", "8,16",
+                      "--version-policy", "all", "--ort-threads", "2", "--ort-tensorrt", "--ort-tensorrt-fp16",
+                      "--ort-tensorrt-cache", "/trt-cache")
     assert "parity real-looking batch   16" in proc.stdout and "wrote" in proc.stdout
     model_dir = tmp_path / "repo" / "ncl"
     cfg = parse((model_dir / "config.pbtxt").read_text())
     assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16 and cfg.input[0].dims == [32, 32, 3]
+    assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU and list(cfg.instance_group[0].gpus) == [0, 1]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [8, 16] and cfg.version_policy.HasField("all")
+    accelerator = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.name == "tensorrt" and dict(accelerator.parameters) == {
+        "precision_mode": "FP16", "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/trt-cache"}
+    assert cfg.parameters["intra_op_thread_count"].string_value == "2"
     assert cfg.output[0].label_filename == "labels.txt" and (model_dir / "labels.txt").read_text().split()[9] == "class9"
     onnx.checker.check_model(str(model_dir / "1" / "model.onnx"), full_check=True)
     proto = onnx.load(str(model_dir / "1" / "model.onnx"))
@@ -137,7 +145,11 @@ def test_bad_inputs_fail_cleanly_and_leave_the_repository_as_it_was(tmp_path):
              (["--ckpt", str(tmp_path / "not-a-checkpoint.pt")], 2, "not a readable expertfuse checkpoint"),
              (["--ckpt", str(ckpt), "--experts", "0,5"], 2, "the checkpoint has experts 0..1"),
              (["--ckpt", str(ckpt), "--out", str(tmp_path / "file" / "repo")], 2, "cannot write"),
-             (["--ckpt", str(ckpt), "--atol", "0"], 1, "parity failed")]
+             (["--ckpt", str(ckpt), "--atol", "0"], 1, "parity failed"),
+             (["--ckpt", str(ckpt), "--preferred-batch-sizes", "2,8"], 2, "must lie in 1..--max-batch 4"),
+             (["--ckpt", str(ckpt), "--version-policy", "newest"], 2, "version policy must be latest:N"),
+             (["--ckpt", str(ckpt), "--instance-kind", "cpu", "--ort-tensorrt"], 2, "GPU instances only"),
+             (["--ckpt", str(ckpt), "--instance-kind", "cpu", "--gpus", "0"], 2, "GPU instances only")]
     for args, code, message in cases:
         proc = run_module("export.onnx", "--fusion", "grouped", "--max-batch", "4", "--out", str(repo), *args, check=False)
         assert proc.returncode == code, (args, proc.stderr)
