@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from serve.bundled import backend_directory, bundled_root, runtime_repository, server_environment
+from serve.bundled import backend_directory, bundled_root, gpu_visible, runtime_repository, server_environment
 from serve.repository import RepositoryError
 
 SERVERS = ("auto", "local", "docker", "bundled")
@@ -129,7 +129,8 @@ class TritonServer:
         ports = [f"-p{e.client_host}:{p}:{p}" for p in (e.http_port, e.grpc_port, e.metrics_port)]
         args = [a.replace(e.host, "0.0.0.0") if a.startswith(("--http-address", "--grpc-address", "--metrics-address"))
                 else a for a in self._args("/models")]
-        return (["docker", "run", "--rm", "--name", self.container, "--gpus=all", "--shm-size=1g", *ports,
+        gpus = ["--gpus=all"] if gpu_visible() else []  # Docker refuses --gpus on a host without NVIDIA's runtime
+        return (["docker", "run", "--rm", "--name", self.container, *gpus, "--shm-size=1g", *ports,
                  "-v", f"{self.repository}:/models:ro", self.image, "tritonserver", *args], dict(os.environ))
 
     def start(self) -> "TritonServer":

@@ -13,7 +13,8 @@ import tritonclient.http as httpclient
 from PIL import Image
 
 from serve.repository import ServingOptions, TensorSpec, model_config, parse, read_config, render
-from serve.server import TritonServer
+from serve.bundled import gpu_visible
+from serve.server import DEFAULT_IMAGE, TritonServer
 from tests.conftest import REPO, run_module
 
 
@@ -201,3 +202,15 @@ def test_bundled_mode_refuses_tensorrt_plans(tmp_path):
     (model / "config.pbtxt").write_text(render(cfg))
     proc = run_module("serve", "--repository", str(tmp_path / "repo"), "--server", "bundled", check=False)
     assert proc.returncode == 1 and "TensorRT plan" in proc.stderr and "--server local or docker" in proc.stderr
+
+
+def test_docker_command_mounts_the_repository_and_asks_for_gpus_only_when_present(exported_repository):
+    server = TritonServer(exported_repository, "docker", http_port=18000, grpc_port=18001, metrics_port=18002)
+    try:
+        command, _ = server.command()
+    finally:
+        server.cleanup()
+    assert command[:2] == ["docker", "run"] and f"{exported_repository.resolve()}:/models:ro" in command
+    assert ("--gpus=all" in command) == gpu_visible()
+    assert "-p127.0.0.1:18000:18000" in command and "--http-address=0.0.0.0" in command
+    assert command[command.index(DEFAULT_IMAGE) + 1] == "tritonserver"
