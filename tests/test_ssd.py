@@ -9,12 +9,24 @@ import torchvision
 from tests.conftest import run_module
 from tests.test_export import ort_logits
 from train.checkpoint import load_checkpoint, load_model
-from train.methods.ssd import ClassAwareSampler, distillation, masked_info_nce
+from train.config import config_from_args
+from train.methods.ssd import ClassAwareSampler, distillation, masked_info_nce, ssd_stages
+from train.schedule import lr_factor
 from train.models.heads import LWSHead
 
 SSD_TINY = ["--method", "ssd", "--dataset", "synthetic", "--arch", "resnet8", "--synthetic-max", "120", "--imb-factor",
             "20", "--synthetic-test", "30", "--batch-size", "32", "--lr", "0.05", "--schedule", "cosine",
             "--warmup-epochs", "0", "--moco-queue", "64", "--moco-dim", "16"]
+
+
+def test_stage_schedules_follow_the_official_0_indexed_cosine():
+    """lr * (1 + cos(pi * e / E)) / 2 from e = 0: every stage starts at its peak and no epoch runs at 0."""
+    cfg = config_from_args(["--preset", "ssd-imagenet-lt", "--ssd-lws-epochs", "1"])
+    ssfl, slg, sdl, lws = ssd_stages(cfg)
+    assert [s.name for s in (ssfl, slg, sdl, lws)] == ["ssfl", "slg", "sdl", "lws"]
+    assert [round(lr_factor(slg, e), 4) for e in range(5)] == [1.0, 0.9045, 0.6545, 0.3455, 0.0955]
+    assert lr_factor(ssfl, 0) == lr_factor(sdl, 0) == 1.0 and lr_factor(ssfl, 134) == pytest.approx(0.5 * (1 + math.cos(math.pi * 134 / 135)))
+    assert lr_factor(lws, 0) == 1.0  # a one-epoch LWS stage trains at its full LR
 
 
 def test_label_masked_info_nce_drops_same_class_negatives():

@@ -60,7 +60,7 @@ class TrainConfig:
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(True, "Nesterov momentum")
     weight_decay: float = _opt(2e-4, "weight decay (all parameters, as the official code)")
-    schedule: str = _opt("multistep", "multistep (with warmup) | cosine | warmup-cosine (SHIKE)")
+    schedule: str = _opt("multistep", "multistep (with warmup) | cosine (NCL, 1-indexed) | warmup-cosine (SHIKE; SSD/MoCo with --warmup-epochs 0)")
     warmup_epochs: int = _opt(5, "linear warmup epochs")
     warmup_start: float = _opt(1.0 / 3, "LR factor the warmup starts from (NCL 1/3; SHIKE 1/6)")
     milestones: list[int] = _opt([320, 360], "multistep: epochs where the lr is multiplied by 0.1")

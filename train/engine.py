@@ -144,7 +144,9 @@ def format_metrics(m: dict) -> str:
 
 class EpochSums:
     """Sample-weighted sums of an epoch's loss, loss parts and correct predictions, kept on the device so a
-    training step never waits for it; read() syncs once and stops training if the loss stopped being finite."""
+    training step never waits for them: read() and check_finite() are the only syncs."""
+
+    CHECK_EVERY = 50  # steps between finiteness checks (and at the end of every epoch)
 
     def __init__(self, epoch: int):
         self.epoch = epoch
@@ -156,10 +158,15 @@ class EpochSums:
             self.sums[name] = self.sums[name] + total if name in self.sums else total
 
     def read(self) -> dict[str, float]:
-        values = {name: float(v) for name, v in self.sums.items()}
-        if not np.isfinite(values.get("loss", 0.0)):
-            raise UserError(f"loss became {values['loss']} in epoch {self.epoch + 1}; lower --lr or check the data")
-        return values
+        return {name: float(v) for name, v in self.sums.items()}
+
+    def check_finite(self, env: Distributed) -> None:
+        """Stop training once the loss is not finite, on every rank at the same step (a collective under DDP,
+        so no rank is left waiting in the next gradient all-reduce)."""
+        loss = self.sums.get("loss", torch.zeros((), device=env.device))
+        if env.all_reduce((~torch.isfinite(loss)).float().reshape(1)).item():
+            value = float(loss) if not torch.isfinite(loss) else "non-finite on another rank"
+            raise UserError(f"loss became {value} in epoch {self.epoch + 1}; lower --lr or check the data")
 
 
 class CsvLog:
@@ -311,7 +318,7 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
             sampler.set_epoch(epoch)
         method.train_mode(train_model)
         lr = optimizer.param_groups[0]["lr"]
-        sums, seen, started = EpochSums(epoch), 0, time.perf_counter()
+        sums, seen, steps, started = EpochSums(epoch), 0, 0, time.perf_counter()
         shown = started
         stage_note = f" {stages[current].name}" if len(stages) > 1 else ""
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}{stage_note}", disable=not env.main, leave=True,
@@ -339,12 +346,16 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
             seen += n
             accuracy = (logits.detach().float().mean(1).argmax(1) == targets).float().mean()
             sums.add({"loss": loss, **parts, "acc": accuracy}, n)
+            steps += 1
+            if steps % sums.CHECK_EVERY == 0:
+                sums.check_finite(env)
             now = time.perf_counter()
-            if now - shown >= 1.0:  # reading the sums waits for the device: once a second, not every step
+            if env.main and now - shown >= 1.0:  # reading the sums waits for the device: once a second
                 shown = now
                 bar.set_postfix(loss=f"{sums.read()['loss'] / seen:.3f}", lr=f"{lr:.4g}",
                                 img_s=f"{seen * env.world / (now - started):.0f}")
         scheduler.step()
+        sums.check_finite(env)
         totals = sums.read()
         seconds = time.perf_counter() - started
         row = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": v / max(seen, 1) for k, v in totals.items()},

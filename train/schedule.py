@@ -4,7 +4,8 @@
   the 1-indexed epoch like the official WarmupMultiStepLR, so the first epoch runs at 0.467;
 - cosine (NCL ImageNet): cosine from the peak to eta_min over the stage, also 1-indexed;
 - warmup-cosine (SHIKE): 0-indexed, linear from `warmup_start` to 1 over `warmup_epochs`, then a
-  cosine to 0 at the end of the stage (SHIKE stage 1: 0.025 ... 0.125, then 0.15 * cosine).
+  cosine to 0 at the end of the stage (SHIKE stage 1: 0.025 ... 0.125, then 0.15 * cosine). With 0 warmup
+  epochs it is MoCo's and SSD's lr * (1 + cos(pi * e / E)) / 2: the first epoch at the peak, none at 0.
 """
 from __future__ import annotations
 

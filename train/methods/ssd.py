@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,12 @@ from train.methods.ncl import _gather
 from train.models import build_model
 from train.models.backbones import stage_names
 from train.models.heads import LWSHead
-from train.schedule import Stage
+from train.schedule import Stage, main_stage
 
 HARD, SOFT = 0, 1
+# The official (MoCo-style) cosine: lr * (1 + cos(pi * e / E)) / 2 at the 0-indexed epoch e, so a stage starts at its
+# peak and never spends an epoch at 0 (a 1-epoch LWS stage trains at full LR): `warmup-cosine` without warmup.
+LWS_SCHEDULE = "warmup-cosine"
 
 
 def masked_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, queue_labels: torch.Tensor,
@@ -117,6 +121,17 @@ class SSDAux(nn.Module):
         self.queue_ptr.fill_((ptr + len(keys)) % size)
 
 
+def ssd_stages(cfg) -> list[Stage]:
+    """I ssfl and III sdl with the configured recipe (--epochs, --ssd-sdl-epochs); II slg and the optional IV lws
+    train LWS scales with the official cosine."""
+    main = main_stage(cfg)
+    stages = [replace(main, name="ssfl"),
+              Stage("slg", cfg.ssd_slg_epochs, cfg.ssd_slg_lr, LWS_SCHEDULE, batch_size=cfg.ssd_slg_batch_size),
+              replace(main, name="sdl", epochs=cfg.ssd_sdl_epochs),
+              Stage("lws", cfg.ssd_lws_epochs, cfg.ssd_slg_lr, LWS_SCHEDULE, batch_size=cfg.ssd_slg_batch_size)]
+    return [s for s in stages if s.epochs > 0]
+
+
 class SSD(Method):
     name = "ssd"
 
@@ -134,16 +149,7 @@ class SSD(Method):
         self.aux = SSDAux(model, cfg)
 
     def stages(self) -> list[Stage]:
-        cfg = self.cfg
-        stages = [Stage("ssfl", cfg.epochs, cfg.lr, cfg.schedule, cfg.warmup_epochs, cfg.warmup_start,
-                        list(cfg.milestones), cfg.eta_min),
-                  Stage("slg", cfg.ssd_slg_epochs, cfg.ssd_slg_lr, "cosine", eta_min=0.0, batch_size=cfg.ssd_slg_batch_size),
-                  Stage("sdl", cfg.ssd_sdl_epochs, cfg.lr, cfg.schedule, cfg.warmup_epochs, cfg.warmup_start,
-                        list(cfg.milestones), cfg.eta_min)]
-        if cfg.ssd_lws_epochs:
-            stages.append(Stage("lws", cfg.ssd_lws_epochs, cfg.ssd_slg_lr, "cosine", eta_min=0.0,
-                                batch_size=cfg.ssd_slg_batch_size))
-        return [s for s in stages if s.epochs > 0]
+        return ssd_stages(self.cfg)
 
     def enter_stage(self, stage: Stage, model) -> None:
         self.stage = stage.name
