@@ -136,9 +136,11 @@ def summarize(correct: np.ndarray, total: np.ndarray, train_counts: list[int], r
 
 
 def format_metrics(m: dict) -> str:
+    """One line; a shot group without classes (CIFAR-10-LT has no few-shot class) shows as '-'."""
     e = m["ensemble"]
+    group = {name: "-" if np.isnan(e[name]) else f"{e[name]:.1f}" for name in ("many", "medium", "few")}
     experts = " ".join(f"{x['overall']:.1f}" for x in m["experts"])
-    return (f"ensemble {e['overall']:.2f} (many {e['many']:.1f} / medium {e['medium']:.1f} / few {e['few']:.1f})"
+    return (f"ensemble {e['overall']:.2f} (many {group['many']} / medium {group['medium']} / few {group['few']})"
             f"  experts {experts}")
 
 
