@@ -94,7 +94,7 @@ def run_served(args, fused: str, network, log=print) -> list[dict]:
         client = httpclient.InferenceServerClient(args.http_url)
         ready = {m["name"] for m in client.get_model_repository_index() if m.get("state") == "READY"}
         client.close()
-        workdir = Path(tempfile.mkdtemp(prefix="expertfuse-bench-"))  # perf_analyzer's CSV files
+        workdir = Path(tempfile.mkdtemp(prefix="expertfuse-bench-")) if perf_analyzer else None  # its CSV files
         for role, model in served_roles(fused).items():
             if model not in ready:
                 log(f"  {role}: model {model!r} is not served; skipped")
