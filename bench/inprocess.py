@@ -55,6 +55,11 @@ def make_runner(runtime: str, job, fusion: str, workdir: Path) -> Runner:
     raise ValueError(f"unknown runtime {runtime!r}; available: {', '.join(available_runtimes())}")
 
 
+def parity_images(size: int, count: int) -> np.ndarray:
+    """The fixed random uint8 NHWC images every runner is checked on before it is timed."""
+    return np.random.RandomState(7).randint(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
 def check_parity(runner: Runner, model, experts: tuple[int, ...], images: np.ndarray, fp16: bool = False) -> dict:
     """Compare a runner with the PyTorch FP32 reference; bench refuses to time a runner that disagrees.
     FP32: max|diff| <= PARITY_ATOL and identical top-1; FP16: top-1 agreement >= PARITY_FP16_TOP1."""
@@ -84,11 +89,11 @@ def run_inprocess(ckpt: Path, runtimes: list[str], batches: list[int], window_s:
     for variant, (experts, fusion) in VARIANTS.items():
         job = job_for(ckpt, experts, fusion)
         size = job.spec.input_size
-        parity_images = np.random.RandomState(7).randint(0, 256, (8, size, size, 3), dtype=np.uint8)
+        images = parity_images(size, 8)
         for runtime in runtimes:
             runner = make_runner(runtime, job, fusion, workdir)
             try:
-                parity = check_parity(runner, job.model, job.opts.experts, parity_images)
+                parity = check_parity(runner, job.model, job.opts.experts, images)
                 base = {"variant": variant, "runtime": runtime, "experts": len(job.opts.experts), "fusion": fusion,
                         "parity_max_abs_diff": parity["max_abs_diff"], "threads": torch.get_num_threads()}
                 if not parity["ok"]:

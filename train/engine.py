@@ -320,12 +320,12 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
             sampler.set_epoch(epoch)
         method.train_mode(train_model)
         lr = optimizer.param_groups[0]["lr"]
-        sums, seen, steps, started = EpochSums(epoch), 0, 0, time.perf_counter()
+        sums, seen, started = EpochSums(epoch), 0, time.perf_counter()
         shown = started
         stage_note = f" {stages[current].name}" if len(stages) > 1 else ""
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{total_epochs}{stage_note}", disable=not env.main, leave=True,
                    dynamic_ncols=True, mininterval=1.0)
-        for images, targets in bar:
+        for step, (images, targets) in enumerate(bar, start=1):
             targets = targets.to(device, non_blocking=True)
             images = [v.to(device, non_blocking=True) for v in images] if isinstance(images, list) \
                 else images.to(device, non_blocking=True)
@@ -348,8 +348,7 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
             seen += n
             accuracy = (logits.detach().float().mean(1).argmax(1) == targets).float().mean()
             sums.add({"loss": loss, **parts, "acc": accuracy}, n)
-            steps += 1
-            if steps % sums.CHECK_EVERY == 0:
+            if step % sums.CHECK_EVERY == 0:
                 sums.check_finite(env)
             now = time.perf_counter()
             if env.main and now - shown >= 1.0:  # reading the sums waits for the device: once a second
