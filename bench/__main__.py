@@ -24,11 +24,11 @@ from bench.machine import machine_info
 from bench.report import headline, markdown, write_all
 from bench.runners import TritonRunner
 from bench.served import find_perf_analyzer, measure_concurrency, run_perf_analyzer
-from export.common import int_list
+from expertfuse.cli import int_list
 from serve.server import ServerError, TritonServer, choose_server
 from train.checkpoint import load_model
-from train.cli import run_cli
-from train.errors import UserError
+from expertfuse.cli import run_cli
+from expertfuse.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import torch
 
 from bench.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner
-from bench.timing import measure
+from expertfuse.timing import measure
 from export.common import job_for
 from export.graph import InferenceGraph, reference_logits
 from export.onnx import export_graph, onnx_file

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.timing import windows_agree
+from expertfuse.timing import windows_agree
 
 
 def _client_module(protocol: str):

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from bench.machine import machine_info
-from bench.timing import measure
-from train.cli import run_cli
+from expertfuse.timing import measure
+from expertfuse.cli import run_cli
 from train.config import TrainConfig
 from train.engine import amp_dtype
 from train.methods import get_method

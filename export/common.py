@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,25 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.graph import INPUT_LAYOUTS, GraphOptions, parse_experts, reference_logits
+from expertfuse.contract import INPUT_LAYOUTS
+from export.graph import GraphOptions, parse_experts, reference_logits
 from serve.repository import RepositoryError, ServingOptions, TensorSpec, version_policy
 from train.checkpoint import load_model
 from train.data.synthetic import synthesize
-from train.errors import UserError
+from expertfuse.cli import int_list
+from expertfuse.errors import ParityError, UserError
 from train.models import MultiExpertNet
-
-
-class ParityError(UserError):
-    """The exported model disagrees with PyTorch: the export fails with exit code 1."""
-    exit_code = 1
-
-
-def int_list(text: str) -> list[int]:
-    """argparse type: '1,8,64' -> [1, 8, 64]."""
-    try:
-        return [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def version_policy_arg(text: str) -> str:
@@ -196,26 +184,6 @@ def check_parity(job: ExportJob, run: Callable[[np.ndarray], np.ndarray], batche
             raise ParityError(f"parity failed ({r['inputs']} inputs, batch {r['batch']}: max|diff| {r['max_abs_diff']:.2e} "
                               f"> {job.args.atol:g} or top-1 {100 * r['top1_agreement']:.1f}%); nothing written")
     return rows
-
-
-def pick_fastest(runners: dict[str, Callable[[np.ndarray], object]], inputs: dict[int, np.ndarray],
-                 rounds: int = 5, repeats: int = 4) -> tuple[str, dict[str, dict[int, float]]]:
-    """The candidate with the lowest geometric-mean median latency over the batch sizes in `inputs`.
-    Candidates alternate round by round, so noise on a shared machine hits them alike."""
-    for run in runners.values():
-        for x in inputs.values():
-            run(x)
-    times = {name: {b: [] for b in inputs} for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            for b, x in inputs.items():
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    run(x)
-                    times[name][b].append(time.perf_counter() - t0)
-    medians = {name: {b: float(np.median(ts)) for b, ts in per.items()} for name, per in times.items()}
-    score = {name: float(np.exp(np.mean(np.log(list(per.values()))))) for name, per in medians.items()}
-    return min(score, key=score.get), medians
 
 
 def print_summary(model_dir: Path, version: int, inputs: list[TensorSpec], outputs: list[TensorSpec], fusion: str) -> None:

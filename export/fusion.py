@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.errors import UserError
+from expertfuse.errors import UserError
 from train.models.backbones import _ShortcutA
 from train.models.heads import CosineHead, LWSHead
 from train.models.multi_expert import MultiExpertNet

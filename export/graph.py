@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchvision.transforms.v2 import functional as F
 
+from expertfuse.contract import INPUT_LAYOUTS
+from expertfuse.errors import UserError
+from expertfuse.preprocess import folded_normalization, normalize_pixels
 from export.fusion import GroupedExperts
-from train.errors import UserError
 from train.models import MultiExpertNet
 
-INPUT_LAYOUTS = ("uint8-nhwc", "float-nchw")
 FUSIONS = ("loop", "grouped")
 
 
@@ -65,9 +65,9 @@ class Normalize(nn.Module):
         if layout not in INPUT_LAYOUTS:
             raise UserError(f"--input must be one of {', '.join(INPUT_LAYOUTS)}")
         self.nhwc = layout == "uint8-nhwc"
-        std_t = torch.tensor(std).view(1, 3, 1, 1)
-        self.register_buffer("scale", 1.0 / (255.0 * std_t))
-        self.register_buffer("shift", torch.tensor(mean).view(1, 3, 1, 1) / std_t)
+        scale, shift = folded_normalization(mean, std)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.nhwc:
@@ -111,8 +111,6 @@ class InferenceGraph(nn.Module):
 def reference_logits(model: MultiExpertNet, experts: tuple[int, ...], images: torch.Tensor,
                      layout: str) -> torch.Tensor:
     """What every export must reproduce: the mean of the chosen experts' FP32 logits from the training network,
-    with the test-time normalization of train.data.transforms applied to the same pixels."""
-    x = images.permute(0, 3, 1, 2) if layout == "uint8-nhwc" else images
-    x = F.normalize(F.to_dtype(x, torch.float32, scale=True) if x.dtype == torch.uint8 else x / 255.0,
-                    model.spec.mean, model.spec.std)
+    with the test-time normalization of expertfuse.preprocess applied to the same pixels."""
+    x = normalize_pixels(images, model.spec.mean, model.spec.std, layout)
     return model.eval()(x)[:, list(experts)].mean(1)

@@ -21,12 +21,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.common import (ExportJob, add_common_args, check_parity, default_name, metadata, pick_fastest, prepare,
+from export.common import (ExportJob, add_common_args, check_parity, default_name, metadata, prepare,
                            print_summary, serving_options, signature, test_images)
 from export.graph import InferenceGraph
 from serve.repository import RepositoryError, ServingOptions, model_config, write_model, write_naive_ensemble
-from train.cli import run_cli
-from train.errors import UserError
+from expertfuse.cli import run_cli
+from expertfuse.timing import pick_fastest
+from expertfuse.errors import UserError
 
 DEFAULT_OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom

@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.common import (add_common_args, check_parity, metadata, pick_fastest, prepare, print_summary,
+from export.common import (add_common_args, check_parity, metadata, prepare, print_summary,
                            serving_options, signature, test_images)
 from export.onnx import DEFAULT_OPSET, export_graph, onnx_file
 from serve.repository import RepositoryError, model_config, write_model
-from train.cli import run_cli
-from train.errors import UserError
+from expertfuse.cli import run_cli
+from expertfuse.timing import pick_fastest
+from expertfuse.errors import UserError
 
 INSTALL_HINT = "pip install expertfuse[trt] on a machine with an NVIDIA GPU"
 

@@ -9,7 +9,7 @@ from PIL import Image
 from train.data.datasets import DataOptions, build_data, read_image_list
 from train.data.synthetic import synthesize
 from train.data.transforms import eval_transform, train_transform
-from train.errors import UserError
+from expertfuse.errors import UserError
 from train.models import ModelSpec
 
 

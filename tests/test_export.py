@@ -207,8 +207,8 @@ def test_large_models_use_the_external_data_layout(tmp_path, monkeypatch):
 
 def test_auto_fusion_keeps_the_candidate_fastest_over_both_batch_sizes():
     import time
-    from export.common import pick_fastest
+    from expertfuse.timing import pick_fastest
     delays = {"loop": {1: 0.002, 8: 0.004}, "grouped": {1: 0.001, 8: 0.005}}  # geometric means: 2.83 vs 2.24 ms
     runners = {name: (lambda x, d=d: time.sleep(d[len(x)])) for name, d in delays.items()}
-    best, medians = pick_fastest(runners, {1: np.zeros(1), 8: np.zeros(8)}, rounds=2, repeats=2)
+    best, medians = pick_fastest(runners, {1: np.zeros(1), 8: np.zeros(8)}, budget_s=0.5)
     assert best == "grouped" and medians["loop"][8] >= 0.004

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from train.data.longtail import group_accuracy, longtail_counts, select_longtail, shot_groups
-from train.errors import UserError
+from expertfuse.errors import UserError
 
 
 @pytest.mark.parametrize("imb, total", [(100, 10_847), (50, 12_608), (10, 19_573)])

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torchvision
 
-from train.errors import UserError
+from expertfuse.errors import UserError
 from train.models import ModelSpec, build_model
 from train.models.heads import CosineHead, LWSHead
 

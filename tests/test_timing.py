@@ -1,6 +1,6 @@
 import pytest
 
-from bench.timing import Measurement, measure, windows_agree
+from expertfuse.timing import Measurement, measure, windows_agree
 
 
 def test_windows_agree_needs_three_close_windows():

@@ -1,7 +1,7 @@
 """python -m train: train a multi-expert long-tailed classifier and write <out>/<method>.pt."""
 import sys
 
-from train.cli import run_cli
+from expertfuse.cli import run_cli
 from train.config import config_from_args
 from train.engine import train
 

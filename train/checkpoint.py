@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from train.errors import UserError
+from expertfuse.errors import UserError
 from train.models import ModelSpec, MultiExpertNet, build_model
 
 FORMAT = "expertfuse-checkpoint"

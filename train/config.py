@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from train.errors import UserError
+from expertfuse.errors import UserError
 
 
 def _opt(default, help: str, **kw):
@@ -65,6 +65,7 @@ class TrainConfig:
     warmup_start: float = _opt(1.0 / 3, "LR factor the warmup starts from (NCL 1/3; SHIKE 1/6)")
     milestones: list[int] = _opt([320, 360], "multistep: epochs where the lr is multiplied by 0.1")
     eta_min: float = _opt(1e-4, "cosine: final learning rate")
+    drop_last: bool = _opt(True, "drop the last incomplete training batch (SHIKE's official loaders keep it)")
     seed: int = _opt(42, "random seed")
     amp: str = _opt("auto", "mixed precision: auto (bf16 on CUDA if supported, else fp16) | bf16 | fp16 | off")
     channels_last: bool = _opt(True, "channels_last memory format on CUDA")

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from train.checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
-from train.cli import run_cli
+from expertfuse.cli import run_cli
 from train.data.datasets import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD
 from train.data.longtail import longtail_counts
-from train.errors import UserError
+from expertfuse.errors import UserError
 from train.models.backbones import stage_names
 from train.models.spec import CIFAR_ARCHS, ModelSpec
 

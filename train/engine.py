@@ -20,7 +20,7 @@ from train.config import TrainConfig
 from train.data.datasets import DataOptions, build_data
 from train.data.longtail import group_accuracy, shot_groups
 from train.data.transforms import eval_transform, train_transform
-from train.errors import UserError
+from expertfuse.errors import UserError
 from train.methods import get_method
 from train.models import ModelSpec, build_model
 from train.models.backbones import load_torchvision_weights
@@ -279,7 +279,7 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
             sampler = DistributedSampler(data.train, env.world, env.rank, shuffle=True, seed=cfg.seed) \
                 if env.world > 1 else RandomSampler(data.train, generator=generator)
         return sampler, DataLoader(data.train, batch, sampler=sampler, num_workers=cfg.workers, pin_memory=use_cuda,
-                                   drop_last=len(data.train) > batch * env.world, generator=generator,
+                                   drop_last=cfg.drop_last and len(data.train) > batch * env.world, generator=generator,
                                    persistent_workers=cfg.workers > 0)
 
     sampler, loader = build_loader(stages[current])

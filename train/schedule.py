@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from train.errors import UserError
+from expertfuse.errors import UserError
 
 SCHEDULES = ("multistep", "cosine", "warmup-cosine")
 

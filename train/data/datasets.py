@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from train.data import synthetic
 from train.data.longtail import longtail_counts, select_longtail
-from train.errors import UserError
+from expertfuse.errors import UserError
 
 DATASETS = ("synthetic", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018", "imagefolder")
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from train.errors import UserError
+from expertfuse.errors import UserError
 
 PROFILES = ("exp", "step")
 SUBSET_MODES = ("shuffle", "first")

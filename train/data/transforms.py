@@ -1,6 +1,6 @@
 """Augmentation presets (torchvision.transforms.v2) and the test-time preprocessing of an image.
 
-`eval_transform(spec)` is test-time preprocessing: serve.preprocess's pixel transform (resize the
+`eval_transform(spec)` is test-time preprocessing: expertfuse.preprocess's pixel transform (resize the
 shorter side, center crop), then scale to [0, 1] and normalize with spec.mean/std. Exported graphs
 fold the normalization in and clients apply the same pixel transform.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from serve.preprocess import pixel_transform
-from train.errors import UserError
+from expertfuse import preprocess
+from expertfuse.errors import UserError
 from train.models.spec import ModelSpec
 
 AUGMENTATIONS = ("cifar", "cifar-basic", "imagenet", "none")
@@ -33,10 +33,6 @@ class Cutout(torch.nn.Module):
         return image
 
 
-def _to_normalized(mean, std) -> list:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-
-
 def train_transform(name: str, spec: ModelSpec) -> v2.Compose:
     size = spec.input_size
     if name == "cifar":
@@ -46,16 +42,16 @@ def train_transform(name: str, spec: ModelSpec) -> v2.Compose:
         return v2.Compose([v2.ToImage(), *ops])
     if name == "cifar-basic":
         return v2.Compose([v2.ToImage(), v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip(),
-                           *_to_normalized(spec.mean, spec.std)])
+                           *preprocess.normalize_ops(spec.mean, spec.std)])
     if name == "imagenet":
         # torchvision's RandAugment has no magnitude std (timm's mstd0.5): the closest documented match.
         return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
                            v2.RandomHorizontalFlip(), v2.ColorJitter(0.4, 0.4, 0.4, 0.0),
-                           v2.RandAugment(num_ops=2, magnitude=10), *_to_normalized(spec.mean, spec.std)])
+                           v2.RandAugment(num_ops=2, magnitude=10), *preprocess.normalize_ops(spec.mean, spec.std)])
     if name == "none":
         return eval_transform(spec)
     raise UserError(f"unknown augmentation {name!r}; choose from {', '.join(AUGMENTATIONS)}")
 
 
 def eval_transform(spec: ModelSpec) -> v2.Compose:
-    return v2.Compose([pixel_transform(spec.resize, spec.input_size), *_to_normalized(spec.mean, spec.std)])
+    return preprocess.eval_transform(spec.resize, spec.input_size, spec.mean, spec.std)

@@ -1,5 +1,5 @@
 """Method registry: name -> Method class. New methods register here and train through the same engine."""
-from train.errors import UserError
+from expertfuse.errors import UserError
 from train.methods.base import Method
 from train.methods.ce import CrossEntropy
 from train.methods.ecl import ECL

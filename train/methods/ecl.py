@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.errors import UserError
+from expertfuse.errors import UserError
 from train.methods.base import Method, balanced_logits, per_expert_ce
 from train.methods.ncl import MocoBranch
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.errors import UserError
+from expertfuse.errors import UserError
 from train.methods.base import Method, balanced_logits, per_expert_ce
 from train.models.heads import build_head
 from train.schedule import Stage, main_stage

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.errors import UserError
+from expertfuse.errors import UserError
 from train.models.backbones import StagedBackbone, build_backbone, stage_names
 from train.models.dkf import ShallowAligner, dkf_source, stage_channels
 from train.models.heads import build_head

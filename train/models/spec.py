@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from train.errors import UserError
+from expertfuse.errors import UserError
 
 CIFAR_ARCHS = ("resnet32", "resnet20", "resnet8")
 TORCHVISION_ARCHS = ("resnet50", "resnext50_32x4d", "resnet152")

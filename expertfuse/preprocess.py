@@ -1,0 +1,72 @@
+"""Image preprocessing, defined once: pixels -> the model's input, and pixels -> normalized tensor.
+
+A served model receives RGB uint8 pixels (shorter side resized to `resize`, center crop `size`) and
+normalizes them inside the graph with the checkpoint's mean/std. Training's evaluation, export's
+PyTorch reference, the client and tests all go through these functions, so all see the same numbers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+from expertfuse.errors import UserError
+
+
+def pixel_transform(resize: int, size: int) -> v2.Compose:
+    """PIL image / HWC uint8 array -> uint8 tensor [3, size, size]."""
+    return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
+
+
+def normalize_ops(mean, std) -> list:
+    """uint8 [.., 3, H, W] -> float (x/255 - mean)/std: the ops training appends to its pixel pipelines."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def eval_transform(resize: int, size: int, mean, std) -> v2.Compose:
+    """Test-time preprocessing of one image, as the exported graph sees it after its own normalization."""
+    return v2.Compose([pixel_transform(resize, size), *normalize_ops(mean, std)])
+
+
+def normalize_pixels(pixels: torch.Tensor, mean, std, layout: str = "uint8-nhwc") -> torch.Tensor:
+    """A batch of graph inputs (uint8 NHWC, or float NCHW holding 0..255) -> normalized float NCHW."""
+    x = pixels.permute(0, 3, 1, 2) if layout == "uint8-nhwc" else pixels
+    x = x.to(torch.float32) / 255.0
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def folded_normalization(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) with normalize_pixels(x) == x * scale - shift: one multiply-add inside a graph."""
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return 1.0 / (255.0 * std_t), torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / std_t
+
+
+def to_model_input(pixels: torch.Tensor, layout: str) -> np.ndarray:
+    """uint8 [N,3,H,W] -> the graph's input: uint8 NHWC, or FP32 NCHW pixels 0..255 (numpy)."""
+    if layout in ("NHWC", "FORMAT_NHWC", "uint8-nhwc"):
+        return pixels.permute(0, 2, 3, 1).contiguous().numpy()
+    return pixels.float().numpy()
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """An image file as 8-bit RGB. 16-bit images (PNG 'I;16', 'I') are scaled to 8 bits, not clipped;
+    a file that is not an image is a UserError naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"{path} is not a readable image ({str(exc).splitlines()[0][:120]})") from None
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(np.round(array * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        top = 1.0 if array.max() <= 1.0 else 255.0
+        image = Image.fromarray(np.clip(np.round(array * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")

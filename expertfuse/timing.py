@@ -1,0 +1,176 @@
+"""Timing, defined once for export and bench.
+
+Two tools:
+- `measure`: one variant's latency distribution the way perf_analyzer measures, warm-up then timed
+  windows until three in a row agree (absolute p50/p90/p99 and throughput);
+- `interleave` + `ratio`: a comparison of variants that survives a noisy shared machine. The variants
+  run in short blocks, in a fresh random order every round, so load that comes and goes hits all of
+  them alike; a ratio is the ratio of medians with a 95% bootstrap interval over rounds (rounds are
+  resampled as pairs, keeping each round's variants together).
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+RELIABLE_HALF_WIDTH = 0.10  # a ratio whose 95% interval reaches further than +-10% is flagged unreliable
+
+
+@dataclass
+class Measurement:
+    latencies_s: list[float] = field(default_factory=list)  # per call, from the stable windows
+    window_means_s: list[float] = field(default_factory=list)
+    stable: bool = False
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q) * 1e3)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.latencies_s)
+
+    def summary(self, items_per_call: int) -> dict:
+        return {"p50_ms": self.percentile_ms(50), "p90_ms": self.percentile_ms(90), "p99_ms": self.percentile_ms(99),
+                "items_per_s": items_per_call / self.median_s, "stable": self.stable,
+                "windows": len(self.window_means_s), "calls": len(self.latencies_s)}
+
+
+def windows_agree(means: list[float], tolerance: float) -> bool:
+    """True when the last three window means are all within `tolerance` (relative) of their median."""
+    if len(means) < 3:
+        return False
+    last = means[-3:]
+    mid = statistics.median(last)
+    return all(abs(m - mid) <= tolerance * mid for m in last)
+
+
+def measure(fn: Callable[[int], object], *, warmup: int = 3, window_s: float = 1.0, min_calls: int = 3,
+            tolerance: float = 0.1, max_windows: int = 10) -> Measurement:
+    """Time fn(i) (i rotates the input buffer) in windows of >= window_s and >= min_calls calls."""
+    for i in range(warmup):
+        fn(i)
+    result, calls, windows = Measurement(), warmup, []
+    while len(result.window_means_s) < max_windows:
+        window, started = [], time.perf_counter()
+        while len(window) < min_calls or time.perf_counter() - started < window_s:
+            t0 = time.perf_counter()
+            fn(calls)
+            window.append(time.perf_counter() - t0)
+            calls += 1
+        windows.append(window)
+        result.window_means_s.append(statistics.fmean(window))
+        if windows_agree(result.window_means_s, tolerance):
+            result.stable = True
+            break
+    result.latencies_s = [t for w in windows[-3:] for t in w]
+    return result
+
+
+@dataclass
+class Interleaved:
+    """Per-call latencies of several variants, [round][call] each, measured in alternating blocks."""
+    samples_s: dict[str, list[list[float]]]
+
+    @property
+    def rounds(self) -> int:
+        return len(next(iter(self.samples_s.values())))
+
+    def median_s(self, name: str) -> float:
+        return float(np.median([t for block in self.samples_s[name] for t in block]))
+
+    def summary(self, name: str, items_per_call: int) -> dict:
+        flat = np.array([t for block in self.samples_s[name] for t in block])
+        return {"p50_ms": float(np.percentile(flat, 50) * 1e3), "p90_ms": float(np.percentile(flat, 90) * 1e3),
+                "p99_ms": float(np.percentile(flat, 99) * 1e3), "items_per_s": items_per_call / float(np.median(flat)),
+                "calls": int(flat.size), "rounds": self.rounds}
+
+
+def interleave(variants: dict[str, Callable[[int], object]], *, calls_per_block: int = 3, warmup: int = 2,
+               min_rounds: int = 10, max_rounds: int = 200, budget_s: float = 10.0, seed: int = 0) -> Interleaved:
+    """Run every variant in blocks of `calls_per_block` calls, all variants once per round in a random order,
+    for at least `min_rounds` rounds and then until `budget_s` seconds or `max_rounds` have passed."""
+    rng = random.Random(seed)
+    names = list(variants)
+    for name in names:
+        for i in range(warmup):
+            variants[name](i)
+    samples: dict[str, list[list[float]]] = {name: [] for name in names}
+    started, call = time.perf_counter(), warmup
+    while len(samples[names[0]]) < max_rounds and (
+            len(samples[names[0]]) < min_rounds or time.perf_counter() - started < budget_s):
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
+            block = []
+            for _ in range(calls_per_block):
+                t0 = time.perf_counter()
+                variants[name](call)
+                block.append(time.perf_counter() - t0)
+                call += 1
+            samples[name].append(block)
+    return Interleaved(samples)
+
+
+@dataclass
+class Ratio:
+    """numerator / denominator of median latencies, with its 95% bootstrap interval."""
+    value: float
+    low: float
+    high: float
+    rounds: int
+    samples: int
+
+    @property
+    def half_width(self) -> float:
+        """The interval's larger relative distance from the value."""
+        return max(self.high / self.value - 1, 1 - self.low / self.value) if self.value > 0 else float("inf")
+
+    @property
+    def reliable(self) -> bool:
+        return self.half_width <= RELIABLE_HALF_WIDTH
+
+    def to_dict(self) -> dict:
+        return {"ratio": self.value, "ci95": [self.low, self.high], "rounds": self.rounds, "samples": self.samples,
+                "reliable": self.reliable}
+
+    def describe(self) -> str:
+        flag = "" if self.reliable else " UNRELIABLE (interval wider than +-10%)"
+        return f"{self.value:.2f}x [{self.low:.2f}, {self.high:.2f}] (n={self.samples}){flag}"
+
+
+def ratio_of_medians(numerator: list[list[float]], denominator: list[list[float]], *, boot: int = 2000,
+                     seed: int = 0) -> Ratio:
+    """median(numerator) / median(denominator) over paired rounds, bootstrapping rounds for the interval."""
+    rounds = min(len(numerator), len(denominator))
+    num = [np.asarray(b) for b in numerator[:rounds]]
+    den = [np.asarray(b) for b in denominator[:rounds]]
+    value = float(np.median(np.concatenate(num)) / np.median(np.concatenate(den)))
+    rng = np.random.default_rng(seed)
+    stats = np.empty(boot)
+    for i in range(boot):
+        pick = rng.integers(0, rounds, rounds)
+        stats[i] = np.median(np.concatenate([num[j] for j in pick])) / np.median(np.concatenate([den[j] for j in pick]))
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return Ratio(value, float(low), float(high), rounds, int(sum(len(b) for b in num) + sum(len(b) for b in den)))
+
+
+def ratio(result: Interleaved, numerator: str, denominator: str, **kwargs) -> Ratio:
+    """The latency ratio numerator / denominator of two interleaved variants."""
+    return ratio_of_medians(result.samples_s[numerator], result.samples_s[denominator], **kwargs)
+
+
+def pick_fastest(runners: dict[str, Callable[[np.ndarray], object]], inputs: dict[int, np.ndarray],
+                 budget_s: float = 6.0) -> tuple[str, dict[str, dict[int, float]]]:
+    """The candidate with the lowest geometric-mean median latency over the batch sizes in `inputs`, every
+    (candidate, batch) pair interleaved with the others. Returns (best, medians in seconds)."""
+    variants = {(name, b): (lambda i, run=run, x=x: run(x)) for name, run in runners.items() for b, x in inputs.items()}
+    keyed = interleave({f"{n}@{b}": fn for (n, b), fn in variants.items()}, calls_per_block=2, min_rounds=5,
+                       budget_s=budget_s)
+    medians = {name: {b: keyed.median_s(f"{name}@{b}") for b in inputs} for name in runners}
+    score = {name: float(np.exp(np.mean(np.log(list(per.values()))))) for name, per in medians.items()}
+    return min(score, key=score.get), medians
