@@ -8,7 +8,7 @@ from bench.inprocess import check_parity, make_runner, sweep
 from export.common import job_for
 from bench.runners import TritonRunner
 from bench.served import parse_perf_analyzer_csv
-from tests.conftest import run_module
+from tests.helpers import run_module
 from train.checkpoint import load_checkpoint, save_checkpoint
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"

@@ -1,7 +1,7 @@
 import torch
 import pytest
 
-from tests.conftest import run_module
+from tests.helpers import run_module
 from train.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from train.models import ModelSpec, build_model
 

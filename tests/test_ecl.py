@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from export.common import job_for
-from tests.conftest import TINY_TRAIN
+from tests.helpers import TINY_TRAIN
 from tests.test_export import export_both_fusions
 from train.checkpoint import load_checkpoint
 from train.config import config_from_args

@@ -10,7 +10,7 @@ from export.common import job_for
 from export.graph import reference_logits
 from export.onnx import export_graph
 from serve.repository import parse
-from tests.conftest import run_module
+from tests.helpers import run_module
 from torchvision.transforms.v2 import functional as F
 
 from train.checkpoint import load_model, save_checkpoint

@@ -15,7 +15,7 @@ from PIL import Image
 from serve.repository import ServingOptions, TensorSpec, model_config, parse, read_config, render
 from serve.bundled import gpu_visible
 from serve.server import DEFAULT_IMAGE, TritonServer
-from tests.conftest import REPO, run_module
+from tests.helpers import REPO, run_module
 
 
 def local_logits(repo: Path, model: str, images: np.ndarray) -> np.ndarray:

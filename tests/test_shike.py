@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from export.common import job_for
-from tests.conftest import run_module
+from tests.helpers import run_module
 from tests.test_export import export_both_fusions, make_checkpoint
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from tests.conftest import run_module
+from tests.helpers import run_module
 from tests.test_export import ort_logits
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args

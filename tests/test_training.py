@@ -2,7 +2,7 @@ import csv
 
 import torch
 
-from tests.conftest import TINY_TRAIN, run_module
+from tests.helpers import TINY_TRAIN, run_module
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
 from train.engine import train
