@@ -32,7 +32,8 @@ def process_start(pid: int) -> str | None:
 
 def die_with_launcher():
     """A preexec_fn: the child gets SIGTERM when the launcher dies (Linux), and exits at once if it
-    already has. None elsewhere, where the next start's cleanup is the only tie."""
+    already has. The kernel watches the thread that started the child, so start servers from a
+    thread that lives as long as they should. None elsewhere: there the next start's cleanup is the only tie."""
     if not sys.platform.startswith("linux"):
         return None
     prctl, launcher = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()

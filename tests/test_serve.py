@@ -136,8 +136,8 @@ def test_client_cli_classifies_a_real_image_file(triton, tmp_path):
     (tmp_path / "broken.jpg").write_text("not an image")
     proc = run_module("serve.client", "--url", triton.endpoints.http, "--model", "ncl", str(tmp_path / "broken.jpg"),
                       check=False)
-    assert proc.returncode == 2 and _one_line(proc.stderr) == f"error: {tmp_path / 'broken.jpg'} is not a readable " \
-        "image (cannot identify image file " + repr(str(tmp_path / "broken.jpg")) + ")"
+    assert proc.returncode == 2
+    assert _one_line(proc.stderr).startswith(f"error: {tmp_path / 'broken.jpg'} is not a readable image (cannot identify")
     proc = run_module("serve.client", "--url", triton.endpoints.grpc, "--protocol", "grpc", "--model", "nope",
                       str(tmp_path / "cat.jpg"), check=False)
     assert proc.returncode == 2 and "is not served" in _one_line(proc.stderr) and "ncl_naive" in proc.stderr
