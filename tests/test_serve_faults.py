@@ -13,6 +13,7 @@ from pathlib import Path
 
 
 from serve.lifetime import RECORD, RUN_PREFIX, clean_stale_runs
+from serve.repository import ServingOptions, TensorSpec, model_config, write_config
 from tests.conftest import REPO
 
 PORTS = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
@@ -159,12 +160,12 @@ def test_ports_held_by_another_server_are_refused(triton, exported_repository):
     assert_nothing_left(launcher.proc.pid)
 
 
-def test_failed_models_are_named_with_tritons_reason(tmp_path, exported_repository):
+def test_failed_models_are_named_with_tritons_reason(tmp_path):
     repo = tmp_path / "repo"
     for name in ("corrupt", "missing"):
         (repo / name / "1").mkdir(parents=True)
-        text = (exported_repository / "ncl" / "config.pbtxt").read_text().replace('name: "ncl"', f'name: "{name}"')
-        (repo / name / "config.pbtxt").write_text(text)
+        write_config(repo / name, model_config(name, "onnxruntime_onnx", [TensorSpec("image", "UINT8", [32, 32, 3], "NHWC")],
+                                               [TensorSpec("logits", "FP32", [10])], ServingOptions()))
     (repo / "corrupt" / "1" / "model.onnx").write_bytes(b"not an onnx file")
     launcher = Launcher(repo)
     line = one_line(launcher.finish()[1])
