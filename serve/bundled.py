@@ -15,7 +15,7 @@ import sysconfig
 from pathlib import Path
 
 from serve.backends import ONNX_MODEL
-from serve.repository import LABELS_FILE, RepositoryError, read_config, render, versions
+from serve.repository import LABELS_FILE, RepositoryError, model_folders, read_config, versions, write_config
 
 
 def bundled_root() -> Path | None:
@@ -58,13 +58,8 @@ def gpu_visible() -> bool:
 
 def runtime_repository(source: Path, into: Path) -> list[str]:
     """Mirror `source` into `into` for the python-backend-only server. Returns notes on what changed."""
-    if not source.is_dir():
-        raise RepositoryError(f"model repository not found: {source}")
     notes = []
-    models = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not models:
-        raise RepositoryError(f"{source} holds no models (export one with python -m export.onnx)")
-    for model_dir in models:
+    for model_dir in model_folders(source):
         cfg = read_config(model_dir)
         target = into / model_dir.name
         if cfg.platform == "tensorrt_plan" or cfg.backend == "tensorrt":
@@ -85,7 +80,7 @@ def runtime_repository(source: Path, into: Path) -> list[str]:
                 (target / str(v)).mkdir()
                 (target / str(v) / "model.onnx").symlink_to((model_dir / str(v) / "model.onnx").resolve())
                 shutil.copy(ONNX_MODEL, target / str(v) / "model.py")
-            (target / "config.pbtxt").write_text(render(cfg))
+            write_config(target, cfg)
             if (model_dir / LABELS_FILE).is_file():
                 (target / LABELS_FILE).symlink_to((model_dir / LABELS_FILE).resolve())
         else:  # python models and ensembles run as they are

@@ -1,9 +1,11 @@
 """python -m serve.client: classify image files through a running Triton.
 
-  python -m serve.client --url 127.0.0.1:8000 --protocol http|grpc --model ncl [--topk 5] [--batch-size 8] [--json] IMAGE|DIR...
+  python -m serve.client [-u|--url] 127.0.0.1:8000 [-i|--protocol] http|grpc [-m|--model] ncl
+      [-x|--model-version N] [--topk 5] [--batch-size 8] [--json] IMAGE|DIR...
 
-Reads images with PIL, applies the model's preprocessing (resize / center crop to the input size the
-model records), sends batches, and asks for the top-k through Triton's classification extension.
+Reads images as 8-bit RGB (16-bit ones scaled), applies the model's preprocessing (resize / center
+crop to the sizes its metadata records), sends batches, and asks for the top-k through Triton's
+classification extension. The short flags are those of NVIDIA's image_client.
 """
 from __future__ import annotations
 
@@ -12,18 +14,23 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from expertfuse.preprocess import pixel_transform, to_model_input
+from expertfuse.cli import run_cli
+from expertfuse.contract import KEY_PREFIX, ModelMetadata
+from expertfuse.errors import UserError
+from expertfuse.preprocess import load_rgb, pixel_transform, to_model_input
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+# The metadata fields the client reads: preprocessing only, so models exported before the contract still classify.
+PREPROCESSING_FIELDS = ("mean", "std", "input_size", "resize")
 
 
-class ClientError(Exception):
-    """Unreachable server, unknown model, unreadable image: one line, exit code 2."""
+class ClientError(UserError):
+    """Unreachable server, unknown model, unreadable image, bad flag: one line, exit code 2."""
 
 
 def _client_module(protocol: str):
@@ -32,49 +39,86 @@ def _client_module(protocol: str):
     elif protocol == "grpc":
         import tritonclient.grpc as module
     else:
-        raise ClientError("--protocol must be http or grpc")
+        raise ClientError(f"--protocol must be http or grpc, not {protocol!r}")
     return module
+
+
+def server_address(url: str) -> str:
+    """'host:port' from what users paste: 'host:port', 'http://host:port/v2', 'grpc://host:port'."""
+    parts = urlsplit(url if "://" in url else f"//{url}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme not in ("", "http", "grpc") or not parts.hostname or port is None:
+        raise ClientError(f"--url {url!r} is not a Triton address: give host:port, e.g. 127.0.0.1:8000 "
+                          "(HTTP) or 127.0.0.1:8001 (gRPC)")
+    return f"{parts.hostname}:{port}"
 
 
 @dataclass
 class ModelInfo:
-    """What the client needs from the model's config: its image input and preprocessing."""
+    """What the client needs from the model's config: its image input, preprocessing and classes."""
     name: str
+    version: str
     input_name: str
     datatype: str
     layout: str  # NHWC | NCHW
     size: int
     resize: int
     output: str
+    classes: int
     max_batch_size: int
 
 
-def model_info(client, protocol: str, model: str, url: str) -> ModelInfo:
+def _reachable(client, protocol: str, url: str) -> None:
+    try:
+        live = client.is_server_live()
+    except Exception as exc:  # noqa: BLE001 - connection errors differ per protocol and library version
+        raise ClientError(f"cannot reach Triton at {url} over {protocol}: {str(exc).splitlines()[0][:160]} "
+                          f"(is python -m serve running, and is this its {protocol} port?)") from None
+    if not live:
+        raise ClientError(f"Triton at {url} is not live; wait for it or restart python -m serve")
+
+
+def _model_config(client, protocol: str, model: str, version: str, url: str) -> dict:
     module = _client_module(protocol)
     try:
-        if not client.is_server_live():
-            raise ClientError(f"Triton at {url} is not live")
-    except ClientError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - connection errors differ per protocol and library version
-        raise ClientError(f"cannot reach Triton at {url} over {protocol}: {str(exc).splitlines()[0][:160]}") from None
-    try:
-        cfg = client.get_model_config(model)
+        cfg = client.get_model_config(model, version)
     except module.InferenceServerException as exc:
         served = [m["name"] if isinstance(m, dict) else m.name for m in _index(client, protocol)]
-        raise ClientError(f"model {model!r} is not served at {url} (served: {', '.join(served) or 'none'}): "
-                          f"{exc.message()[:120]}") from None
+        raise ClientError(f"model {model!r}{f' version {version}' if version else ''} is not served at {url} "
+                          f"(served: {', '.join(served) or 'none'}): {exc.message()[:120]}") from None
     if protocol == "grpc":
         from google.protobuf.json_format import MessageToDict
         cfg = MessageToDict(cfg.config, preserving_proto_field_name=True)
+    return cfg
+
+
+def preprocessing_sizes(params: dict, model: str, input_size: int) -> tuple[int, int]:
+    """(resize, crop) from the model's expertfuse metadata; a model without any is cropped to its input."""
+    props = {f"{KEY_PREFIX}{f}": params[f"{KEY_PREFIX}{f}"]["string_value"] for f in PREPROCESSING_FIELDS
+             if f"{KEY_PREFIX}{f}" in params}
+    if not props:
+        return input_size, input_size
+    try:
+        meta = ModelMetadata.from_properties(props, classes=[])
+    except (UserError, ValueError) as exc:
+        raise ClientError(f"model {model!r}: unreadable metadata ({str(exc)[:120]}); re-export it with "
+                          "python -m export.onnx") from None
+    return int(meta.resize), int(meta.input_size)
+
+
+def model_info(client, protocol: str, model: str, url: str, version: str = "") -> ModelInfo:
+    _reachable(client, protocol, url)
+    cfg = _model_config(client, protocol, model, version, url)
     image = cfg["input"][0]
     dims = [int(d) for d in image["dims"]]
     layout = image.get("format", "FORMAT_NCHW" if dims[0] == 3 else "FORMAT_NHWC").removeprefix("FORMAT_")
-    size = dims[0] if layout == "NHWC" else dims[1]
-    params = cfg.get("parameters", {})
-    resize = int(params.get("expertfuse_resize", {}).get("string_value", size))
-    return ModelInfo(model, image["name"], image["data_type"].removeprefix("TYPE_"), layout, size, resize,
-                     cfg["output"][0]["name"], int(cfg.get("max_batch_size", 0)))
+    resize, size = preprocessing_sizes(cfg.get("parameters", {}), model, dims[0] if layout == "NHWC" else dims[1])
+    output = cfg["output"][0]
+    return ModelInfo(model, version, image["name"], image["data_type"].removeprefix("TYPE_"), layout, size, resize,
+                     output["name"], int(output["dims"][-1]), int(cfg.get("max_batch_size", 0)))
 
 
 def _index(client, protocol: str):
@@ -87,26 +131,22 @@ def collect_images(paths: list[str]) -> list[Path]:
     for text in paths:
         path = Path(text)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ClientError(f"no images found in {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))}); "
+                                  "give image files or a folder holding some")
+            files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
             raise ClientError(f"no such image or folder: {path}")
-    if not files:
-        raise ClientError("no images found")
     return files
 
 
 def load_pixels(files: list[Path], info: ModelInfo) -> torch.Tensor:
+    """The images as uint8 [N, 3, size, size] (load_rgb: 8-bit RGB, 16-bit scaled, non-images named)."""
     transform = pixel_transform(info.resize, info.size)
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                images.append(transform(im.convert("RGB")))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ClientError(f"cannot read image {f}: {exc}") from None
-    return torch.stack(images)
+    return torch.stack([transform(load_rgb(f)) for f in files])
 
 
 def parse_classification(entries) -> list[dict]:
@@ -119,13 +159,26 @@ def parse_classification(entries) -> list[dict]:
     return result
 
 
-def classify(url: str, protocol: str, model: str, files: list[Path], topk: int = 5, batch_size: int = 8) -> list[dict]:
+def cap_topk(topk: int, info: ModelInfo) -> int:
+    """More predictions than the model has classes are capped, and the user is told."""
+    if topk > info.classes:
+        print(f"note: --topk {topk} is more than model {info.name!r}'s {info.classes} classes; showing all "
+              f"{info.classes}", file=sys.stderr)
+    return min(topk, info.classes)
+
+
+def classify(url: str, protocol: str, model: str, files: list[Path], topk: int = 5, batch_size: int = 8,
+             version: str = "") -> list[dict]:
     module = _client_module(protocol)
+    if topk < 1 or batch_size < 1:
+        raise ClientError(f"--topk and --batch-size must be at least 1, got {topk} and {batch_size}")
+    url = server_address(url)
     client = module.InferenceServerClient(url)
     try:
-        info = model_info(client, protocol, model, url)
+        info = model_info(client, protocol, model, url, version)
+        topk = cap_topk(topk, info)
         pixels = load_pixels(files, info)
-        batch_size = max(1, min(batch_size, info.max_batch_size or batch_size))
+        batch_size = min(batch_size, info.max_batch_size or batch_size)
         results = []
         for start in range(0, len(files), batch_size):
             batch = to_model_input(pixels[start:start + batch_size], info.layout)
@@ -135,9 +188,9 @@ def classify(url: str, protocol: str, model: str, files: list[Path], topk: int =
             request.set_data_from_numpy(batch)
             output = module.InferRequestedOutput(info.output, class_count=topk)
             try:
-                response = client.infer(model, [request], outputs=[output])
+                response = client.infer(model, [request], model_version=version, outputs=[output])
             except module.InferenceServerException as exc:
-                raise ClientError(f"inference failed: {exc.message()[:200]}") from None
+                raise ClientError(f"inference on {model!r} failed: {exc.message()[:200]}") from None
             for f, row in zip(files[start:start + batch_size], response.as_numpy(info.output)):
                 results.append({"file": str(f), "predictions": parse_classification(row)})
         return results
@@ -145,30 +198,31 @@ def classify(url: str, protocol: str, model: str, files: list[Path], topk: int =
         client.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m serve.client", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="127.0.0.1:8000", help="host:port of Triton's HTTP or gRPC endpoint")
-    p.add_argument("--protocol", default="http", choices=["http", "grpc"])
-    p.add_argument("--model", required=True)
+    p.add_argument("-u", "--url", default="127.0.0.1:8000", help="host:port of Triton's HTTP or gRPC endpoint "
+                   "(a pasted http://host:port/v2 is accepted)")
+    p.add_argument("-i", "--protocol", default="http", type=str.lower, choices=["http", "grpc"])
+    p.add_argument("-m", "--model", required=True)
+    p.add_argument("-x", "--model-version", default="", help="version to use (default: the server's choice)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print JSON instead of 'file  label  score' lines")
     p.add_argument("images", nargs="+", help="image files or folders")
-    a = p.parse_args(argv)
-    try:
-        results = classify(a.url, a.protocol, a.model, collect_images(a.images), a.topk, a.batch_size)
-    except ClientError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    results = classify(a.url, a.protocol, a.model, collect_images(a.images), a.topk, a.batch_size, a.model_version)
     if a.json:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
             for pred in r["predictions"]:
                 print(f"{r['file']}  {pred['label']}  {pred['score']:.4f}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -17,11 +17,14 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from expertfuse.contract import check_model_name
+from expertfuse.errors import UserError
+
 LABELS_FILE = "labels.txt"
-ARTIFACTS = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan", "python": "model.py"}
+CONFIG_FILE = "config.pbtxt"
 
 
-class RepositoryError(Exception):
+class RepositoryError(UserError):
     """A repository that cannot be written or read as asked (one-line message)."""
 
 
@@ -114,19 +117,49 @@ def render(cfg: pb.ModelConfig) -> str:
     return text_format.MessageToString(cfg)
 
 
+def write_config(model_dir: Path, cfg: pb.ModelConfig) -> Path:
+    """Write `model_dir`/config.pbtxt atomically (temporary file + rename) and check that it parses back;
+    every config.pbtxt of the project (export's repository, serve's runtime repository) is written here."""
+    path = Path(model_dir) / CONFIG_FILE
+    text = render(cfg)
+    parse(text)
+    partial = path.with_name(f".{CONFIG_FILE}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+    return path
+
+
 def parse(text: str) -> pb.ModelConfig:
     """Parse config.pbtxt text the way Triton does (protobuf text format); raises on any typo."""
     return text_format.Parse(text, pb.ModelConfig())
 
 
 def read_config(model_dir: Path) -> pb.ModelConfig:
-    path = Path(model_dir) / "config.pbtxt"
+    path = Path(model_dir) / CONFIG_FILE
     try:
         return parse(path.read_text())
     except OSError:
         raise RepositoryError(f"{path}: cannot read") from None
     except text_format.ParseError as exc:
         raise RepositoryError(f"{path}: {exc}") from None
+
+
+def model_folders(repo: Path) -> list[Path]:
+    """The model folders Triton will load from `repo`, each name checked first: a name Triton cannot
+    serve would otherwise hang its start (the python-backend stub crashes on it)."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise RepositoryError(f"model repository not found: {repo} (export one with python -m export.onnx)")
+    models = sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not models:
+        raise RepositoryError(f"{repo} holds no models (export one with python -m export.onnx)")
+    for model in models:
+        try:
+            check_model_name(model.name)
+        except UserError as exc:
+            raise RepositoryError(f"{repo}: {exc}; rename the folder {model.name!r} (and the name in its "
+                                  f"{CONFIG_FILE})") from None
+    return models
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -160,10 +193,9 @@ def write_model(repo: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], lab
         (staged / str(version)).mkdir()
         for name, source in artifacts.items():
             shutil.move(str(source), staged / str(version) / name)
-        (staged / "config.pbtxt").write_text(render(cfg))
+        write_config(staged, cfg)
         if labels is not None:
             (staged / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
-        parse((staged / "config.pbtxt").read_text())
         trash = staging / "previous"
         if final.exists():
             os.rename(final, trash)

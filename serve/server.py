@@ -1,17 +1,22 @@
 """Start, watch and stop a Triton server: a tritonserver on PATH, the NGC container, or the bundled one.
 
-The server is started in its own session and stopped by its own pid (SIGTERM, then SIGKILL after a
-deadline); readiness is polled with a hard deadline so a server that cannot start never hangs us;
-python-backend shared-memory regions are removed by their per-server prefix.
+The server is started in its own session (process group) tied to the launcher's life (serve.lifetime)
+and stopped by its own pid (SIGTERM, then SIGKILL to its group after a grace period). Ports are
+checked free first and readiness is polled on our own live process with a hard deadline and a stop
+event, so a server that cannot start never hangs us and Ctrl-C works at any moment. Failures say
+which model failed and why, from the server's log. python-backend shared-memory regions are removed
+by their per-server prefix.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,14 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve.bundled import backend_directory, bundled_root, gpu_visible, runtime_repository, server_environment
-from serve.repository import RepositoryError
+from expertfuse.errors import UserError
+from serve.lifetime import RUN_PREFIX, clean_stale_runs, die_with_launcher, remove_shm, write_record
+from serve.repository import model_folders
 
 SERVERS = ("auto", "local", "docker", "bundled")
 DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 
 
-class ServerError(Exception):
-    """The server could not be chosen, started or reached (one line, plus the log tail where there is one)."""
+class ServerError(UserError):
+    """The server could not be chosen, started or kept running (one line; exit code 1)."""
+
+    exit_code = 1
+
+
+class StartCancelled(Exception):
+    """A stop was requested (Ctrl-C, SIGTERM) while the server was starting; it has been stopped."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -92,13 +105,16 @@ class Endpoints:
 class TritonServer:
     def __init__(self, repository: Path, mode: str = "bundled", host: str = "127.0.0.1", http_port: int = 0,
                  grpc_port: int = 0, metrics_port: int = 0, ready_timeout: float = 60.0, image: str = DEFAULT_IMAGE,
-                 log_file: Path | None = None, verbose: bool = False):
+                 log_file: Path | None = None, verbose: bool = False, stop_requested: threading.Event | None = None):
         self.repository = Path(repository).resolve()
         self.mode, self.image, self.ready_timeout, self.verbose = mode, image, ready_timeout, verbose
+        self.stop_requested = stop_requested or threading.Event()
         self.endpoints = Endpoints(host, http_port or free_port(), grpc_port or free_port(), metrics_port or free_port())
-        self.workdir = Path(tempfile.mkdtemp(prefix="expertfuse-triton-"))
+        clean_stale_runs()
+        self.workdir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX))
         self.log_file = Path(log_file) if log_file else self.workdir / "server.log"
         self.shm_prefix = f"expertfuse_{uuid.uuid4().hex[:8]}_"
+        write_record(self.workdir, self.shm_prefix)
         self.notes: list[str] = []
         self.process: subprocess.Popen | None = None
         self.container = f"expertfuse-{uuid.uuid4().hex[:8]}"
@@ -116,13 +132,11 @@ class TritonServer:
             root = bundled_root()
             runtime = self.workdir / "repository"
             runtime.mkdir()
-            try:
-                self.notes = runtime_repository(self.repository, runtime)
-                backends = backend_directory(root, self.workdir / "backends")
-            except RepositoryError as exc:
-                raise ServerError(str(exc)) from None
+            self.notes = runtime_repository(self.repository, runtime)
+            backends = backend_directory(root, self.workdir / "backends")
             return ([str(root / "bin" / "tritonserver"), *self._args(str(runtime)), f"--backend-directory={backends}",
                      "--pinned-memory-pool-byte-size=0", f"--log-file={self.log_file}"], server_environment())
+        model_folders(self.repository)  # the bundled path checks these while mirroring the repository
         if self.mode == "local":
             return ["tritonserver", *self._args(str(self.repository)), f"--log-file={self.log_file}"], dict(os.environ)
         e = self.endpoints
@@ -133,59 +147,98 @@ class TritonServer:
         return (["docker", "run", "--rm", "--name", self.container, *gpus, "--shm-size=1g", *ports,
                  "-v", f"{self.repository}:/models:ro", self.image, "tritonserver", *args], dict(os.environ))
 
+    def check_ports(self) -> None:
+        """Refuse ports another process listens on: its readiness answer would pass for ours."""
+        e = self.endpoints
+        flags = {"--http-port": e.http_port, "--grpc-port": e.grpc_port, "--metrics-port": e.metrics_port}
+        if len(set(flags.values())) < len(flags):
+            raise ServerError(f"{', '.join(f'{k} {v}' for k, v in flags.items())}: the three ports must differ")
+        host = e.client_host if self.mode == "docker" else (e.host or "0.0.0.0")
+        for flag, port in flags.items():
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+                try:
+                    s.bind((host, port))
+                except OSError as exc:
+                    raise ServerError(f"port {port} on {host} is not free ({exc.strerror}): stop the server holding it "
+                                      f"or choose another {flag} (0 picks a free one)") from None
+
     def start(self) -> "TritonServer":
+        """Start and wait until ready. ServerError (everything removed) if it cannot; StartCancelled
+        (everything stopped and removed) when stop_requested is set meanwhile."""
         try:
+            self.check_ports()
             command, env = self.command()
-        except ServerError:
+            with open(self.log_file, "ab") as log:  # what the server prints outside its --log-file lands here too
+                self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True, preexec_fn=die_with_launcher())
+            write_record(self.workdir, self.shm_prefix, self.process.pid)
+            self._wait_ready()
+        except BaseException:
+            self.stop(grace=3.0)
             self.cleanup()
             raise
-        with open(self.log_file, "ab") as log:  # what the server prints outside its --log-file lands here too
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._fail(f"Triton exited with code {self.process.returncode} before it was ready")
-            if self.ready():
-                return self
-            time.sleep(0.05)
-        self._fail(f"Triton was not ready within {self.ready_timeout:.0f} s")
+        return self
 
-    def _fail(self, reason: str) -> None:
-        tail = self.log_tail()
-        self.stop()
-        self.cleanup()
-        raise ServerError(f"{reason}; server log:\n{tail}")
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        while not self.stop_requested.is_set():
+            code = self.process.poll()
+            if code is not None:
+                raise ServerError(f"Triton {describe_exit(code)} before it was ready: {self.failure_reason()}")
+            if self.ready():
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(f"Triton was not ready within {self.ready_timeout:.0f} s: {self.failure_reason()}")
+            self.stop_requested.wait(0.05)
+        raise StartCancelled("stop requested while Triton was starting")
 
     def ready(self) -> bool:
+        """Our server (its process alive, so not another one on the port) answers ready."""
+        if self.process is None or self.process.poll() is not None:
+            return False
         try:
             with urllib.request.urlopen(f"http://{self.endpoints.http}/v2/health/ready", timeout=1) as r:
-                return r.status == 200
+                return r.status == 200 and self.process.poll() is None
         except (urllib.error.URLError, OSError):
             return False
 
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_file.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return "(no server log)"
-        return "\n".join(text[-lines:]) or "(empty server log)"
+    def failure_reason(self) -> str:
+        """Why the server failed, in one line: the models it could not load, or its last error line."""
+        log = self.log_text().replace(str(self.workdir / "repository"), str(self.repository))  # the mirror's paths
+        failed = load_failures(log)
+        hint = f"; fix or re-export the model, or move it out of {self.repository}" if failed else ""
+        if self.log_file.parent == self.workdir:
+            hint += " (--log-file FILE keeps the whole server log)"
+        return f"{failed or last_error(log)}{hint}"
 
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            if self.mode == "docker":
-                subprocess.run(["docker", "stop", "-t", "5", self.container], capture_output=True)
-            self.process.send_signal(signal.SIGTERM)
+    def log_text(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, then after `grace` seconds SIGKILL to the server's process group (its stubs too)."""
+        if self.process is not None:
+            if self.process.poll() is None:
+                if self.mode == "docker":
+                    subprocess.run(["docker", "stop", "-t", "5", self.container], capture_output=True)
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(grace)
+                except subprocess.TimeoutExpired:
+                    pass
             try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.process.wait()
         self.process = None
-        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
-            region.unlink(missing_ok=True)
+        remove_shm(self.shm_prefix)
 
     def cleanup(self) -> None:
-        """Remove the temporary runtime repository and log (after stop())."""
+        """Remove the temporary runtime repository, log and launcher record (after stop())."""
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "TritonServer":
@@ -194,3 +247,35 @@ class TritonServer:
     def __exit__(self, *exc) -> None:
         self.stop()
         self.cleanup()
+
+
+def describe_exit(code: int) -> str:
+    """'exited with code 1' | 'was killed by signal SIGKILL' (Popen's negative return codes)."""
+    if code < 0:
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+_LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version (\d+): (.*)")
+_NOISE = ("CudaDriverHelper", "CUDA driver version", "cudaGetDeviceCount")
+
+
+def load_failures(log: str) -> str:
+    """'model 'x' version 1 failed to load: <Triton's first line of reason>; ...' from a server log."""
+    failures = {}
+    for match in _LOAD_FAILURE.finditer(log):
+        reason = match.group(3).split("\\n")[0].rstrip('"').strip()
+        failures[(match.group(1), match.group(2))] = reason
+    return "; ".join(f"model {name!r} version {version} failed to load: {reason}"
+                     for (name, version), reason in failures.items())
+
+
+def last_error(log: str) -> str:
+    """The server's last error line (Triton's 'E' severity or 'error:'), else its last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip() and not any(n in line for n in _NOISE)]
+    errors = [line for line in lines if line.startswith("E") or line.lower().startswith("error")]
+    text = (errors or lines or ["the server log is empty"])[-1]
+    return text.split("] ", 1)[-1].strip('"')[:300]

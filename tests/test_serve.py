@@ -1,4 +1,6 @@
 import asyncio
+import json
+import os
 import subprocess
 import sys
 import time
@@ -7,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as httpclient
+from google.protobuf import text_format
 from PIL import Image
 
-from serve.repository import ServingOptions, TensorSpec, model_config, parse, read_config, render
+from serve.repository import ServingOptions, TensorSpec, model_config, parse, read_config, render, write_config
 from serve.bundled import gpu_visible
 from serve.server import DEFAULT_IMAGE, TritonServer
 from tests.helpers import REPO, run_module
@@ -33,7 +37,7 @@ def _infer(module, url, model, images, **output_kw):
         client.close()
 
 
-def test_every_written_config_parses_with_model_config_pb2(exported_repository):
+def test_every_written_config_parses_with_model_config_pb2(exported_repository, tmp_path):
     for model_dir in exported_repository.iterdir():
         text = (model_dir / "config.pbtxt").read_text()
         assert parse(text).name == model_dir.name
@@ -49,7 +53,8 @@ def test_every_written_config_parses_with_model_config_pb2(exported_repository):
     assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
     assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8] and list(cfg.version_policy.specific.versions) == [1, 3]
     assert cfg.instance_group[0].count == 2 and [w.batch_size for w in cfg.model_warmup] == [1, 8]
-    with pytest.raises(Exception):
+    assert read_config(write_config(tmp_path, cfg).parent) == cfg and os.listdir(tmp_path) == ["config.pbtxt"]
+    with pytest.raises(text_format.ParseError, match="max_batch_sise"):
         parse(text.replace("max_batch_size", "max_batch_sise"))
 
 
@@ -125,13 +130,53 @@ def test_client_cli_classifies_a_real_image_file(triton, tmp_path):
                           str(tmp_path))
         lines = proc.stdout.strip().splitlines()
         assert len(lines) == 3 and lines[0].startswith(f"{tmp_path / 'cat.jpg'}  pattern")
+    proc = run_module("serve.client", "-u", f"http://{triton.endpoints.grpc}/v2", "-i", "grpc", "-m", "ncl", "-x", "1",
+                      str(tmp_path / "cat.jpg"))  # image_client's flags; a URL pasted with scheme and path
+    assert proc.stdout.startswith(lines[0]) and not proc.stderr
     (tmp_path / "broken.jpg").write_text("not an image")
     proc = run_module("serve.client", "--url", triton.endpoints.http, "--model", "ncl", str(tmp_path / "broken.jpg"),
                       check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot read image")
+    assert proc.returncode == 2
+    assert _one_line(proc.stderr).startswith(f"error: {tmp_path / 'broken.jpg'} is not a readable image (cannot identify")
     proc = run_module("serve.client", "--url", triton.endpoints.grpc, "--protocol", "grpc", "--model", "nope",
                       str(tmp_path / "cat.jpg"), check=False)
-    assert proc.returncode == 2 and "is not served" in proc.stderr and "ncl_naive" in proc.stderr
+    assert proc.returncode == 2 and "is not served" in _one_line(proc.stderr) and "ncl_naive" in proc.stderr
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_client_refuses_bad_flags_in_one_line_and_says_when_it_caps_topk(triton, tmp_path):
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    (tmp_path / "empty").mkdir()
+    http = triton.endpoints.http
+    cases = [(["--topk", "0", str(tmp_path)], "--topk and --batch-size must be at least 1, got 0 and 8"),
+             (["--url", "https://127.0.0.1:1/v2", str(tmp_path)], "is not a Triton address: give host:port"),
+             ([str(tmp_path / "empty")], f"no images found in {tmp_path / 'empty'} (looked for")]
+    for args, message in cases:
+        proc = run_module("serve.client", "--url", http, "--model", "ncl", *args, check=False)
+        assert proc.returncode == 2 and message in _one_line(proc.stderr)
+    proc = run_module("serve.client", "--url", http, "--model", "ncl", "--topk", "1000", str(tmp_path / "grey.png"))
+    assert len(proc.stdout.strip().splitlines()) == 10
+    assert _one_line(proc.stderr) == "note: --topk 1000 is more than model 'ncl''s 10 classes; showing all 10"
+
+
+def test_client_scales_16_bit_grayscale_pngs_and_classifies_them_like_their_8_bit_version(triton, tmp_path):
+    from serve.client import ModelInfo, load_pixels
+    gray8 = np.random.RandomState(3).randint(0, 256, (40, 40), dtype=np.uint8)
+    Image.fromarray(gray8, mode="L").save(tmp_path / "gray8.png")
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gray16.png")  # full 16-bit range
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
+    info = ModelInfo("ncl", "", "image", "UINT8", "NHWC", 32, 36, "logits", 10, 16)
+    pixels8, pixels16 = load_pixels([tmp_path / "gray8.png", tmp_path / "gray16.png"], info)
+    assert torch.equal(pixels8, pixels16) and (pixels16 == 255).float().mean() < 0.05
+    proc = run_module("serve.client", "--url", triton.endpoints.http, "--model", "ncl", "--topk", "10", "--json",
+                      str(tmp_path / "gray8.png"), str(tmp_path / "gray16.png"))
+    eight, sixteen = json.loads(proc.stdout)
+    assert eight["predictions"] == sixteen["predictions"]
 
 
 def test_broken_repository_fails_fast_with_the_reason(tmp_path, exported_repository):
@@ -145,10 +190,10 @@ def test_broken_repository_fails_fast_with_the_reason(tmp_path, exported_reposit
     proc = run_module("serve", "--repository", str(broken), "--server", "bundled", "--http-port", "0", "--grpc-port", "0",
                       "--metrics-port", "0", check=False, timeout=120)
     assert proc.returncode == 1 and time.monotonic() - started < 60
-    assert "broken on purpose" in proc.stderr or "failed to load" in proc.stderr, proc.stderr
+    assert "model 'bad' version 1 failed to load" in _one_line(proc.stderr) and "broken on purpose" in proc.stderr
     (broken / "bad" / "config.pbtxt").write_text('name: "bad"\nmax_batch_sise: 4\n')
     proc = run_module("serve", "--repository", str(broken), "--server", "bundled", check=False)
-    assert proc.returncode == 1 and "max_batch_sise" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "max_batch_sise" in _one_line(proc.stderr)
 
 
 def test_stop_leaves_no_process_and_no_shared_memory(exported_repository):
@@ -163,7 +208,8 @@ def test_stop_leaves_no_process_and_no_shared_memory(exported_repository):
 
 
 def test_launcher_serves_until_sigterm(exported_repository):
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--repository", str(exported_repository), "--server", "bundled",
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-repository", str(exported_repository), "--server",
+                             "bundled",
                              "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -176,7 +222,7 @@ def test_launcher_serves_until_sigterm(exported_repository):
     text = "".join(lines) + out
     assert proc.returncode == 0, err
     assert "server: bundled" in text and "ncl v1 READY  image UINT8 [-1, 32, 32, 3] -> logits FP32 [-1, 10]" in text
-    assert "stopping" in text
+    assert "stopping (SIGTERM)" in text
 
 
 def test_models_meet_nvidia_image_client_requirements(triton):
@@ -199,9 +245,9 @@ def test_bundled_mode_refuses_tensorrt_plans(tmp_path):
     (model / "1" / "model.plan").write_bytes(b"\0")
     cfg = model_config("plan", "tensorrt_plan", [TensorSpec("image", "UINT8", [8, 8, 3], "NHWC")],
                        [TensorSpec("logits", "FP32", [4])], ServingOptions(instance_kind="gpu"))
-    (model / "config.pbtxt").write_text(render(cfg))
+    write_config(model, cfg)
     proc = run_module("serve", "--repository", str(tmp_path / "repo"), "--server", "bundled", check=False)
-    assert proc.returncode == 1 and "TensorRT plan" in proc.stderr and "--server local or docker" in proc.stderr
+    assert proc.returncode == 2 and "TensorRT plan" in _one_line(proc.stderr) and "--server local or docker" in proc.stderr
 
 
 def test_docker_command_mounts_the_repository_and_asks_for_gpus_only_when_present(exported_repository):
