@@ -110,7 +110,7 @@ def test_train_checks_a_config_built_in_code(tmp_path):
 
 def test_dataset_defaults_and_method_settings_yield_to_presets_and_flags():
     ncl = config_from_args(["--method", "ncl"])  # synthetic data: the demo's learning rate, not lr 0.1 multistep
-    assert (ncl.lr, ncl.schedule, ncl.hcm_n) == (0.02, "warmup-cosine", 3)
+    assert (ncl.lr, ncl.schedule, ncl.epochs) == (0.02, "warmup-cosine", 6)
     shike = config_from_args(["--method", "shike"])
     assert (shike.head, shike.head_scale, shike.shortcut, shike.shared_stages, shike.fusion) == \
         ("normed", 30.0, "B", 3, "dkf")

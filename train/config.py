@@ -153,9 +153,10 @@ def _example(name: str) -> str:
 
 
 # A dataset's sensible defaults when neither a preset nor a flag chose otherwise. Synthetic data: the demo
-# recipe (train/presets/ncl-synthetic.yaml); the generic lr 0.1 multistep diverges on it.
+# preset's lr 0.02 (train/presets/ncl-synthetic.yaml; the generic lr 0.1 multistep diverges on it) with the
+# 0-indexed cosine, so even a 1-epoch run trains at the peak rather than at the 1-indexed cosine's eta_min.
 DATASET_DEFAULTS = {
-    "synthetic": {"epochs": 6, "lr": 0.02, "schedule": "warmup-cosine", "warmup_epochs": 0, "hcm_n": 3},
+    "synthetic": {"epochs": 6, "lr": 0.02, "schedule": "warmup-cosine", "warmup_epochs": 0},
 }
 # What a method cannot train without (its official architecture), unless a preset or a flag says otherwise.
 METHOD_SETTINGS = {
