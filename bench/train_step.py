@@ -1,7 +1,8 @@
 """python -m bench.train_step: training throughput (images/s) of one optimizer step of a method.
 
-Default: NCL, 3 x ResNet-32, batch 64 of 32x32 images, CPU (CUDA with AMP and channels_last when
-present). Writes bench/results/train_step_<device>.json.
+Times the training engine's own step (train.training.loop.TrainStep, with the engine's optimizer and AMP
+choice) on batches already on the device. Default: NCL, 3 x ResNet-32, batch 64 of 32x32 images, CPU (CUDA
+with AMP and channels_last when present). Writes bench/results/train_step_<device>.json.
 """
 from __future__ import annotations
 
@@ -19,34 +20,31 @@ from train.config import TrainConfig
 from train.engine import amp_dtype
 from train.methods import get_method
 from train.models import ModelSpec, build_model
+from train.training.loop import TrainStep, build_optimizer
 
 
 def train_step_throughput(method: str, arch: str, experts: int, batch: int, classes: int, device: torch.device,
                           window_s: float) -> dict:
-    cfg = TrainConfig(method=method, arch=arch, num_experts=experts, hcm_n=max(1, int(0.3 * classes)))
+    cfg = TrainConfig(method=method, arch=arch, num_experts=experts, hcm_n=max(1, int(0.3 * classes)), lr=0.01)
     model = build_model(ModelSpec(arch=arch, num_classes=classes, num_experts=experts)).to(device)
     channels_last = device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     counts = [max(1, int(500 * 0.01 ** (c / (classes - 1)))) for c in range(classes)]
     loss_fn = get_method(method)(cfg, model, counts).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=2e-4)
+    optimizer, _ = build_optimizer(cfg, model, loss_fn, loss_fn.stages()[0])
     dtype = amp_dtype(cfg, device)
-    buffers = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(4)]
-    targets = torch.randint(classes, (batch,), device=device)
-    if channels_last:
-        buffers = [b.contiguous(memory_format=torch.channels_last) for b in buffers]
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    engine_step = TrainStep(model, loss_fn, optimizer, scaler, device, dtype, channels_last)
+    batches = [engine_step.to_device(torch.randn(batch, 3, 32, 32), torch.randint(classes, (batch,)))
+               for _ in range(4)]
 
     def step(i: int) -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss, _, _ = loss_fn.loss(model, buffers[i % len(buffers)], targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        engine_step(*batches[i % len(batches)])
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    model.train()
+    loss_fn.train_mode(model)
     m = measure(step, warmup=3, window_s=window_s)
     return {"method": method, "arch": arch, "experts": experts, "batch": batch, "device": str(device),
             "amp": str(dtype) if dtype else "off", **m.summary(batch)}

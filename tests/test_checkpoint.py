@@ -2,13 +2,14 @@ import torch
 import pytest
 
 from tests.helpers import run_module
-from train.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from train.checkpoint import (CheckpointError, CheckpointPayload, load_checkpoint, load_model, load_payload,
+                              save_checkpoint)
 from train.models import ModelSpec, build_model
 
 
-def _payload(model, spec):
-    return {"spec": spec.to_dict(), "classes": [f"c{i}" for i in range(spec.num_classes)], "train_counts": [5] * spec.num_classes,
-            "state_dict": model.state_dict(), "method": "ce", "config": {}, "metrics": {}, "epoch": 1}
+def _payload(model, spec) -> CheckpointPayload:
+    return CheckpointPayload(spec=spec, classes=[f"c{i}" for i in range(spec.num_classes)],
+                             train_counts=[5] * spec.num_classes, state_dict=model.state_dict(), method="ce", epoch=1)
 
 
 def test_round_trip_rebuilds_the_exact_network(tmp_path):
@@ -19,7 +20,11 @@ def test_round_trip_rebuilds_the_exact_network(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     assert torch.equal(loaded(x), model(x))
     assert data["classes"][4] == "c4" and not list(tmp_path.glob(".*tmp"))  # no temp file left behind
-    torch.load(path, weights_only=True)  # the contract: loads without unpickling objects
+    raw = torch.load(path, weights_only=True)  # the contract: loads without unpickling objects
+    assert raw["format"] == "expertfuse-checkpoint" and raw["version"] == 1 and "training" not in raw
+    typed = load_payload(path)
+    assert typed.spec == spec and typed.epoch == 1 and typed.training is None
+    assert CheckpointPayload.from_dict(typed.to_dict()).to_dict().keys() == raw.keys()
 
 
 class ForeignObject:
@@ -30,8 +35,12 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable expertfuse checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable expertfuse checkpoint .not a PyTorch file"):
         load_checkpoint(tmp_path / "text.pt")
+    (tmp_path / "random.pt").write_bytes(bytes(range(135, 256)) * 30)  # torch.load alone says only "(135)"
+    with pytest.raises(CheckpointError, match=r"neither a zip archive nor a pickle\); give a file written by") as err:
+        load_checkpoint(tmp_path / "random.pt")
+    assert "\n" not in str(err.value)
     torch.save({"state_dict": ForeignObject()}, tmp_path / "pickled.pt")  # weights_only must refuse, in one line
     with pytest.raises(CheckpointError, match=r"not a readable expertfuse checkpoint \(Unsupported global") as err:
         load_checkpoint(tmp_path / "pickled.pt")
@@ -44,13 +53,13 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
         load_checkpoint(tmp_path / "future.pt")
     spec = ModelSpec(arch="resnet8", num_classes=5, num_experts=2)
     payload = _payload(build_model(spec), spec)
-    payload["spec"]["num_experts"] = 3
+    payload.spec = ModelSpec(arch="resnet8", num_classes=5, num_experts=3)
     save_checkpoint(payload, tmp_path / "mismatch.pt")
-    with pytest.raises(CheckpointError, match="does not match its spec"):
+    with pytest.raises(CheckpointError, match=r"does not match its spec .*: \d+ missing \(e.g. experts.2"):
         load_model(tmp_path / "mismatch.pt")
-    payload["spec"]["num_experts"], payload["spec"]["num_classes"] = 2, 6
+    payload.spec = ModelSpec(arch="resnet8", num_classes=6, num_experts=2)
     save_checkpoint(payload, tmp_path / "shape.pt")
-    with pytest.raises(CheckpointError, match="does not match its spec"):
+    with pytest.raises(CheckpointError, match="does not match its spec .*size mismatch"):
         load_model(tmp_path / "shape.pt")
 
 
@@ -112,3 +121,13 @@ def test_convert_rejects_a_foreign_file(tmp_path):
                       str(tmp_path / "o.pt"), check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unexpected key") and "Traceback" not in proc.stderr
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_convert_names_a_file_that_is_not_a_pytorch_file(tmp_path):
+    (tmp_path / "x.pth").write_bytes(bytes(range(256)) * 8)
+    proc = run_module("train.convert", "--from", "ncl", "--src", str(tmp_path / "x.pth"), "--out",
+                      str(tmp_path / "o.pt"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (f"error: {tmp_path / 'x.pth'} is not a readable checkpoint (not a PyTorch file: "
+                                   "neither a zip archive nor a pickle); give a file written by the official code "
+                                   "(torch.save)")

@@ -95,3 +95,24 @@ def test_augmentation_presets_produce_normalized_tensors(name):
     torch.manual_seed(0)
     out = train_transform(name, spec)(np.random.RandomState(0).randint(0, 256, (32, 32, 3), dtype=np.uint8))
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and out.min() < 0 < out.max()
+
+
+def test_image_folder_skips_files_that_are_not_images_with_one_warning(tmp_path, capsys):
+    classes = ["cat", "dog"]
+    _write_images(tmp_path, [f"train/{c}/{i}.png" for c in classes for i in range(4)] +
+                  [f"test/{c}/{i}.png" for c in classes for i in range(2)])
+    (tmp_path / "train" / "cat" / "broken.jpg").write_bytes(b"not really a jpeg")
+    (tmp_path / "test" / "dog" / "notes.txt").write_text("taken on a sunny day")
+    data = build_data(DataOptions(dataset="imagefolder", data_root=str(tmp_path), imb_factor=1))
+    assert data.train_counts == [4, 4] and len(data.test) == 4
+    assert capsys.readouterr().err == f"warning: skipped 2 files that are not images (e.g. {tmp_path}/train/cat/broken.jpg)\n"
+    data.train.transform = data.test.transform = None
+    assert all(image.size == (50, 40) for image, _ in data.train)  # every kept file loads
+
+
+def test_image_folder_class_without_images_is_one_line(tmp_path):
+    _write_images(tmp_path, ["train/cat/0.png", "test/cat/0.png", "test/dog/0.png"])
+    (tmp_path / "train" / "dog").mkdir()
+    (tmp_path / "train" / "dog" / "readme.txt").write_text("x")
+    with pytest.raises(UserError, match=r"train: Found no valid file for the classes dog; put images in every class"):
+        build_data(DataOptions(dataset="imagefolder", data_root=str(tmp_path), imb_factor=1))

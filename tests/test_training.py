@@ -1,10 +1,13 @@
 import csv
+import math
 
+import pytest
 import torch
 
+from expertfuse.errors import UserError
 from tests.helpers import TINY_TRAIN, run_module
-from train.checkpoint import load_checkpoint, load_model
-from train.config import config_from_args
+from train.checkpoint import load_checkpoint, load_model, load_payload
+from train.config import TrainConfig, config_from_args
 from train.engine import train
 from train.schedule import lr_factor, main_stage
 
@@ -68,6 +71,7 @@ def test_ncl_warmup_schedule_matches_the_official_code():
 
 def test_cli_errors_are_one_line(tmp_path):
     for args, message in [(["--preset", "nope"], "unknown preset"),
+                          (["--epochs", "0"], "--epochs must be at least 1, not 0; pass e.g. --epochs 400"),
                           (["--resume", "--out", str(tmp_path)], "no checkpoint at"),
                           (["--method", "magic"], "unknown method"),
                           (["--dataset", "cifar10-lt", "--data-root", str(tmp_path)], "pass --download")]:
@@ -84,3 +88,47 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: loss became nan in epoch 1")
     assert (tmp_path / "ncl.pt").read_bytes() == good
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be at least 1, not 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    (["--lr", "-1"], "--lr must be a positive number, not -1.0; pass e.g. --lr 0.1"),
+    (["--lr", "nan"], "--lr must be a positive number, not nan"),
+    (["--amp", "fp8"], "--amp must be auto, bf16, fp16 or off, not 'fp8'"),
+])
+def test_config_values_are_checked_up_front(flags, message):
+    with pytest.raises(UserError, match=f"^{message}"):
+        config_from_args(flags)
+
+
+def test_train_checks_a_config_built_in_code(tmp_path):
+    with pytest.raises(UserError, match="^--epochs must be at least 1, not 0"):
+        train(TrainConfig(epochs=0, out=str(tmp_path)))
+    assert not list(tmp_path.iterdir())
+
+
+def test_dataset_defaults_and_method_settings_yield_to_presets_and_flags():
+    ncl = config_from_args(["--method", "ncl"])  # synthetic data: the demo's learning rate, not lr 0.1 multistep
+    assert (ncl.lr, ncl.schedule, ncl.epochs) == (0.02, "warmup-cosine", 6)
+    shike = config_from_args(["--method", "shike"])
+    assert (shike.head, shike.head_scale, shike.shortcut, shike.shared_stages, shike.fusion) == \
+        ("normed", 30.0, "B", 3, "dkf")
+    chosen = config_from_args(["--method", "shike", "--head-scale", "16", "--lr", "0.05", "--schedule", "multistep"])
+    assert (chosen.head_scale, chosen.lr, chosen.schedule, chosen.head) == (16.0, 0.05, "multistep", "normed")
+    official = config_from_args(["--preset", "ncl-cifar100-lt"])
+    assert (official.lr, official.schedule, official.hcm_n) == (0.1, "multistep", 30)
+    demo = config_from_args(["--preset", "ncl-synthetic"])
+    assert (demo.lr, demo.schedule, demo.epochs) == (0.02, "cosine", 6)
+
+
+@pytest.mark.parametrize("method", ["ncl", "shike"])
+def test_a_method_trains_on_synthetic_data_without_a_preset(tmp_path, method):
+    """The README's command with no preset (here smaller): finite loss, far above chance (10 %) after 1 epoch."""
+    cfg = config_from_args(["--method", method, "--epochs", "1", "--out", str(tmp_path), "--arch", "resnet8",
+                            "--synthetic-max", "120", "--synthetic-test", "30", "--batch-size", "16"])
+    payload = load_payload(train(cfg))
+    with open(tmp_path / "log.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert math.isfinite(float(row["train_loss"])) and float(row["train_loss"]) < 20, row
+    assert payload.metrics["ensemble"]["overall"] > 20, payload.metrics["ensemble"]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from train.checkpoint import CheckpointError, model_from_checkpoint, save_checkpoint
 from expertfuse.cli import run_cli
+from train.checkpoint import CheckpointPayload, model_from_payload, read_torch_file, save_checkpoint
 from train.data.datasets import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, INAT_MEAN, INAT_STD
 from train.data.longtail import longtail_counts
 from expertfuse.errors import UserError
@@ -31,10 +31,7 @@ from train.models.spec import CIFAR_ARCHS, ModelSpec
 def _load_official(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"source checkpoint not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user-facing problem
-        raise UserError(f"{path} cannot be read with weights_only=True ({str(exc).splitlines()[0][:160]})") from None
+    data = read_torch_file(path, kind="checkpoint", writer="the official code (torch.save)")
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state_dict of tensors")
@@ -167,13 +164,9 @@ def convert(args: argparse.Namespace) -> Path:
     counts = []
     if args.dataset.startswith("cifar"):
         counts = longtail_counts(5000 if num_classes == 10 else 500, num_classes, args.imb_factor)
-    payload = {"spec": spec.to_dict(), "classes": classes, "train_counts": counts, "state_dict": state,
-               "method": args.source, "config": {"converted_from": str(args.src), "source": args.source},
-               "metrics": {}, "epoch": 0}
-    try:
-        model_from_checkpoint(payload, str(args.src))
-    except (CheckpointError, RuntimeError) as exc:
-        raise UserError(f"converted weights do not fit {spec.describe()}: {str(exc).splitlines()[-1][:200]}") from None
+    payload = CheckpointPayload(spec=spec, classes=classes, train_counts=counts, state_dict=state, method=args.source,
+                                config={"converted_from": str(args.src), "source": args.source})
+    model_from_payload(payload, f"converted weights of {args.src}")
     save_checkpoint(payload, args.out)
     print(f"wrote {args.out}: {spec.describe()}, {len(state)} tensors kept")
     return args.out

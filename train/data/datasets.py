@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torchvision
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from train.data import synthetic
 from train.data.longtail import longtail_counts, select_longtail
 from expertfuse.errors import UserError
+from expertfuse.preprocess import load_rgb
 
 DATASETS = ("synthetic", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018", "imagefolder")
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
@@ -93,7 +96,7 @@ class ArrayImages(Dataset):
 
 
 class ImageList(Dataset):
-    """(path, label) pairs read with PIL, as RGB."""
+    """(path, label) pairs read as 8-bit RGB (16-bit images scaled, not clipped)."""
 
     def __init__(self, root: Path, samples: list[tuple[str, int]]):
         self.root, self.samples = root, samples
@@ -103,8 +106,7 @@ class ImageList(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        with Image.open(self.root / path) as image:
-            return image.convert("RGB"), label
+        return load_rgb(self.root / path), label
 
 
 def _counts(targets, num_classes: int) -> list[int]:
@@ -213,13 +215,44 @@ def _build_image_list(opt: DataOptions) -> DataBundle:
                       input_size=224, resize=256, mean=mean, std=std, augment="imagenet")
 
 
+class ImageFiles:
+    """ImageFolder's file filter: an image extension and a header PIL can read (opening reads only the header,
+    so the check is cheap); everything else is skipped and remembered, so one warning can count and name it."""
+
+    def __init__(self):
+        self.skipped: list[str] = []
+
+    def __call__(self, path: str) -> bool:
+        if path.lower().endswith(IMG_EXTENSIONS):
+            try:
+                with Image.open(path):
+                    return True
+            except (UnidentifiedImageError, OSError):
+                pass
+        self.skipped.append(path)
+        return False
+
+    def warn(self) -> None:
+        if self.skipped:
+            print(f"warning: skipped {len(self.skipped)} files that are not images (e.g. {self.skipped[0]})",
+                  file=sys.stderr)
+
+
+def _image_folder(split: Path, images: ImageFiles) -> torchvision.datasets.ImageFolder:
+    try:
+        return torchvision.datasets.ImageFolder(split, loader=load_rgb, is_valid_file=images)
+    except FileNotFoundError as exc:  # a class folder without a single image
+        raise UserError(f"{split}: {str(exc).split('. ')[0]}; put images in every class folder") from None
+
+
 def _build_image_folder(opt: DataOptions) -> DataBundle:
     root = Path(opt.data_root)
     eval_dir = next((root / s for s in (opt.eval_split, "test", "val") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or eval_dir is None:
         raise UserError(f"{root} must hold train/<class>/*.jpg and test/ (or val/) with the same classes")
-    train = torchvision.datasets.ImageFolder(root / "train")
-    test = torchvision.datasets.ImageFolder(eval_dir)
+    images = ImageFiles()
+    train, test = _image_folder(root / "train", images), _image_folder(eval_dir, images)
+    images.warn()
     if train.classes != test.classes:
         raise UserError(f"{root}: train and {eval_dir.name} have different class folders")
     num_classes = len(train.classes)

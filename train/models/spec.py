@@ -53,9 +53,6 @@ class ModelSpec:
     def layout(self) -> str:
         return "shared-trunk" if self.shared_stages else "separate"
 
-    def expert_name(self, index: int) -> str:
-        return self.expert_names[index] if self.expert_names else f"expert{index}"
-
     def to_dict(self) -> dict:
         return asdict(self)
 
