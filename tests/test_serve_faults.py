@@ -14,7 +14,7 @@ from pathlib import Path
 
 from serve.lifetime import RECORD, RUN_PREFIX, clean_stale_runs
 from serve.repository import ServingOptions, TensorSpec, model_config, write_config
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PORTS = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
 
