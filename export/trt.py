@@ -71,7 +71,8 @@ def require_tensorrt():
 
 
 def trt_major(trt) -> int:
-    return int(trt.__version__.split(".")[0])
+    version: str = trt.__version__
+    return int(version.split(".")[0])
 
 
 @dataclass(frozen=True)

@@ -322,6 +322,7 @@ def test_trt_one_profile_without_cuda_graphs_and_refused_settings(tmp_path, caps
     cfg = parse((publish_plan(job, settings, tmp_path / "model.plan", {}, "loop")[0] / "config.pbtxt").read_text())
     assert [list(g.profile) for g in cfg.instance_group] == [["0"]] and not cfg.HasField("optimization")
     assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU and not cfg.dynamic_batching.preferred_batch_size
+    capsys.readouterr()
     for args, message in [(["--instance-kind", "cpu"], "TensorRT plans run on GPU instances"),
                           (["--profiles", "1-8,4-16"], "ascending batch ranges that do not overlap"),
                           (["--profiles", "8-4"], "1 <= MIN <= OPT <= MAX"),
