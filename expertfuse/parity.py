@@ -78,7 +78,8 @@ def compare(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> ParityResult:
     near_tie = (top2[:, 1] - top2[:, 0]) <= 2 * bound.max(axis=1)
     disagreements = int((~agree & ~near_tie).sum()) if tol.check_values else int((~agree).sum())
     top1 = float(agree.mean()) if len(agree) else 1.0
-    excess = float((diff / bound).max()) if diff.size else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero tolerance: any difference is infinitely over
+        excess = float(np.where(diff == 0, 0.0, diff / bound).max()) if diff.size else 0.0
     if tol.check_values:
         ok = excess <= 1.0 and disagreements == 0
     else:
@@ -86,9 +87,9 @@ def compare(got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> ParityResult:
     return ParityResult(float(diff.max()) if diff.size else 0.0, excess, top1, disagreements, len(got), ok, tol.name)
 
 
-def require(result: ParityResult, what: str) -> ParityResult:
-    """Raise ParityError (exit 1) unless `result` passes."""
+def require(result: ParityResult, what: str, tol: Tolerance | None = None) -> ParityResult:
+    """Raise ParityError (exit 1) unless `result` passes; `tol`: the tolerance it was compared with, when not a named one."""
     if not result.ok:
-        needs = TOLERANCES[result.tolerance].describe()
+        needs = (tol or TOLERANCES[result.tolerance]).describe()
         raise ParityError(f"{what} disagrees with PyTorch: {result.describe()}; needs {needs}")
     return result

@@ -1,7 +1,8 @@
 """python -m export.onnx: a training checkpoint -> one ONNX graph of the fused experts in model_repository/.
 
   python -m export.onnx --ckpt runs/ncl/ncl.pt [--experts all|0|0,2] [--fusion loop|grouped|auto]
-      [--input uint8-nhwc|float-nchw] [--max-batch 64] [--probs] [--expert-logits] [--fp16] [--out model_repository]
+      [--input uint8-nhwc|float-nchw] [--max-batch 64] [--probs] [--expert-logits] [--fp16]
+      [--out|--model-repository model_repository]
 
 Exports with torch.onnx (dynamo, dynamic batch, opset 18), checks with onnx.checker, runs the result in
 ONNX Runtime at batches 1, 2, 7 and max against PyTorch, and only then adds it to the repository.
@@ -11,9 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +21,19 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.common import (ExportJob, add_common_args, check_parity, default_name, metadata, prepare,
-                           print_summary, serving_options, signature, test_images)
-from export.graph import InferenceGraph
-from serve.repository import RepositoryError, ServingOptions, model_config, write_model, write_naive_ensemble
 from expertfuse.cli import run_cli
-from expertfuse.timing import pick_fastest
+from expertfuse.contract import INPUT, LOGITS
 from expertfuse.errors import UserError
+from expertfuse.timing import pick_fastest
+from export.gate import check_parity, test_images
+from export.graph import InferenceGraph
+from export.job import ExportJob, build_job, with_experts
+from export.naming import naive_ensemble_names
+from export.request import DEFAULT_OPSET, ExportRequest, add_request_args, request_from_args, validate
+from export.triton import publish, serving_options, signature, staging
+from serve.repository import RepositoryError, ServingOptions, write_naive_ensemble
 
-DEFAULT_OPSET = 18
+__all__ = ["DEFAULT_OPSET", "export_graph", "onnx_file", "written_opset", "export_onnx"]
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom
 
 
@@ -40,10 +44,6 @@ def providers() -> list[str]:
     return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
 
 
-def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=providers())
-
-
 def export_graph(job: ExportJob, fusion: str, folder: Path, opset: int) -> Path:
     """Export the graph with `fusion` to folder/model.onnx: a file, or (over 2 GB) the folder layout
     Triton expects for external data, model.onnx/model.onnx plus its weight file. Returns that artifact."""
@@ -52,7 +52,7 @@ def export_graph(job: ExportJob, fusion: str, folder: Path, opset: int) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(graph, (example,), dynamo=True, dynamic_shapes=({0: "batch"},),
-                                    input_names=["image"], output_names=job.opts.output_names,
+                                    input_names=[INPUT], output_names=job.opts.output_names,
                                     opset_version=opset, optimize=True, verbose=False)
     large = sum(p.numel() * p.element_size() for p in graph.parameters()) > EXTERNAL_DATA_BYTES
     artifact = folder / "model.onnx"
@@ -60,15 +60,23 @@ def export_graph(job: ExportJob, fusion: str, folder: Path, opset: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path), external_data=large)
     proto = onnx.load(str(path), load_external_data=False)
+    if written_opset(proto) != opset:
+        raise UserError(f"torch.onnx wrote opset {written_opset(proto)}, not the --opset {opset} asked for")
     # The lowest IR version that carries the graph's opsets (IR 8 for opset 18), never higher than the exporter's:
     # any ONNX Runtime that knows the opset then loads it, including an older one inside a Triton container.
     proto.ir_version = min(proto.ir_version, onnx.helper.find_min_ir_version_for(list(proto.opset_import), True))
-    for key, value in metadata(job, fusion).items():
+    for key, value in job.metadata(fusion).to_properties().items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "expertfuse"
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return artifact
+
+
+def written_opset(model: onnx.ModelProto | Path) -> int:
+    """The default-domain opset a model (or .onnx file) actually carries."""
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def onnx_file(artifact: Path) -> Path:
@@ -77,16 +85,20 @@ def onnx_file(artifact: Path) -> Path:
 
 
 def onnx_runner(path: Path):
-    sess = session(path)
+    try:
+        sess = ort.InferenceSession(str(path), providers=providers())
+    except Exception as exc:  # onnxruntime's pybind errors (Fail, InvalidGraph, NotImplemented) share no base
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"ONNX Runtime {ort.__version__} cannot load the exported graph: {first}") from None
 
     def run(images: np.ndarray) -> np.ndarray:
-        return sess.run(["logits"], {"image": images})[0]
+        return sess.run([LOGITS], {INPUT: images})[0]
     return run
 
 
 def choose_fusion(job: ExportJob, folder: Path, opset: int) -> tuple[str, dict]:
-    """Export both strategies and keep the one ONNX Runtime runs faster (batch 1 and a mid-size batch)."""
-    images = test_images(job, min(job.args.max_batch, 32))["random"].numpy()
+    """Export both strategies and keep the one ONNX Runtime runs faster (batch 1 and a mid-size batch, interleaved)."""
+    images = test_images(job, min(job.request.max_batch, 32))["random"].numpy()
     inputs = {1: images[:1], len(images): images}
     runners = {f: onnx_runner(onnx_file(export_graph(job, f, folder / f, opset))) for f in ("loop", "grouped")}
     best, timings = pick_fastest(runners, inputs)
@@ -95,73 +107,73 @@ def choose_fusion(job: ExportJob, folder: Path, opset: int) -> tuple[str, dict]:
     return best, timings
 
 
-def onnx_serving_options(args: argparse.Namespace) -> ServingOptions:
-    """The shared Triton settings plus the onnxruntime backend's own (threads, TensorRT execution accelerator)."""
-    opts = replace(serving_options(args, args.max_batch), ort_threads=args.ort_threads, ort_tensorrt=args.ort_tensorrt,
-                   ort_tensorrt_fp16=args.ort_tensorrt_fp16, ort_tensorrt_cache=args.ort_tensorrt_cache)
-    if (opts.ort_tensorrt_fp16 or opts.ort_tensorrt_cache) and not opts.ort_tensorrt:
-        raise UserError("--ort-tensorrt-fp16 and --ort-tensorrt-cache configure --ort-tensorrt; add it")
-    if opts.ort_tensorrt and opts.instance_kind != "gpu":
-        raise UserError("--ort-tensorrt applies to GPU instances only; add --instance-kind gpu")
-    return opts
+@dataclass
+class OnnxSettings:
+    """export.onnx's own flags: the onnxruntime backend's settings and the naive-ensemble mode."""
+    ort_threads: int = 0
+    ort_tensorrt: bool = False
+    ort_tensorrt_fp16: bool = False
+    ort_tensorrt_cache: str = ""
+    naive_ensemble: bool = False
+
+    def validate(self, request: ExportRequest) -> "OnnxSettings":
+        if self.ort_threads < 0:
+            raise UserError("--ort-threads must be 0 (ONNX Runtime's default) or more")
+        if (self.ort_tensorrt_fp16 or self.ort_tensorrt_cache) and not self.ort_tensorrt:
+            raise UserError("--ort-tensorrt-fp16 and --ort-tensorrt-cache configure --ort-tensorrt; add it")
+        if self.ort_tensorrt and request.kind != "gpu":
+            raise UserError("--ort-tensorrt applies to GPU instances only; add --instance-kind gpu")
+        if self.naive_ensemble and (request.probs or request.expert_logits):
+            raise UserError("--naive-ensemble serves logits only (no --probs / --expert-logits)")
+        return self
+
+    def serving(self, request: ExportRequest) -> ServingOptions:
+        return serving_options(request, ort_threads=self.ort_threads, ort_tensorrt=self.ort_tensorrt,
+                               ort_tensorrt_fp16=self.ort_tensorrt_fp16, ort_tensorrt_cache=self.ort_tensorrt_cache)
 
 
-def export_to_repository(job: ExportJob) -> tuple[Path, int]:
+def export_to_repository(job: ExportJob, settings: OnnxSettings) -> tuple[Path, int]:
     """Export, check parity and add the model to the repository (nothing is written if any step fails)."""
-    args = job.args
-    serving = onnx_serving_options(args)
-    print(f"export {args.ckpt} -> {args.out}/{job.name}: experts {','.join(map(str, job.opts.experts))} of "
-          f"{job.model.num_experts} ({job.spec.describe()}), input {args.input_layout}, "
-          f"{'FP16' if args.fp16 else 'FP32'}, opset {args.opset}")
-    with tempfile.TemporaryDirectory(prefix="expertfuse-export-") as tmp:
-        work = Path(tmp)
-        fusion, timings = choose_fusion(job, work, args.opset) if job.opts.fusion == "auto" else (job.opts.fusion, {})
+    request = job.request
+    print(f"export {request.ckpt} -> {request.out}/{job.name}: experts {','.join(map(str, job.opts.experts))} of "
+          f"{job.model.num_experts} ({job.spec.describe()}), input {request.input_layout}, "
+          f"{'FP16' if request.fp16 else 'FP32'}, opset {request.opset}")
+    with staging(request.out) as work:
+        fusion, timings = choose_fusion(job, work, request.opset) if job.opts.fusion == "auto" else (job.opts.fusion, {})
         artifact = work / fusion / "model.onnx"
         if not timings:
-            export_graph(job, fusion, work / fusion, args.opset)
-        print(f"onnx.checker passed; running it in ONNX Runtime ({', '.join(providers())})")
-        parity = check_parity(job, onnx_runner(onnx_file(artifact)), [1, 2, 7, args.max_batch])
-        inputs, outputs = signature(job)
-        params = {k.replace(".", "_"): v for k, v in metadata(job, fusion).items() if k != "expertfuse.classes"}
-        cfg = model_config(job.name, "onnxruntime_onnx", inputs, outputs, serving, params)
+            export_graph(job, fusion, work / fusion, request.opset)
+        opset = written_opset(onnx_file(artifact))
+        print(f"onnx.checker passed (opset {opset}); running it in ONNX Runtime ({', '.join(providers())})")
+        parity = check_parity(job, onnx_runner(onnx_file(artifact)), [1, 2, 7, request.max_batch])
         report = work / "export_report.json"
-        report.write_text(json.dumps({"parity": parity, "fusion": fusion, "fusion_timings_s": timings, "opset": args.opset,
-                                      "onnxruntime": ort.__version__, "providers": providers(),
-                                      "checkpoint": str(args.ckpt)}, indent=2))
-        try:
-            model_dir, version = write_model(args.out, cfg, {"model.onnx": artifact, "export_report.json": report},
-                                             job.checkpoint["classes"], overwrite=args.overwrite)
-        except RepositoryError as exc:
-            raise UserError(str(exc)) from None
-    print_summary(model_dir, version, inputs, outputs, fusion)
-    return model_dir, version
+        report.write_text(json.dumps({"parity": parity, "tolerance": request.tolerance().describe(), "fusion": fusion,
+                                      "fusion_timings_s": timings, "opset": opset, "onnxruntime": ort.__version__,
+                                      "providers": providers(), "checkpoint": str(request.ckpt)}, indent=2))
+        return publish(job, "onnxruntime_onnx", settings.serving(request),
+                       {"model.onnx": artifact, "export_report.json": report}, fusion)
 
 
-def export_naive_ensemble(job: ExportJob) -> Path:
+def export_naive_ensemble(job: ExportJob, settings: OnnxSettings) -> Path:
     """Each chosen expert as its own model plus Triton's ensemble scheduler and a mean step: the unfused baseline."""
-    if job.args.probs or job.args.expert_logits:
-        raise UserError("--naive-ensemble serves logits only (no --probs / --expert-logits)")
-    names = []
-    for k in job.opts.experts:
-        name = default_name(job.checkpoint["method"], (k,), job.model.num_experts, job.args.fp16, "")
-        export_to_repository(replace(job, name=name, opts=replace(job.opts, experts=(k,), fusion="loop")))
-        names.append(name)
+    *singles, ensemble, _ = naive_ensemble_names(job.name, job.method, job.opts.experts, job.model.num_experts,
+                                                 job.request.fp16)
+    for k, name in zip(job.opts.experts, singles):
+        export_to_repository(with_experts(job, (k,), "loop", name), settings)
     inputs, outputs = signature(job)
     try:
-        model_dir = write_naive_ensemble(job.args.out, f"{job.name}_naive", names, inputs[0], outputs[0],
-                                         job.checkpoint["classes"], onnx_serving_options(job.args),
-                                         overwrite=job.args.overwrite)
+        model_dir = write_naive_ensemble(job.request.out, ensemble, singles, inputs[0], outputs[0], job.classes,
+                                         settings.serving(job.request), overwrite=job.request.overwrite)
     except RepositoryError as exc:
         raise UserError(str(exc)) from None
-    print(f"wrote {model_dir}/ (ensemble of {', '.join(names)} + {job.name}_naive_mean)")
+    print(f"wrote {model_dir}/ (ensemble of {', '.join(singles)} + {ensemble}_mean)")
     return model_dir
 
 
-def export_onnx(argv: list[str] | None = None) -> Path:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.onnx", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, default_max_batch=64)
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset [{DEFAULT_OPSET}]")
+    add_request_args(p, default_max_batch=64)
     p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads per instance (0: its default)")
     p.add_argument("--ort-tensorrt", action="store_true",
                    help="NGC Triton: run GPU instances through ONNX Runtime's TensorRT execution accelerator")
@@ -169,11 +181,18 @@ def export_onnx(argv: list[str] | None = None) -> Path:
     p.add_argument("--ort-tensorrt-cache", default="", help="with --ort-tensorrt: engine cache folder on the server")
     p.add_argument("--naive-ensemble", action="store_true",
                    help="instead: each expert as its own model + a Triton ensemble averaging them (<name>_naive)")
-    args = p.parse_args(argv)
-    job = prepare(args)
-    if args.naive_ensemble:
-        return export_naive_ensemble(job)
-    return export_to_repository(job)[0]
+    return p
+
+
+def export_onnx(argv: list[str] | None = None) -> Path:
+    args = parser().parse_args(argv)
+    request = validate(request_from_args(args))
+    settings = OnnxSettings(args.ort_threads, args.ort_tensorrt, args.ort_tensorrt_fp16, args.ort_tensorrt_cache,
+                            args.naive_ensemble).validate(request)
+    job = build_job(request)
+    if settings.naive_ensemble:
+        return export_naive_ensemble(job, settings)
+    return export_to_repository(job, settings)[0]
 
 
 if __name__ == "__main__":

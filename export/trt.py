@@ -1,12 +1,15 @@
 """python -m export.trt: a training checkpoint -> a TensorRT plan of the fused experts in model_repository/.
 
-  python -m export.trt --ckpt runs/ncl/ncl.pt [--fp16] [--min-batch 1 --opt-batch 32 --max-batch 256]
-      [--workspace-gb N] [--timing-cache FILE] [--version-compatible] [shared export flags]
+  python -m export.trt --ckpt runs/ncl/ncl.pt [--fp16] [--min-batch 1 --opt-batch 32 --max-batch 256 |
+      --profiles 1-8,32-128-256] [--no-cuda-graphs] [--workspace-gb N] [--timing-cache FILE]
+      [--version-compatible] [shared export flags]
 
-The plan is built with the TensorRT Python API from the same ONNX graph export.onnx writes: one
-optimization profile over the batch range. TensorRT 10: FP32 ONNX plus the FP16 builder flag (weakly
-typed). TensorRT 11 (strongly typed, no precision flags): --fp16 exports an FP16 graph with FP32 I/O.
-A sidecar build.json records the TensorRT version and GPU compute capability the plan is tied to.
+The plan is built with the TensorRT Python API from the same ONNX graph export.onnx writes, with one
+optimization profile per batch range (MIN-MAX or MIN-OPT-MAX; OPT defaults to MAX); Triton gets one
+instance group per profile (instance_group.profile) and CUDA graphs for the preferred batch sizes.
+TensorRT 10: FP32 ONNX plus the FP16 builder flag (weakly typed). TensorRT 11 (strongly typed, no
+precision flags): --fp16 exports an FP16 graph with FP32 I/O. A sidecar build.json records the
+TensorRT version and GPU compute capability the plan is tied to.
 """
 from __future__ import annotations
 
@@ -14,22 +17,46 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from export.common import (add_common_args, check_parity, metadata, prepare, print_summary,
-                           serving_options, signature, test_images)
-from export.onnx import DEFAULT_OPSET, export_graph, onnx_file
-from serve.repository import RepositoryError, model_config, write_model
 from expertfuse.cli import run_cli
-from expertfuse.timing import pick_fastest
+from expertfuse.contract import INPUT, LOGITS
 from expertfuse.errors import UserError
+from expertfuse.timing import pick_fastest
+from export.gate import check_parity, test_images
+from export.job import ExportJob, build_job
+from export.onnx import export_graph, onnx_file
+from export.request import add_request_args, request_from_args, validate
+from export.triton import publish, serving_options, signature, staging
+from serve.repository import ServingOptions
 
 INSTALL_HINT = "pip install expertfuse[trt] on a machine with an NVIDIA GPU"
+
+# Every TensorRT Python name this module (and bench, through PlanRunner and build_plan) uses, as
+# `Class.member`; tests/test_trt_bindings.py checks each against the real bindings of every major.
+TENSORRT_API = (
+    "__version__", "Logger", "Logger.WARNING", "Builder", "Builder.create_network", "Builder.create_builder_config",
+    "Builder.create_optimization_profile", "Builder.build_serialized_network", "OnnxParser", "OnnxParser.parse_from_file",
+    "OnnxParser.num_errors", "OnnxParser.get_error", "IBuilderConfig.set_memory_pool_limit", "MemoryPoolType.WORKSPACE",
+    "IBuilderConfig.set_flag", "BuilderFlag.VERSION_COMPATIBLE", "IBuilderConfig.create_timing_cache",
+    "IBuilderConfig.set_timing_cache", "IBuilderConfig.get_timing_cache", "ITimingCache.serialize",
+    "IOptimizationProfile.set_shape", "IBuilderConfig.add_optimization_profile", "Runtime",
+    "Runtime.deserialize_cuda_engine", "ICudaEngine.create_execution_context", "ICudaEngine.num_io_tensors",
+    "ICudaEngine.get_tensor_name", "ICudaEngine.num_optimization_profiles", "ICudaEngine.get_tensor_profile_shape",
+    "IExecutionContext.set_optimization_profile_async", "IExecutionContext.set_input_shape",
+    "IExecutionContext.get_tensor_shape", "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
+)
+# Names used only on one major (TensorRT 11 has no precision builder flags: its networks are strongly typed).
+TENSORRT_API_BY_MAJOR = {10: ("BuilderFlag.FP16",), 11: ()}
+
+
+def tensorrt_api(major: int) -> tuple[str, ...]:
+    return TENSORRT_API + TENSORRT_API_BY_MAJOR.get(major, ())
 
 
 def require_tensorrt():
@@ -44,11 +71,65 @@ def require_tensorrt():
 
 
 def trt_major(trt) -> int:
-    return int(trt.__version__.split(".")[0])
+    version: str = trt.__version__
+    return int(version.split(".")[0])
 
 
-def build_plan(trt, onnx_path: Path, input_shape: tuple[int, ...], batches: tuple[int, int, int], fp16: bool,
-               workspace_gb: float, timing_cache: Path | None, version_compatible: bool) -> bytes:
+@dataclass(frozen=True)
+class Profile:
+    """One TensorRT optimization profile over the batch dimension."""
+    min: int
+    opt: int
+    max: int
+
+    def covers(self, batch: int) -> bool:
+        return self.min <= batch <= self.max
+
+
+def parse_profiles(text: str) -> list[Profile]:
+    """argparse type: '1-8,32-256' or '1-4-8,32-128-256' (MIN-MAX with OPT = MAX, or MIN-OPT-MAX)."""
+    profiles = []
+    for part in text.split(","):
+        try:
+            values = [int(v) for v in part.split("-")]
+        except ValueError:
+            values = []
+        if len(values) not in (2, 3) or not 1 <= values[0] <= values[1] <= values[-1]:
+            raise argparse.ArgumentTypeError(f"profile {part!r}: expected MIN-MAX or MIN-OPT-MAX with 1 <= MIN <= OPT <= MAX")
+        profiles.append(Profile(values[0], values[1], values[-1]))  # MIN-MAX: OPT is MAX
+    if any(b.min <= a.max for a, b in zip(profiles, profiles[1:])):
+        raise argparse.ArgumentTypeError(f"profiles {text!r} must be ascending batch ranges that do not overlap")
+    return profiles
+
+
+@dataclass
+class PlanSettings:
+    """export.trt's own flags: the profiles, the builder's settings and the TensorRT backend's CUDA graphs."""
+    profiles: list[Profile]
+    workspace_gb: float = 4.0
+    timing_cache: Path | None = None
+    version_compatible: bool = False
+    cuda_graphs: bool = True
+
+    def serving(self, request) -> ServingOptions:
+        """One instance group per profile; CUDA graphs for the preferred batch sizes (default: each profile's OPT,
+        preferred by the batcher only when there are several profiles, as Triton's batcher guide advises)."""
+        opts = [p.opt for p in self.profiles]
+        preferred = request.preferred_batch_sizes or (opts if len(self.profiles) > 1 else [])
+        return serving_options(replace(request, preferred_batch_sizes=preferred), tensorrt_profiles=len(self.profiles),
+                               cuda_graph_batch_sizes=(preferred or opts) if self.cuda_graphs else [])
+
+    def parity_batches(self) -> list[int]:
+        edges = {b for p in self.profiles for b in (p.min, p.max)} | {2, 7}
+        return sorted(b for b in edges if any(p.covers(b) for p in self.profiles))
+
+
+def build_plan(trt, onnx_path: Path, input_shape: tuple[int, ...], profiles: Sequence[Profile] | tuple[int, int, int],
+               fp16: bool = False, workspace_gb: float = 4.0, timing_cache: Path | None = None,
+               version_compatible: bool = False) -> bytes:
+    """A serialized engine with one optimization profile per batch range (a (min, opt, max) tuple is one profile)."""
+    if profiles and isinstance(profiles[0], int):
+        profiles = [Profile(*profiles)]
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # Explicit batch is the only mode since TRT 10. TRT 10 stays weakly typed so the FP16 flag applies;
@@ -66,10 +147,10 @@ def build_plan(trt, onnx_path: Path, input_shape: tuple[int, ...], batches: tupl
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    profile = builder.create_optimization_profile()
-    lo, opt, hi = batches
-    profile.set_shape("image", (lo, *input_shape), (opt, *input_shape), (hi, *input_shape))
-    config.add_optimization_profile(profile)
+    for p in profiles:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(INPUT, (p.min, *input_shape), (p.opt, *input_shape), (p.max, *input_shape))
+        config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise UserError("TensorRT failed to build the engine (see its log above)")
@@ -81,24 +162,37 @@ def build_plan(trt, onnx_path: Path, input_shape: tuple[int, ...], batches: tupl
 
 
 class PlanRunner:
-    """Runs a plan with execute_async_v3 on torch CUDA buffers (used for parity and by bench)."""
+    """Runs a plan with execute_async_v3 on torch CUDA buffers (used for parity and by bench), switching to the
+    optimization profile whose batch range holds the input."""
 
     def __init__(self, trt, plan: bytes):
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
+        self.ranges = [(shapes[0][0], shapes[2][0]) for shapes in
+                       (self.engine.get_tensor_profile_shape(INPUT, i) for i in range(self.engine.num_optimization_profiles))]
+        self.profile = 0
+
+    def _select_profile(self, batch: int) -> None:
+        index = next((i for i, (lo, hi) in enumerate(self.ranges) if lo <= batch <= hi), None)
+        if index is None:
+            raise UserError(f"batch {batch} fits none of the plan's profiles {self.ranges}")
+        if index != self.profile:
+            self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
+            self.profile = index
 
     def run_device(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a CUDA input tensor, computed on the GPU (what bench times)."""
-        self.context.set_input_shape("image", tuple(x.shape))
-        logits = torch.empty(tuple(self.context.get_tensor_shape("logits")), dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address("image", x.data_ptr())
-        self.context.set_tensor_address("logits", logits.data_ptr())
+        self._select_profile(x.shape[0])
+        self.context.set_input_shape(INPUT, tuple(x.shape))
+        logits = torch.empty(tuple(self.context.get_tensor_shape(LOGITS)), dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address(INPUT, x.data_ptr())
+        self.context.set_tensor_address(LOGITS, logits.data_ptr())
         extra = []  # probs / expert_logits still need buffers, alive until the stream is done
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
-            if name not in ("image", "logits"):
+            if name not in (INPUT, LOGITS):
                 extra.append(torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=torch.float32, device="cuda"))
                 self.context.set_tensor_address(name, extra[-1].data_ptr())
         self.context.execute_async_v3(self.stream.cuda_stream)
@@ -109,61 +203,97 @@ class PlanRunner:
         return self.run_device(torch.from_numpy(images).cuda()).cpu().numpy()
 
 
-def export_trt(argv: list[str] | None = None) -> Path:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.trt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, default_max_batch=256)
-    p.add_argument("--min-batch", type=int, default=1)
-    p.add_argument("--opt-batch", type=int, default=32)
+    add_request_args(p, default_max_batch=None)
+    p.add_argument("--min-batch", type=int, help="the one profile's smallest batch [1]")
+    p.add_argument("--opt-batch", type=int, help="the one profile's batch TensorRT tunes for [32]")
+    p.add_argument("--profiles", type=parse_profiles,
+                   help="several optimization profiles, e.g. 1-8,32-256 (one Triton instance group each)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="Triton captures CUDA graphs for the preferred batch sizes [on]")
     p.add_argument("--workspace-gb", type=float, default=4.0)
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache, read and updated")
     p.add_argument("--version-compatible", action="store_true",
                    help="plan loadable by later TensorRT (Triton: --backend-config=tensorrt,version-compatible=true)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    args = p.parse_args(argv)
-    if not 1 <= args.min_batch <= args.opt_batch <= args.max_batch:
+    return p
+
+
+def profiles_of(args: argparse.Namespace) -> list[Profile]:
+    """--profiles, or the one profile of --min-batch/--opt-batch/--max-batch."""
+    if args.profiles:
+        if args.min_batch is not None or args.opt_batch is not None:
+            raise UserError("--profiles replaces --min-batch/--opt-batch; give one or the other")
+        if args.max_batch is not None and args.max_batch != args.profiles[-1].max:
+            raise UserError(f"--max-batch {args.max_batch} differs from the largest profile's {args.profiles[-1].max}")
+        return args.profiles
+    lo, hi = args.min_batch or 1, args.max_batch or 256
+    opt = args.opt_batch or min(32, hi)
+    if not 1 <= lo <= opt <= hi:
         raise UserError("need 1 <= --min-batch <= --opt-batch <= --max-batch")
-    job = prepare(args, suffix="_trt")  # checkpoint errors first: they need no GPU
-    trt = require_tensorrt()
-    parity_job = job  # parity is judged at the precision asked for (FP16 tolerances with --fp16)
-    job = replace(job, opts=replace(job.opts, fp16=args.fp16 and trt_major(trt) >= 11))
+    return [Profile(lo, opt, hi)]
+
+
+def prepare(argv: list[str] | None = None) -> tuple[ExportJob, PlanSettings]:
+    """Everything that needs neither TensorRT nor a GPU: flags validated, checkpoint loaded, name chosen."""
+    args = parser().parse_args(argv)
+    profiles = profiles_of(args)
+    request = replace(request_from_args(args), max_batch=profiles[-1].max)
+    if request.instance_kind == "cpu":
+        raise UserError("TensorRT plans run on GPU instances; drop --instance-kind cpu")
+    request = validate(replace(request, instance_kind="gpu"))
+    if args.workspace_gb <= 0:
+        raise UserError("--workspace-gb must be positive")
+    settings = PlanSettings(profiles, args.workspace_gb, args.timing_cache, args.version_compatible, args.cuda_graphs)
+    return build_job(request, suffix="_trt"), settings
+
+
+def publish_plan(job: ExportJob, settings: PlanSettings, plan: Path, build_info: dict, fusion: str) -> tuple[Path, int]:
+    """Write the plan, its build.json and its config (instance group per profile, CUDA graphs) to the repository."""
+    sidecar = plan.with_name("build.json")
+    sidecar.write_text(json.dumps(build_info, indent=2))
+    return publish(job, "tensorrt_plan", settings.serving(job.request), {"model.plan": plan, "build.json": sidecar}, fusion)
+
+
+def build_fastest(trt, job: ExportJob, settings: PlanSettings, work: Path) -> tuple[str, bytes]:
+    """Build a plan per fusion strategy asked for (both for auto) and keep the fastest on this GPU."""
+    fusions = ["loop", "grouped"] if job.opts.fusion == "auto" else [job.opts.fusion]
     shape = tuple(signature(job)[0][0].dims)
-    print(f"export {args.ckpt} -> {args.out}/{job.name}: TensorRT {trt.__version__} on {torch.cuda.get_device_name()}, "
-          f"batch {args.min_batch}/{args.opt_batch}/{args.max_batch}, {'FP16' if args.fp16 else 'FP32'}")
-    with tempfile.TemporaryDirectory(prefix="expertfuse-trt-") as tmp:
-        work = Path(tmp)
-        fusions = ["loop", "grouped"] if args.fusion == "auto" else [args.fusion]
-        plans = {}
-        for fusion in fusions:
-            artifact = export_graph(job, fusion, work / fusion, args.opset)
-            plans[fusion] = build_plan(trt, onnx_file(artifact), shape, (args.min_batch, args.opt_batch, args.max_batch),
-                                       args.fp16, args.workspace_gb, args.timing_cache, args.version_compatible)
-        fusion = fusions[0]
-        if len(fusions) > 1:
-            images = test_images(job, args.opt_batch)["random"].numpy()
-            fusion, timings = pick_fastest({f: PlanRunner(trt, plans[f]) for f in fusions},
-                                           {args.min_batch: images[:args.min_batch], args.opt_batch: images})
-            print("fusion auto on TensorRT: " + "; ".join(f"{f} " + ", ".join(f"b{b} {t * 1e3:.2f} ms" for b, t in per.items())
-                                                        for f, per in timings.items()) + f" -> {fusion}")
-        parity = check_parity(parity_job, PlanRunner(trt, plans[fusion]),
-                              sorted({args.min_batch, 2, 7, args.max_batch} & set(range(args.min_batch, args.max_batch + 1))))
-        (work / "model.plan").write_bytes(plans[fusion])
+    # TensorRT 11 takes its precision from the graph: FP16 means an FP16 ONNX graph.
+    graph_job = replace(job, opts=replace(job.opts, fp16=job.opts.fp16 and trt_major(trt) >= 11))
+    plans = {}
+    for fusion in fusions:
+        artifact = export_graph(graph_job, fusion, work / fusion, job.request.opset)
+        plans[fusion] = build_plan(trt, onnx_file(artifact), shape, settings.profiles, job.opts.fp16,
+                                   settings.workspace_gb, settings.timing_cache, settings.version_compatible)
+    if len(fusions) == 1:
+        return fusions[0], plans[fusions[0]]
+    batches = sorted({settings.profiles[0].min} | {p.opt for p in settings.profiles})
+    images = test_images(job, batches[-1])["random"].numpy()
+    best, timings = pick_fastest({f: PlanRunner(trt, plans[f]) for f in fusions}, {b: images[:b] for b in batches})
+    print("fusion auto on TensorRT: " + "; ".join(f"{f} " + ", ".join(f"b{b} {t * 1e3:.2f} ms" for b, t in per.items())
+                                                for f, per in timings.items()) + f" -> {best}")
+    return best, plans[best]
+
+
+def export_trt(argv: list[str] | None = None) -> Path:
+    job, settings = prepare(argv)  # every check that needs no GPU comes first
+    trt = require_tensorrt()
+    ranges = ", ".join(f"{p.min}/{p.opt}/{p.max}" for p in settings.profiles)
+    print(f"export {job.request.ckpt} -> {job.request.out}/{job.name}: TensorRT {trt.__version__} on "
+          f"{torch.cuda.get_device_name()}, profiles (min/opt/max) {ranges}, {'FP16' if job.opts.fp16 else 'FP32'}")
+    with staging(job.request.out) as work:
+        fusion, plan = build_fastest(trt, job, settings, work)
+        parity = check_parity(job, PlanRunner(trt, plan), settings.parity_batches())
+        (work / "model.plan").write_bytes(plan)
         major, minor = torch.cuda.get_device_capability()
-        (work / "build.json").write_text(json.dumps({
+        model_dir, _ = publish_plan(job, settings, work / "model.plan", {
             "tensorrt": trt.__version__, "compute_capability": f"{major}.{minor}", "gpu": torch.cuda.get_device_name(),
-            "fp16": args.fp16, "strongly_typed": trt_major(trt) >= 11, "profile": [args.min_batch, args.opt_batch, args.max_batch],
-            "version_compatible": args.version_compatible, "fusion": fusion, "parity": parity}, indent=2))
-        inputs, outputs = signature(job)
-        params = {k.replace(".", "_"): v for k, v in metadata(parity_job, fusion).items() if k != "expertfuse.classes"}
-        cfg = model_config(job.name, "tensorrt_plan", inputs, outputs, serving_options(args, args.max_batch), params)
-        cfg.instance_group[0].kind = cfg.instance_group[0].KIND_GPU
-        try:
-            model_dir, version = write_model(args.out, cfg, {"model.plan": work / "model.plan", "build.json": work / "build.json"},
-                                             job.checkpoint["classes"], overwrite=args.overwrite)
-        except RepositoryError as exc:
-            raise UserError(str(exc)) from None
-    print_summary(model_dir, version, inputs, outputs, fusion)
-    if args.version_compatible:
+            "fp16": job.opts.fp16, "strongly_typed": trt_major(trt) >= 11,
+            "profiles": [[p.min, p.opt, p.max] for p in settings.profiles],
+            "version_compatible": settings.version_compatible, "fusion": fusion, "parity": parity}, fusion)
+    if settings.version_compatible:
         print("  start Triton with --backend-config=tensorrt,version-compatible=true to load this plan")
     return model_dir
 

@@ -51,6 +51,8 @@ class ServingOptions:
     ort_tensorrt_fp16: bool = False
     ort_tensorrt_cache: str = ""
     versions: str = "latest:1"  # latest:N | all | specific:1,3
+    cuda_graph_batch_sizes: list[int] = field(default_factory=list)  # TensorRT plans: CUDA graphs for these (empty: off)
+    tensorrt_profiles: int = 0  # TensorRT plans with N optimization profiles: instance group i uses profile i
 
 
 def version_policy(text: str) -> pb.ModelVersionPolicy:
@@ -89,10 +91,7 @@ def model_config(name: str, platform: str, inputs: Sequence[TensorSpec], outputs
             o.label_filename = LABELS_FILE
     cfg.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_us
     cfg.dynamic_batching.preferred_batch_size.extend(opts.preferred_batch_sizes)
-    group = cfg.instance_group.add(count=opts.instance_count,
-                                   kind=pb.ModelInstanceGroup.KIND_GPU if opts.instance_kind == "gpu"
-                                   else pb.ModelInstanceGroup.KIND_CPU)
-    group.gpus.extend(opts.gpus)
+    _instance_groups(cfg, opts)
     for batch in sorted(set(b for b in opts.warmup_batch_sizes if 0 < b <= opts.max_batch_size)):
         warmup = cfg.model_warmup.add(name=f"batch{batch}", batch_size=batch, count=1)
         for t in inputs:
@@ -107,10 +106,31 @@ def model_config(name: str, platform: str, inputs: Sequence[TensorSpec], outputs
             if opts.ort_tensorrt_cache:
                 accel.parameters["trt_engine_cache_enable"] = "1"
                 accel.parameters["trt_engine_cache_path"] = opts.ort_tensorrt_cache
+    if platform == "tensorrt_plan" and opts.cuda_graph_batch_sizes:
+        _cuda_graphs(cfg, inputs, opts.cuda_graph_batch_sizes)
     for key, value in (parameters or {}).items():
         cfg.parameters[key].string_value = str(value)
     cfg.version_policy.CopyFrom(version_policy(opts.versions))
     return cfg
+
+
+def _instance_groups(cfg: pb.ModelConfig, opts: ServingOptions) -> None:
+    """One instance group, or one per TensorRT optimization profile (each restricted to its profile)."""
+    kind = pb.ModelInstanceGroup.KIND_GPU if opts.instance_kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
+    for profile in range(opts.tensorrt_profiles) if opts.tensorrt_profiles else [None]:
+        group = cfg.instance_group.add(count=opts.instance_count, kind=kind)
+        group.gpus.extend(opts.gpus)
+        if profile is not None:
+            group.profile.append(str(profile))
+
+
+def _cuda_graphs(cfg: pb.ModelConfig, inputs: Sequence[TensorSpec], batch_sizes: Sequence[int]) -> None:
+    """CUDA graphs in the TensorRT backend, with a graph spec per batch size (inputs without the batch dim)."""
+    cfg.optimization.cuda.graphs = True
+    for batch in sorted(set(batch_sizes)):
+        spec = cfg.optimization.cuda.graph_spec.add(batch_size=batch)
+        for t in inputs:
+            spec.input[t.name].dim.extend(t.dims)
 
 
 def render(cfg: pb.ModelConfig) -> str:

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -6,9 +7,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.common import job_for
+from expertfuse.contract import ModelMetadata
 from export.graph import reference_logits
-from export.onnx import export_graph
+from export.job import LoadedCheckpoint, job_for
+from export.onnx import export_graph, written_opset
 from serve.repository import parse
 from tests.helpers import run_module
 from torchvision.transforms.v2 import functional as F
@@ -42,8 +44,8 @@ def ort_logits(path: Path, images: np.ndarray, output: str = "logits") -> np.nda
 
 def test_cli_exports_a_3_expert_resnet32_ncl_model(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ncl.pt", arch="resnet32")
-    proc = run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--fusion", "grouped",
-                      "--max-batch", "16", "--instance-kind", "gpu", "--gpus", "0,1", "--preferred-batch-sizes", "8,16",
+    proc = run_module("export.onnx", "--ckpt", str(ckpt), "--model-repository", str(tmp_path / "repo"), "--fusion",
+                      "grouped", "--max-batch", "16", "--instance-kind", "gpu", "--gpus", "0,1", "--preferred-batch-sizes", "8,16",
                       "--version-policy", "all", "--ort-threads", "2", "--ort-tensorrt", "--ort-tensorrt-fp16",
                       "--ort-tensorrt-cache", "/trt-cache")
     assert "parity real-looking batch   16" in proc.stdout and "wrote" in proc.stdout
@@ -60,9 +62,13 @@ def test_cli_exports_a_3_expert_resnet32_ncl_model(tmp_path):
     onnx.checker.check_model(str(model_dir / "1" / "model.onnx"), full_check=True)
     proto = onnx.load(str(model_dir / "1" / "model.onnx"))
     assert [(o.domain, o.version) for o in proto.opset_import] == [("", 18)] and proto.ir_version == 8  # oldest IR for opset 18
-    meta = {p.key: p.value for p in proto.metadata_props}
-    assert meta["expertfuse.fusion"] == "grouped" and meta["expertfuse.experts"] == "0,1,2"
-    assert len(meta["expertfuse.checkpoint_sha256"]) == 64 and "class3" in meta["expertfuse.classes"]
+    meta = ModelMetadata.from_properties({p.key: p.value for p in proto.metadata_props})
+    assert meta.fusion == "grouped" and meta.experts == [0, 1, 2] and meta.classes[3] == "class3"
+    assert len(meta.checkpoint_sha256) == 64 and meta.input_size == 32 and meta.method == "ncl"
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert ModelMetadata.from_properties(params, meta.classes) == meta  # one key scheme: expertfuse_<field>
+    report = json.loads((model_dir / "1" / "export_report.json").read_text())
+    assert report["opset"] == written_opset(model_dir / "1" / "model.onnx") == 18 and "onnx.checker passed (opset 18)" in proc.stdout
     model, _ = load_model(ckpt)
     images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
     ref = reference_logits(model, (0, 1, 2), images, "uint8-nhwc").numpy()
@@ -134,28 +140,99 @@ def test_reexport_adds_a_version_and_overwrite_replaces(tmp_path):
     assert export_and_list("--overwrite") == ["1"]
 
 
-def test_bad_inputs_fail_cleanly_and_leave_the_repository_as_it_was(tmp_path):
+def run_export(capsys, module: str, *argv: str) -> tuple[int, str, str]:
+    """Run an export entry point in this process through the one CLI runner: (exit code, stdout, stderr)."""
+    from expertfuse.cli import run_cli
+    main = getattr(__import__(f"export.{module}", fromlist=["_"]), f"export_{module}")
+    try:
+        code = run_cli(lambda: main(list(argv)))
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bad_arguments_are_refused_before_any_export_work(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "m.pt", num_experts=2)
+    repo = tmp_path / "repo"
+    (tmp_path / "not-a-checkpoint.pt").write_bytes(b"\x00" * 64)
+    (tmp_path / "file").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    cases = [(["--ckpt", str(tmp_path / "missing.pt")], "checkpoint not found"),
+             (["--ckpt", str(tmp_path / "not-a-checkpoint.pt")], "checkpoint"),
+             (["--ckpt", str(ckpt), "--experts", "0,5"], "the checkpoint has experts 0..1"),
+             (["--ckpt", str(ckpt), "--out", str(tmp_path / "file" / "repo")], "file" + " is a file, not a folder"),
+             (["--ckpt", str(ckpt), "--out", str(tmp_path / "file")], "it is a file, not a folder"),
+             (["--ckpt", str(ckpt), "--name", "../evil"], "cannot be served by Triton"),
+             (["--ckpt", str(ckpt), "--name", "a b"], "cannot be served by Triton"),
+             (["--ckpt", str(ckpt), "--opset", "5"], "--opset 5: torch.onnx's exporter writes opsets 18.."),
+             (["--ckpt", str(ckpt), "--max-batch", "0"], "--max-batch must be at least 1"),
+             (["--ckpt", str(ckpt), "--instance-count", "0"], "--instance-count must be at least 1"),
+             (["--ckpt", str(ckpt), "--atol", "-1"], "--rtol and --atol must be 0 or more"),
+             (["--ckpt", str(ckpt), "--fp16", "--rtol", "1e-3"], "--rtol/--atol judge FP32 exports"),
+             (["--ckpt", str(ckpt), "--preferred-batch-sizes", "2,8"], "must lie in 1..--max-batch 4"),
+             (["--ckpt", str(ckpt), "--instance-kind", "cpu", "--ort-tensorrt"], "GPU instances only"),
+             (["--ckpt", str(ckpt), "--instance-kind", "cpu", "--gpus", "0"], "GPU instances only"),
+             (["--ckpt", str(ckpt), "--naive-ensemble", "--probs"], "--naive-ensemble serves logits only")]
+    for args, message in cases:
+        code, out, err = run_export(capsys, "onnx", "--fusion", "grouped", "--max-batch", "4", "--out", str(repo), *args)
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
+        assert out == "", (args, out)  # refused before the export started (it prints its first line then)
+    code, _, err = run_export(capsys, "onnx", "--ckpt", str(ckpt), "--version-policy", "newest")
+    assert code == 2 and "version policy must be latest:N" in err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created: no repository, no staging folder
+
+
+def test_parity_failure_writes_nothing_and_exits_1(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m.pt", num_experts=2)
     repo = tmp_path / "repo"
     run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(repo), "--fusion", "loop", "--max-batch", "4")
-    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    (tmp_path / "not-a-checkpoint.pt").write_bytes(b"\x00" * 64)
-    (tmp_path / "file").write_text("x")
-    cases = [(["--ckpt", str(tmp_path / "missing.pt")], 2, "checkpoint not found"),
-             (["--ckpt", str(tmp_path / "not-a-checkpoint.pt")], 2, "not a readable expertfuse checkpoint"),
-             (["--ckpt", str(ckpt), "--experts", "0,5"], 2, "the checkpoint has experts 0..1"),
-             (["--ckpt", str(ckpt), "--out", str(tmp_path / "file" / "repo")], 2, "cannot write"),
-             (["--ckpt", str(ckpt), "--atol", "0"], 1, "parity failed"),
-             (["--ckpt", str(ckpt), "--preferred-batch-sizes", "2,8"], 2, "must lie in 1..--max-batch 4"),
-             (["--ckpt", str(ckpt), "--version-policy", "newest"], 2, "version policy must be latest:N"),
-             (["--ckpt", str(ckpt), "--instance-kind", "cpu", "--ort-tensorrt"], 2, "GPU instances only"),
-             (["--ckpt", str(ckpt), "--instance-kind", "cpu", "--gpus", "0"], 2, "GPU instances only")]
-    for args, code, message in cases:
-        proc = run_module("export.onnx", "--fusion", "grouped", "--max-batch", "4", "--out", str(repo), *args, check=False)
-        assert proc.returncode == code, (args, proc.stderr)
-        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    assert after == sorted(before + ["file", "not-a-checkpoint.pt"])  # no new version, no staging leftovers
+    before = sorted(tmp_path.rglob("*"))
+    proc = run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(repo), "--fusion", "grouped", "--max-batch", "4",
+                      "--rtol", "0", "--atol", "0", check=False)
+    assert proc.returncode == 1 and "disagrees with PyTorch" in proc.stderr and "nothing written" in proc.stderr
+    assert "allclose(rtol=0, atol=0)" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # no new version, no staging leftovers
+
+
+def test_large_logits_export_when_their_relative_error_is_tiny(tmp_path):
+    """Issue 12.6: logits near 1e5 differ by ~1e-2 in absolute terms (float32 rounding), 1e-7 relative."""
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    payload = torch.load(ckpt, weights_only=True)
+    for key, value in payload["state_dict"].items():
+        if ".head." in key:
+            value.mul_(1e5)
+    torch.save(payload, ckpt)
+    proc = run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--fusion", "grouped",
+                      "--max-batch", "8")
+    report = json.loads((tmp_path / "repo" / "ncl" / "1" / "export_report.json").read_text())
+    worst = max(row["max_abs_diff"] for row in report["parity"])
+    model, _ = load_model(ckpt)
+    images = torch.from_numpy(synthesize([8], seed=0)[0])
+    assert reference_logits(model, (0, 1, 2), images, "uint8-nhwc").abs().max() > 1e4
+    assert worst > 1e-4, "the old absolute gate (max|diff| <= 1e-4) would have refused this model"
+    assert all(row["ok"] for row in report["parity"]) and "wrote" in proc.stdout
+
+
+def test_a_killed_export_leaves_a_staging_folder_that_the_next_export_removes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from tests.helpers import REPO
+    ckpt = make_checkpoint(tmp_path / "m.pt", num_experts=1)
+    repo = tmp_path / "repo"
+    args = ["--ckpt", str(ckpt), "--out", str(repo), "--fusion", "loop", "--max-batch", "4"]
+    victim = subprocess.Popen([sys.executable, "-m", "export.onnx", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".repo-export-*")) and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert [p.name.split("-")[2] for p in tmp_path.glob(".repo-export-*")] == [str(victim.pid)]
+    run_module("export.onnx", *args)
+    assert not list(tmp_path.glob(".repo-export-*")) and (repo / "ncl" / "1" / "model.onnx").is_file()
 
 
 def test_trt_export_explains_what_is_missing(tmp_path):
@@ -212,3 +289,52 @@ def test_auto_fusion_keeps_the_candidate_fastest_over_both_batch_sizes():
     runners = {name: (lambda x, d=d: time.sleep(d[len(x)])) for name, d in delays.items()}
     best, medians = pick_fastest(runners, {1: np.zeros(1), 8: np.zeros(8)}, budget_s=0.5)
     assert best == "grouped" and medians["loop"][8] >= 0.004
+
+
+def test_trt_config_maps_profiles_to_instance_groups_with_cuda_graphs(tmp_path):
+    """export.trt's config as written for a plan with two profiles (the build itself needs TensorRT and a GPU)."""
+    from export.trt import Profile, prepare, publish_plan
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    job, settings = prepare(["--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--profiles", "1-8,32-128-256",
+                             "--instance-count", "2", "--fusion", "grouped"])
+    assert settings.profiles == [Profile(1, 8, 8), Profile(32, 128, 256)] and job.name == "ncl_trt"
+    assert settings.parity_batches() == [1, 2, 7, 8, 32, 256]
+    (tmp_path / "model.plan").write_bytes(b"not a real plan")
+    model_dir, version = publish_plan(job, settings, tmp_path / "model.plan", {"tensorrt": "10.x"}, "grouped")
+    cfg = parse((model_dir / "config.pbtxt").read_text())
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 256 and version == 1
+    groups = [(g.kind, g.count, list(g.profile)) for g in cfg.instance_group]
+    assert groups == [(cfg.instance_group[0].KIND_GPU, 2, ["0"]), (cfg.instance_group[0].KIND_GPU, 2, ["1"])]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [8, 128]
+    assert cfg.optimization.cuda.graphs
+    specs = [(s.batch_size, list(s.input["image"].dim)) for s in cfg.optimization.cuda.graph_spec]
+    assert specs == [(8, [32, 32, 3]), (128, [32, 32, 3])]
+    assert cfg.parameters["expertfuse_fusion"].string_value == "grouped"
+    assert json.loads((model_dir / "1" / "build.json").read_text()) == {"tensorrt": "10.x"}
+
+
+def test_trt_one_profile_without_cuda_graphs_and_refused_settings(tmp_path, capsys):
+    from export.trt import prepare, publish_plan
+    ckpt = make_checkpoint(tmp_path / "m.pt")
+    job, settings = prepare(["--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--max-batch", "64",
+                             "--no-cuda-graphs", "--name", "plain"])
+    (tmp_path / "model.plan").write_bytes(b"x")
+    cfg = parse((publish_plan(job, settings, tmp_path / "model.plan", {}, "loop")[0] / "config.pbtxt").read_text())
+    assert [list(g.profile) for g in cfg.instance_group] == [["0"]] and not cfg.HasField("optimization")
+    assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU and not cfg.dynamic_batching.preferred_batch_size
+    capsys.readouterr()
+    for args, message in [(["--instance-kind", "cpu"], "TensorRT plans run on GPU instances"),
+                          (["--profiles", "1-8,4-16"], "ascending batch ranges that do not overlap"),
+                          (["--profiles", "8-4"], "1 <= MIN <= OPT <= MAX"),
+                          (["--profiles", "1-8", "--opt-batch", "4"], "--profiles replaces --min-batch/--opt-batch"),
+                          (["--profiles", "1-8", "--max-batch", "16"], "differs from the largest profile's 8"),
+                          (["--name", "../evil"], "cannot be served by Triton")]:
+        code, out, err = run_export(capsys, "trt", "--ckpt", str(ckpt), "--out", str(tmp_path / "r2"), *args)
+        assert code == 2 and message in err and out == "", (args, err)
+
+
+def test_job_for_reuses_a_loaded_checkpoint(tmp_path):
+    loaded = LoadedCheckpoint.load(make_checkpoint(tmp_path / "m.pt"))
+    single, fused = job_for(loaded, "0"), job_for(loaded, "all", "grouped")
+    assert single.model is fused.model is loaded.model and single.opts.experts == (0,) and fused.opts.experts == (0, 1, 2)
+    assert single.name == "ncl_expert0" and fused.name == "ncl" and len(fused.checkpoint.sha256) == 64

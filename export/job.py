@@ -1,0 +1,96 @@
+"""An export job: a loaded checkpoint plus a request, resolved into what to build (graph options, name)."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from expertfuse.contract import ModelMetadata
+from expertfuse.errors import UserError
+from export.graph import GraphOptions, parse_experts
+from export.naming import default_name
+from export.request import ExportRequest
+from train.checkpoint import load_model
+from train.models import MultiExpertNet
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A checkpoint read once (bench builds several jobs from one)."""
+    path: Path
+    model: MultiExpertNet
+    data: dict
+    sha256: str
+
+    @classmethod
+    def load(cls, path: Path) -> "LoadedCheckpoint":
+        model, data = load_model(path)
+        return cls(Path(path), model, data, hashlib.sha256(Path(path).read_bytes()).hexdigest())
+
+
+@dataclass
+class ExportJob:
+    checkpoint: LoadedCheckpoint
+    opts: GraphOptions
+    name: str
+    request: ExportRequest
+
+    @property
+    def model(self) -> MultiExpertNet:
+        return self.checkpoint.model
+
+    @property
+    def spec(self):
+        return self.model.spec
+
+    @property
+    def method(self) -> str:
+        return self.checkpoint.data["method"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.checkpoint.data["classes"]
+
+    def metadata(self, fusion: str) -> ModelMetadata:
+        """What travels with the artifact (ONNX metadata_props) and its config (Triton parameters)."""
+        s = self.spec
+        return ModelMetadata(classes=list(self.classes), mean=list(s.mean), std=list(s.std), input_size=s.input_size,
+                             resize=s.resize, input_layout=self.opts.input_layout, experts=list(self.opts.experts),
+                             fusion=fusion, precision="fp16" if self.opts.fp16 else "fp32", arch=s.arch,
+                             method=self.method, checkpoint_sha256=self.checkpoint.sha256)
+
+
+def chosen_experts(request: ExportRequest, model: MultiExpertNet) -> tuple[int, ...]:
+    """--experts, or one named head (--head; SSD's 'soft' head by default when every expert is asked for)."""
+    names = model.spec.expert_names
+    head = request.head or ("soft" if "soft" in names and request.experts == "all" else None)
+    if not head:
+        return parse_experts(request.experts, model.num_experts)
+    if head not in names:
+        raise UserError(f"--head {head}: the checkpoint's heads are {', '.join(names) or 'unnamed (use --experts)'}")
+    return (names.index(head),)
+
+
+def build_job(request: ExportRequest, checkpoint: LoadedCheckpoint | None = None, suffix: str = "") -> ExportJob:
+    """The job of a (validated) request; the checkpoint is loaded unless one is given."""
+    checkpoint = checkpoint or LoadedCheckpoint.load(request.ckpt)
+    model = checkpoint.model
+    experts = chosen_experts(request, model)
+    name = request.name or default_name(checkpoint.data["method"], experts, model.num_experts, request.fp16, suffix,
+                                        model.spec.expert_names)
+    opts = GraphOptions(experts, request.fusion, request.input_layout, request.probs, request.expert_logits, request.fp16)
+    return ExportJob(checkpoint, opts, name, request)
+
+
+def job_for(ckpt: Path | LoadedCheckpoint, experts: str = "all", fusion: str = "loop", *, probs: bool = False,
+            expert_logits: bool = False, max_batch: int = 256) -> ExportJob:
+    """An FP32 uint8-NHWC job without a command line (bench and tests); pass a LoadedCheckpoint to reuse one."""
+    loaded = ckpt if isinstance(ckpt, LoadedCheckpoint) else LoadedCheckpoint.load(Path(ckpt))
+    request = ExportRequest(ckpt=loaded.path, experts=experts, fusion=fusion, probs=probs,
+                            expert_logits=expert_logits, max_batch=max_batch)
+    return build_job(request, loaded)
+
+
+def with_experts(job: ExportJob, experts: tuple[int, ...], fusion: str, name: str) -> ExportJob:
+    """The same job restricted to some experts (the naive ensemble's single-expert models)."""
+    return replace(job, name=name, opts=replace(job.opts, experts=experts, fusion=fusion))

@@ -1,0 +1,102 @@
+"""How an export enters the Triton model repository: its tensors, its serving settings, a staging folder
+that a later export cleans up, and the write through serve.repository (the one config writer)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from expertfuse.contract import EXPERT_LOGITS, INPUT, LOGITS, PROBS, TRITON_INPUT
+from expertfuse.errors import UserError
+from export.job import ExportJob
+from export.request import ExportRequest
+from serve.repository import RepositoryError, ServingOptions, TensorSpec, model_config, write_model
+
+
+def signature(job: ExportJob) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    s = job.spec
+    dtype, layout = TRITON_INPUT[job.opts.input_layout]
+    dims = [s.input_size, s.input_size, 3] if layout == "NHWC" else [3, s.input_size, s.input_size]
+    outputs = [TensorSpec(LOGITS, "FP32", [s.num_classes], labels=True)]
+    if job.opts.probs:
+        outputs.append(TensorSpec(PROBS, "FP32", [s.num_classes], labels=True))
+    if job.opts.expert_logits:
+        outputs.append(TensorSpec(EXPERT_LOGITS, "FP32", [len(job.opts.experts), s.num_classes]))
+    return [TensorSpec(INPUT, dtype, dims, layout)], outputs
+
+
+def serving_options(request: ExportRequest, **stage_settings) -> ServingOptions:
+    """The Triton settings of the shared flags; each stage adds its own (ONNX Runtime, TensorRT)."""
+    return ServingOptions(max_batch_size=request.max_batch, max_queue_delay_us=request.max_queue_delay_us,
+                          preferred_batch_sizes=request.preferred_batch_sizes, instance_kind=request.kind,
+                          instance_count=request.instance_count, gpus=request.gpus,
+                          warmup_batch_sizes=[1, request.max_batch], versions=request.version_policy, **stage_settings)
+
+
+def publish(job: ExportJob, platform: str, serving: ServingOptions, artifacts: dict[str, Path],
+            fusion: str) -> tuple[Path, int]:
+    """Write the model's config (with its metadata as parameters), labels and artifacts as a new version."""
+    inputs, outputs = signature(job)
+    cfg = model_config(job.name, platform, inputs, outputs, serving, job.metadata(fusion).triton_parameters())
+    try:
+        model_dir, version = write_model(job.request.out, cfg, artifacts, job.classes, overwrite=job.request.overwrite)
+    except RepositoryError as exc:
+        raise UserError(str(exc)) from None
+    print_summary(model_dir, version, inputs, outputs, fusion)
+    return model_dir, version
+
+
+def print_summary(model_dir: Path, version: int, inputs: list[TensorSpec], outputs: list[TensorSpec], fusion: str) -> None:
+    files = sorted(p for p in (model_dir / str(version)).rglob("*") if p.is_file())
+    print(f"wrote {model_dir}/ version {version} (fusion {fusion}):")
+    for f in files + [model_dir / "config.pbtxt", model_dir / "labels.txt"]:
+        print(f"  {f}  {f.stat().st_size / 1e6:.2f} MB")
+    for t in inputs:
+        print(f"  input  {t.name} {t.dtype} [-1, {', '.join(map(str, t.dims))}] ({t.format})")
+    for t in outputs:
+        print(f"  output {t.name} {t.dtype} [-1, {', '.join(map(str, t.dims))}]{' with labels' if t.labels else ''}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _staging_prefix(repo: Path) -> str:
+    return f".{repo.name}-export-"
+
+
+def remove_stale_staging(repo: Path) -> list[Path]:
+    """Remove the staging folders beside `repo` left by exports that died (their pid is gone)."""
+    pattern = re.compile(re.escape(_staging_prefix(repo)) + r"(\d+)-")
+    stale = [p for p in repo.parent.glob(_staging_prefix(repo) + "*")
+             if (m := pattern.match(p.name)) and p.is_dir() and not _alive(int(m.group(1)))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+@contextlib.contextmanager
+def staging(repo: Path) -> Iterator[Path]:
+    """A work folder beside the repository, named with our pid so that the next export removes it if we are
+    killed (Triton would take a folder inside the repository for a model)."""
+    repo = Path(repo).absolute()
+    try:
+        repo.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(repo)
+        folder = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(repo)}{os.getpid()}-", dir=repo.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write the model repository {repo}: {exc.strerror or exc}") from None
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
