@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertfuse.errors import UserError
-from train.models.backbones import _ShortcutA
+from train.models.backbones import ShortcutA
 from train.models.heads import CosineHead, LWSHead
 from train.models.multi_expert import MultiExpertNet
 
@@ -86,7 +86,7 @@ def fuse_block(blocks: list[nn.Module], shared_input: bool) -> FusedBlock:
     short = _shortcut_of(first)
     if isinstance(short, nn.Sequential):  # conv + BN (option B, torchvision downsample)
         shortcut = fuse_convs([(_shortcut_of(b)[0], _shortcut_of(b)[1]) for b in blocks], shared_input)
-    elif isinstance(short, _ShortcutA):
+    elif isinstance(short, ShortcutA):
         planes = first.conv2.out_channels
         shortcut = selection_conv(first.conv1.in_channels, planes, 2, short.pad, k, shared_input)
     elif shared_input:

@@ -1,10 +1,16 @@
+import copy
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
+from train.config import config_from_args
+from train.data.transforms import training_transform
 from train.methods.base import balanced_logits
-from train.methods.ncl import hcm_mask, nbod_loss, nil_loss, pairwise_kl
+from train.methods.ncl import NCL, hcm_mask, nbod_loss, nil_loss, pairwise_kl
+from train.models import ModelSpec, build_model
 
 
 def test_hcm_keeps_target_even_when_it_scores_lowest():
@@ -57,3 +63,66 @@ def test_nbod_gradient_stays_finite_when_probabilities_underflow():
     loss = nbod_loss(logits, torch.ones(1, 3))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def _ncl_moco(*flags: str):
+    """A real NCL method with its MoCo branch on 3 ResNet-8 experts, and a batch of 4 images."""
+    cfg = config_from_args(["--ncl-moco", "--moco-queue", "8", "--moco-dim", "4", "--hcm-n", "3", *flags])
+    model = build_model(ModelSpec(arch="resnet8", num_classes=5, num_experts=3))
+    method = NCL(cfg, model, [10, 8, 6, 4, 2])
+    torch.manual_seed(0)
+    images = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    return method, model, images, torch.tensor([0, 1, 2, 3])
+
+
+def _fill(module, value: float) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.fill_(value)
+
+
+@pytest.mark.parametrize("flags, expected", [((), 1 - 0.5 ** 3), (("--moco-ema-once",), 0.5)])
+def test_ncl_ema_runs_once_per_expert_in_the_loss(flags, expected):
+    """The official update sits inside the per-expert loop over the whole encoder list: 3 experts, momentum 0.5
+    -> key = 0.5^3 * 0 + (1 - 0.5^3) * 1 after one step (--moco-ema-once: 0.5)."""
+    method, model, images, targets = _ncl_moco("--moco-momentum", "0.5", *flags)
+    _fill(model, 1.0)
+    _fill(method.aux.key_encoder, 0.0)
+    method.loss(model, images, targets)
+    weight = method.aux.key_encoder.experts[2].backbone.conv1.weight
+    assert torch.allclose(weight, torch.full_like(weight, expected))
+    method.after_step(model)  # the official moment is the loss: nothing more after the optimizer step
+    assert method.aux.key_encoder.experts[0].backbone.conv1.weight.flatten()[0].item() == pytest.approx(expected)
+
+
+def test_ncl_ema_runs_after_the_step_keys_were_computed():
+    """With momentum 0 the update copies the query encoder: the queued keys must still be those of the key
+    encoder as it was when the step began (the official update follows the key forward)."""
+    method, model, images, targets = _ncl_moco("--moco-momentum", "0", "--no-moco-independent-key-init")
+    _fill(method.aux.key_encoder, 0.01)
+    before = copy.deepcopy(method.aux)
+    with torch.no_grad():
+        features = before.key_encoder.forward_features(images[1])
+        expected = torch.stack([F.normalize(before.key_projection[k](features[:, k]), dim=1) for k in range(3)])
+    method.loss(model, images, targets)
+    assert torch.allclose(method.aux.queue[:, :4], expected, atol=1e-6)
+    key_weight = method.aux.key_encoder.experts[1].backbone.conv1.weight
+    assert torch.equal(key_weight, model.experts[1].backbone.conv1.weight)  # and then the (m = 0) update ran
+
+
+def test_ncl_contrastive_preset_uses_the_official_key_view_and_shot_rule():
+    cfg = config_from_args(["--preset", "ncl-cifar100-lt-contrastive"])
+    assert (cfg.augment, cfg.key_augment, cfg.moco_ema_once, cfg.moco_ema_before_backward) == ("cifar", "mocov2", False, True)
+    spec = ModelSpec()
+    query, key = training_transform(cfg.augment, cfg.key_augment, spec, views=2).transforms
+    assert query is not key
+    crop, jitter, gray, blur, flip = key.transforms[1:6]
+    assert isinstance(crop, v2.RandomResizedCrop) and crop.size == (32, 32) and crop.scale == (0.2, 1.0)
+    assert jitter.p == 0.8 and isinstance(jitter.transforms[0], v2.ColorJitter) and jitter.transforms[0].hue == (-0.1, 0.1)
+    assert isinstance(gray, v2.RandomGrayscale) and gray.p == 0.2 and isinstance(flip, v2.RandomHorizontalFlip)
+    assert blur.p == 0.5 and list(blur.transforms[0].sigma) == [0.1, 2.0]
+    for name in ("ncl-cifar100-lt", "ncl-cifar100-lt-contrastive", "ncl-imagenet-lt", "ncl-synthetic"):
+        assert config_from_args(["--preset", name]).shot_rule == "ncl"
+    assert training_transform("cifar", "", spec, views=1) is not None
+    same = training_transform("cifar", "", spec, views=2).transforms
+    assert same[0] is same[1]  # no key augmentation named: a second draw of the query's

@@ -4,6 +4,7 @@ import torchvision
 
 from expertfuse.errors import UserError
 from train.models import ModelSpec, build_model
+from train.models.backbones import ShortcutA
 from train.models.heads import CosineHead, LWSHead
 
 
@@ -52,3 +53,10 @@ def test_spec_rejects_bad_values():
         ModelSpec(arch="vgg")
     with pytest.raises(UserError, match="unknown fields"):
         ModelSpec.from_dict({"arch": "resnet32", "color": "red"})
+
+
+def test_option_a_shortcut_subsamples_and_zero_pads_channels():
+    x = torch.arange(64.0).reshape(1, 4, 4, 4)
+    out = ShortcutA(planes=8)(x)
+    assert out.shape == (1, 8, 2, 2)
+    assert torch.equal(out[:, 2:6], x[:, :, ::2, ::2]) and not out[:, :2].any() and not out[:, 6:].any()

@@ -12,6 +12,7 @@ from train.config import config_from_args
 from train.methods import get_method
 from train.methods.shike import dkt_loss, dkt_teacher
 from train.models import ModelSpec, build_model
+from train.models.heads import NormedLinearHead
 from train.schedule import lr_factor
 
 SHIKE_TINY = ["--method", "shike", "--dataset", "synthetic", "--arch", "resnet8", "--shortcut", "B", "--shared-stages", "3",
@@ -59,6 +60,27 @@ def test_shike_schedule_matches_the_official_log():
     assert main.lr * lr_factor(main, 179) < 1e-4 and (main.epochs, crt.epochs) == (180, 20)
     assert [round(crt.lr * lr_factor(crt, t), 6) for t in range(5)] == [0.0375, 0.05, 0.0625, 0.075, 0.0875]
     assert round(crt.lr * lr_factor(crt, 16), 6) == 0.016543
+    assert cfg.warmup_start == 1 / 6 and main.lr * lr_factor(main, 0) == 0.15 / 6  # exactly the official 1/6
+
+
+def test_shike_preset_runs_like_the_official_loader_and_precision():
+    cfg = config_from_args(["--preset", "shike-cifar100-lt"])
+    assert (cfg.amp, cfg.drop_last) == ("fp16", False)
+    assert config_from_args(["--preset", "shike-cifar100-lt", "--amp", "off"]).amp == "off"  # --amp still overrides
+    assert config_from_args(["--preset", "shike-synthetic"]).drop_last is False
+
+
+def test_normed_heads_start_with_unit_class_vectors():
+    """The official init: uniform(-1, 1), renorm each class vector to 1e-5, times 1e5 (fresh stage-1 and cRT heads)."""
+    torch.manual_seed(0)
+    head = NormedLinearHead(64, 100)
+    assert torch.allclose(head.weight.norm(dim=1), torch.ones(100), atol=1e-6)
+    assert head.weight.abs().max() <= 1.0 and (head.weight > 0).any() and (head.weight < 0).any()
+    model = build_model(ModelSpec(arch="resnet8", num_classes=10, shortcut="B", shared_stages=3, fusion="dkf",
+                                  head="normed", head_scale=30))
+    method = get_method("shike")(config_from_args(["--preset", "shike-synthetic"]), model, [5] * 10)
+    method.enter_stage(method.stages()[1], model)  # cRT builds fresh heads the same way
+    assert all(torch.allclose(e.head.weight.norm(dim=1), torch.ones(10), atol=1e-6) for e in model.experts)
 
 
 def test_dkf_architecture_matches_the_official_layout():

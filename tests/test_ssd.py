@@ -5,12 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from torchvision.transforms import v2
 
 from tests.helpers import run_module
 from tests.test_export import ort_logits
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
-from train.methods.ssd import ClassAwareSampler, distillation, masked_info_nce, ssd_stages
+from train.data.transforms import training_transform
+from train.methods.ssd import SSD, ClassAwareSampler, distillation, masked_info_nce, ssd_stages
+from train.models import ModelSpec, build_model
 from train.schedule import lr_factor
 from train.models.heads import LWSHead
 
@@ -115,3 +118,36 @@ def test_convert_official_ssd_stage3_and_lws_checkpoints(tmp_path):
     assert data["spec"]["expert_names"] == ["hard"]
     folded = stage4["module.classifier.fc.weight"] * stage4["module.classifier.scales"][:, None]
     assert torch.allclose(model.state_dict()["experts.0.head.weight"], folded)
+
+
+def test_label_queue_starts_at_class_0_like_the_official_code():
+    """Unfilled entries carry label 0: a class-0 query has no negatives yet (loss log 1 = 0), others see all."""
+    cfg = config_from_args([*SSD_TINY, "--moco-queue", "4", "--moco-dim", "2"])
+    model = build_model(ModelSpec(**SSD.adapt_spec(ModelSpec(arch="resnet8").to_dict())))
+    aux = SSD(cfg, model, [5] * 10).aux
+    assert aux.queue_labels.tolist() == [[0, 0, 0, 0]]
+    q = k = torch.tensor([[1.0, 0.0]])
+    assert masked_info_nce(q, k, aux.queue[0], aux.queue_labels[0], torch.tensor([0]), 0.2).item() == 0.0
+    assert masked_info_nce(q, k, aux.queue[0], aux.queue_labels[0], torch.tensor([1]), 0.2).item() > 0.0
+    legacy = SSD(config_from_args([*SSD_TINY, "--ssd-queue-fill-label", "-1"]), model, [5] * 10).aux
+    assert set(legacy.queue_labels.flatten().tolist()) == {-1}
+
+
+def test_class_aware_sampler_reshuffles_a_class_list_at_every_wrap():
+    """Class 0 has 3 images and is drawn 3 at a time: every draw is one pass over its list, and the passes come
+    in different orders (the official RandomCycleIter reshuffles when it wraps around)."""
+    targets = [0] * 3 + [1] * 57
+    order = list(ClassAwareSampler(targets, 3, torch.Generator().manual_seed(0)))
+    passes = [tuple(order[i:i + 3]) for i in range(0, len(order), 3) if targets[order[i]] == 0]
+    assert len(passes) >= 8 and all(sorted(p) == [0, 1, 2] for p in passes)
+    assert len(set(passes)) > 1
+
+
+def test_ssd_presets_follow_the_official_augmentation_and_precision():
+    cfg = config_from_args(["--preset", "ssd-imagenet-lt"])
+    assert (cfg.augment, cfg.key_augment, cfg.amp, cfg.ssd_queue_fill_label) == ("imagenet-basic", "mocov2", "off", 0)
+    spec = ModelSpec(input_size=224, resize=256)
+    query, key = training_transform(cfg.augment, cfg.key_augment, spec, views=2).transforms
+    assert not any(isinstance(op, v2.RandAugment) for op in query.transforms)  # the stage scripts use none
+    assert [type(op) for op in query.transforms[1:4]] == [v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.ColorJitter]
+    assert key.transforms[1].scale == (0.2, 1.0) and config_from_args(["--preset", "ssd-cifar100-lt"]).amp == "off"

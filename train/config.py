@@ -40,7 +40,9 @@ class TrainConfig:
     synthetic_max: int = _opt(300, "synthetic data: images in the head class")
     synthetic_test: int = _opt(100, "synthetic data: test images per class")
     synthetic_seed: int = _opt(0, "synthetic data: generator seed (independent of --seed)")
-    augment: str = _opt("", "augmentation preset: cifar | cifar-basic | imagenet | none (default: per dataset)")
+    augment: str = _opt("", "augmentation preset: cifar | cifar-basic | imagenet | imagenet-basic | mocov2 | ncl-sim | "
+                            "none (default: per dataset)")
+    key_augment: str = _opt("", "contrastive key view's augmentation preset (default: a second draw of --augment)")
     input_size: int = _opt(0, "network input size (default: per dataset)")
     resize: int = _opt(0, "test-time shorter-side resize (default: per dataset)")
     shot_rule: str = _opt("strict", "shot groups: strict (many>100, few<20) | ncl (>=100, <=20)")
@@ -88,7 +90,9 @@ class TrainConfig:
     moco_momentum: float = _opt(0.999, "ncl: EMA momentum of the key encoder")
     moco_independent_key_init: bool = _opt(True, "ncl quirk: key encoder from its own random init")
     moco_frozen_key_projection: bool = _opt(True, "ncl quirk: key projection never updated")
-    moco_ema_before_backward: bool = _opt(True, "ncl quirk: EMA step before backward")
+    moco_ema_before_backward: bool = _opt(True, "ncl: EMA step in the loss, after the step's keys (official); "
+                                                "off: after the optimizer step")
+    moco_ema_once: bool = _opt(False, "ncl: one EMA step per training step (official: one per expert, momentum^K)")
     # ECL (a documented interpretation: see train/methods/ecl.py)
     ecl_reweight: bool = _opt(True, "ecl: per-class distillation weights from the label vs distillation heads")
     ecl_kd_weight: float = _opt(1.0, "ecl: weight of the re-weighted expert-to-expert distillation")
@@ -101,6 +105,7 @@ class TrainConfig:
     ssd_sdl_epochs: int = _opt(135, "ssd: stage III epochs (fresh network, hard CE + soft distillation)")
     ssd_lws_epochs: int = _opt(0, "ssd: optional stage IV epochs (LWS on the hard head)")
     ssd_kd_t: float = _opt(2.0, "ssd: distillation temperature")
+    ssd_queue_fill_label: int = _opt(0, "ssd: label of the not-yet-filled queue entries (official 0; -1 masks none)")
     ssd_bn_update: bool = _opt(True, "ssd: the frozen trunk's BatchNorm statistics keep updating in LWS stages (official)")
     ssd_teacher_train_bn: bool = _opt(True, "ssd: the teacher's BatchNorm runs in train mode (official quirk)")
     # SHIKE

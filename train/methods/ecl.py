@@ -63,8 +63,7 @@ class ECLAux(nn.Module):
         self.distill_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(model.num_experts))
         self.register_buffer("label_conf", torch.full((num_classes,), 1.0 / num_classes))
         self.register_buffer("distill_conf", torch.full((num_classes,), 1.0 / num_classes))
-        self.moco = MocoBranch(model, cfg.moco_dim, cfg.moco_queue, cfg.moco_t, cfg.moco_momentum,
-                               cfg.moco_independent_key_init, cfg.moco_frozen_key_projection) if cfg.ecl_contrastive else None
+        self.moco = MocoBranch(model, cfg) if cfg.ecl_contrastive else None
 
     @torch.no_grad()
     def update_confidence(self, label_probs: torch.Tensor, distill_probs: torch.Tensor, targets: torch.Tensor,
@@ -109,13 +108,12 @@ class ECL(Method):
             loss = loss + self.cfg.ecl_feature_weight * feat
             parts["feature_kd"] = feat.detach()
         if self.aux.moco is not None:
-            if self.cfg.moco_ema_before_backward:
-                self.aux.moco.momentum_update(getattr(model, "module", model))
             con = self.aux.moco.loss(features, images[1])
             loss = loss + self.cfg.con_ratio * con
             parts["con"] = con.detach()
+            self.aux.moco.ema_step(model, optimizer_stepped=False)
         return loss, logits, parts
 
     def after_step(self, model) -> None:
-        if self.aux.moco is not None and not self.cfg.moco_ema_before_backward:
-            self.aux.moco.momentum_update(getattr(model, "module", model))
+        if self.aux.moco is not None:
+            self.aux.moco.ema_step(model, optimizer_stepped=True)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from train.methods.base import Method, balanced_logits
+from train.methods.parts import FeatureQueue, ema_update, projection_mlp, unwrap
 
 
 def hcm_mask(expert0_logits: torch.Tensor, targets: torch.Tensor, hard_n: int) -> torch.Tensor:
@@ -60,52 +60,44 @@ def nbod_loss(balanced: torch.Tensor, mask: torch.Tensor, factor: float = 0.6, f
     return (factor * pairwise_kl(balanced) + factor_hcm * pairwise_kl(balanced * mask[:, None])) / (experts - 1)
 
 
-def _projection(dim_in: int, dim_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim_in, dim_in), nn.ReLU(inplace=True), nn.Linear(dim_in, dim_out))
+class MocoBranch(FeatureQueue):
+    """NCL's contrastive branch: one key queue per expert (the buffers of FeatureQueue), a query projection per
+    expert, an EMA key encoder and key projections.
 
-
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()):
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
-
-
-class MocoBranch(nn.Module):
-    """NCL's contrastive branch: per-expert query projection, EMA key encoder + key projection, queue.
-
-    Official quirks (each behind a flag, on by default): the key encoder starts from its own random
-    init instead of a copy of the query encoder; the key projection is never updated; the EMA step
-    runs before backward. Shuffle-BN for the keys is not reproduced.
+    As the official code: the EMA update runs inside its per-expert loop over the whole encoder list, so it is
+    applied once per expert per step (momentum ** K; --moco-ema-once applies it once), in the loss after the
+    step's keys were computed (--no-moco-ema-before-backward: after the optimizer step instead). Official
+    quirks (flags, on by default): the key encoder starts from its own random init instead of a copy of the
+    query encoder; the key projection is never updated. Shuffle-BN for the keys is not reproduced.
     """
 
-    def __init__(self, model, dim: int, queue_size: int, temperature: float, momentum: float,
-                 independent_key_init: bool, frozen_key_projection: bool):
-        super().__init__()
+    def __init__(self, model, cfg):
+        experts = model.num_experts
+        super().__init__(experts, cfg.moco_queue, cfg.moco_dim)
         feat_dim = model.experts[0].backbone.out_dim
-        k = model.num_experts
-        self.temperature, self.momentum = temperature, momentum
-        self.frozen_key_projection = frozen_key_projection
-        self.query_projection = nn.ModuleList(_projection(feat_dim, dim) for _ in range(k))
-        self.key_encoder = type(model)(model.spec) if independent_key_init else copy.deepcopy(model)
-        self.key_projection = nn.ModuleList(_projection(feat_dim, dim) for _ in range(k)) if frozen_key_projection \
-            else copy.deepcopy(self.query_projection)
+        self.temperature = cfg.moco_t
+        self.momentum = cfg.moco_momentum if cfg.moco_ema_once else cfg.moco_momentum ** experts
+        self.ema_before_backward = cfg.moco_ema_before_backward
+        self.frozen_key_projection = cfg.moco_frozen_key_projection
+        self.query_projection = nn.ModuleList(projection_mlp(feat_dim, cfg.moco_dim) for _ in range(experts))
+        self.key_encoder = type(model)(model.spec) if cfg.moco_independent_key_init else copy.deepcopy(model)
+        self.key_projection = nn.ModuleList(projection_mlp(feat_dim, cfg.moco_dim) for _ in range(experts)) \
+            if self.frozen_key_projection else copy.deepcopy(self.query_projection)
         self.key_encoder.requires_grad_(False)
         self.key_projection.requires_grad_(False)
-        self.register_buffer("queue", F.normalize(torch.randn(k, queue_size, dim), dim=2))
-        self.register_buffer("queue_ptr", torch.zeros(k, dtype=torch.long))
 
-    @torch.no_grad()
     def momentum_update(self, model) -> None:
-        pairs = [(self.key_encoder, model)]
+        ema_update(self.key_encoder, model, self.momentum)
         if not self.frozen_key_projection:
-            pairs.append((self.key_projection, self.query_projection))
-        for key, query in pairs:
-            for pk, pq in zip(key.parameters(), query.parameters()):
-                pk.mul_(self.momentum).add_(pq.detach(), alpha=1 - self.momentum)
+            ema_update(self.key_projection, self.query_projection, self.momentum)
+
+    def ema_step(self, model, optimizer_stepped: bool) -> None:
+        """The EMA update at its configured moment: in the loss (official) or after the optimizer step."""
+        if optimizer_stepped != self.ema_before_backward:
+            self.momentum_update(unwrap(model))
 
     def loss(self, query_features: torch.Tensor, key_images: torch.Tensor) -> torch.Tensor:
+        """InfoNCE summed over experts; each expert's keys then enter its queue."""
         with torch.no_grad():
             key_features = self.key_encoder.forward_features(key_images)
         total = query_features.new_zeros(())
@@ -117,16 +109,8 @@ class MocoBranch(nn.Module):
             negative = q @ self.queue[k].T.clone()
             logits = torch.cat([positive, negative], dim=1) / self.temperature
             total = total + F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
-            self._enqueue(k, _gather(key))
+            self.enqueue(k, key)
         return total
-
-    @torch.no_grad()
-    def _enqueue(self, k: int, keys: torch.Tensor) -> None:
-        size = self.queue.shape[1]
-        ptr = int(self.queue_ptr[k])
-        index = (torch.arange(len(keys), device=keys.device) + ptr) % size
-        self.queue[k, index] = keys.to(self.queue.dtype)
-        self.queue_ptr[k] = (ptr + len(keys)) % size
 
 
 class NCL(Method):
@@ -136,8 +120,7 @@ class NCL(Method):
         super().__init__(cfg, model, train_counts)
         if cfg.ncl_moco:
             self.views = 2
-            self.aux = MocoBranch(model, cfg.moco_dim, cfg.moco_queue, cfg.moco_t, cfg.moco_momentum,
-                                  cfg.moco_independent_key_init, cfg.moco_frozen_key_projection)
+            self.aux = MocoBranch(model, cfg)
 
     def loss(self, model, images, targets):
         if self.aux is None:
@@ -145,8 +128,6 @@ class NCL(Method):
         else:
             query_images, key_images = images
             logits, features = model(query_images, with_features=True)
-            if self.cfg.moco_ema_before_backward:
-                self.aux.momentum_update(_unwrap(model))
         balanced = balanced_logits(logits, self.log_counts)
         mask = hcm_mask(logits[:, 0], targets, self.cfg.hcm_n)
         nil = nil_loss(balanced, mask, targets, self.cfg.ce_ratio, self.cfg.hcm_ratio)
@@ -156,12 +137,10 @@ class NCL(Method):
             con = self.aux.loss(features, key_images)
             loss = loss + self.cfg.con_ratio * con
             parts["con"] = con.detach()
+        if self.aux is not None:
+            self.aux.ema_step(model, optimizer_stepped=False)
         return loss, logits, parts
 
     def after_step(self, model) -> None:
-        if self.aux is not None and not self.cfg.moco_ema_before_backward:
-            self.aux.momentum_update(_unwrap(model))
-
-
-def _unwrap(model):
-    return getattr(model, "module", model)
+        if self.aux is not None:
+            self.aux.ema_step(model, optimizer_stepped=True)

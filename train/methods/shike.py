@@ -14,10 +14,10 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from expertfuse.errors import UserError
 from train.methods.base import Method, balanced_logits, per_expert_ce
+from train.methods.parts import freeze_batchnorm, unwrap
 from train.models.heads import build_head
 from train.schedule import Stage, main_stage
 
@@ -76,9 +76,7 @@ class SHIKE(Method):
     def train_mode(self, model) -> None:
         model.train()
         if self.stage == "crt" and not self.cfg.crt_bn_update:
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            freeze_batchnorm(model)
 
     def loss(self, model, images, targets):
         logits = model(images)
@@ -90,4 +88,4 @@ class SHIKE(Method):
 
 
 def model_spec(model):
-    return getattr(model, "module", model).spec
+    return unwrap(model).spec

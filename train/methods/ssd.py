@@ -5,7 +5,9 @@ a MultiExpertNet whose whole trunk is shared and whose two experts are just thos
 serve either one (`--head soft|hard`); the two are never averaged.
   I   ssfl (--epochs): CE on the hard head + label-masked MoCo InfoNCE (queue entries of the sample's class
       are removed from the negatives; T 0.2; key encoder = EMA copy of the trunk, m 0.999; 2-layer MLP to 128).
-      Simplification: both views use the training augmentation (the official key view is MoCo-v2's).
+      The queue's labels start at 0 like the official code's (--ssd-queue-fill-label), so class-0 queries see
+      none of the not-yet-filled entries as negatives. The key view's augmentation is --key-augment (MoCo-v2's
+      in the presets).
   II  slg (--ssd-slg-epochs): LWS scales on the frozen hard head, class-aware sampling (2 per drawn class);
       the frozen trunk's BatchNorm statistics keep updating, as the official code (--ssd-bn-update).
   III sdl (--ssd-sdl-epochs): a fresh network; CE on the hard head + T^2 KL(softmax(t/T) || softmax(soft/T)),
@@ -26,7 +28,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from train.methods.base import Method
-from train.methods.ncl import _gather
+from train.methods.parts import FeatureQueue, ema_update, freeze_batchnorm, projection_mlp, unwrap
 from train.models import build_model
 from train.models.backbones import stage_names
 from train.models.heads import LWSHead
@@ -54,8 +56,9 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 
 class ClassAwareSampler(Sampler):
-    """Draw classes in shuffled cycles and take `per_class` consecutive samples of each drawn class (from its
-    own shuffled, cycling list), len(dataset) samples an epoch; each rank keeps every world-th sample."""
+    """Draw classes in shuffled cycles and take `per_class` consecutive samples of each drawn class from its own
+    list, reshuffled every time it wraps around (the official RandomCycleIter), len(dataset) samples an epoch;
+    each rank keeps every world-th sample."""
 
     def __init__(self, targets: list[int], per_class: int, generator: torch.Generator, rank: int = 0, world: int = 1):
         self.by_class = [idx for idx in _group(targets) if idx]
@@ -64,13 +67,14 @@ class ClassAwareSampler(Sampler):
 
     def __iter__(self):
         g = self.generator
-        lists = [[idx[i] for i in torch.randperm(len(idx), generator=g).tolist()] for idx in self.by_class]
-        pointers, order, out = [0] * len(lists), [], []
+        lists, pointers, order, out = [list(idx) for idx in self.by_class], [0] * len(self.by_class), [], []
         while len(out) < self.total:
             if not order:
                 order = torch.randperm(len(lists), generator=g).tolist()
             c = order.pop()
             for _ in range(self.per_class):
+                if pointers[c] % len(lists[c]) == 0:  # first use and every wrap-around: a fresh order
+                    lists[c] = [lists[c][i] for i in torch.randperm(len(lists[c]), generator=g).tolist()]
                 out.append(lists[c][pointers[c] % len(lists[c])])
                 pointers[c] += 1
         return iter(out[:self.total][self.rank::self.world])
@@ -86,39 +90,22 @@ def _group(targets: list[int]) -> list[list[int]]:
     return groups
 
 
-def _mlp(dim_in: int, dim_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(dim_in, dim_in), nn.ReLU(inplace=True), nn.Linear(dim_in, dim_out))
-
-
-class SSDAux(nn.Module):
-    """Training-only parts: the contrastive branch (stage I) and the distillation teacher (stage III)."""
+class SSDAux(FeatureQueue):
+    """Training-only parts: the contrastive branch (stage I: one labelled key queue, the buffers of
+    FeatureQueue, projections and an EMA key encoder) and the distillation teacher (stage III)."""
 
     def __init__(self, model, cfg):
-        super().__init__()
+        super().__init__(1, cfg.moco_queue, cfg.moco_dim, label_fill=cfg.ssd_queue_fill_label)
         dim = model.experts[HARD].backbone.out_dim
-        self.query_projection = _mlp(dim, cfg.moco_dim)
+        self.query_projection = projection_mlp(dim, cfg.moco_dim)
         self.key_projection = copy.deepcopy(self.query_projection).requires_grad_(False)
         self.key_encoder = copy.deepcopy(model.trunk).requires_grad_(False)
-        self.register_buffer("queue", F.normalize(torch.randn(cfg.moco_queue, cfg.moco_dim), dim=1))
-        self.register_buffer("queue_labels", torch.full((cfg.moco_queue,), -1, dtype=torch.long))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.teacher = build_model(model.spec).requires_grad_(False)
         self.teacher.experts[HARD].head = LWSHead(dim, model.spec.num_classes).requires_grad_(False)
 
-    @torch.no_grad()
     def momentum_update(self, trunk: nn.Module, momentum: float) -> None:
-        for key, query in ((self.key_encoder, trunk), (self.key_projection, self.query_projection)):
-            for pk, pq in zip(key.parameters(), query.parameters()):
-                pk.mul_(momentum).add_(pq.detach(), alpha=1 - momentum)
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
-        keys, labels = _gather(keys), _gather(labels)
-        ptr, size = int(self.queue_ptr), len(self.queue)
-        index = (torch.arange(len(keys), device=keys.device) + ptr) % size
-        self.queue[index] = keys.to(self.queue.dtype)
-        self.queue_labels[index] = labels
-        self.queue_ptr.fill_((ptr + len(keys)) % size)
+        ema_update(self.key_encoder, trunk, momentum)
+        ema_update(self.key_projection, self.query_projection, momentum)
 
 
 def ssd_stages(cfg) -> list[Stage]:
@@ -172,9 +159,7 @@ class SSD(Method):
     def train_mode(self, model) -> None:
         model.train()
         if self.stage in ("slg", "lws") and not self.cfg.ssd_bn_update:
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            freeze_batchnorm(model)
 
     def sampler(self, stage, targets, generator, rank, world):
         return ClassAwareSampler(targets, 2, generator, rank, world) if stage.name in ("slg", "lws") else None
@@ -184,14 +169,14 @@ class SSD(Method):
             query_images, key_images = images
             logits, features = model(query_images, with_features=True)
             ce = F.cross_entropy(logits[:, HARD], targets)
-            inner = getattr(model, "module", model)
-            self.aux.momentum_update(inner.trunk, self.cfg.moco_momentum)
+            self.aux.momentum_update(unwrap(model).trunk, self.cfg.moco_momentum)
             q = F.normalize(self.aux.query_projection(features[:, HARD]), dim=1)
             with torch.no_grad():
                 key_features = torch.flatten(F.adaptive_avg_pool2d(self.aux.key_encoder(key_images)[-1], 1), 1)
                 k = F.normalize(self.aux.key_projection(key_features), dim=1)
-            con = masked_info_nce(q, k, self.aux.queue.clone(), self.aux.queue_labels.clone(), targets, self.cfg.moco_t)
-            self.aux.enqueue(k, targets)
+            con = masked_info_nce(q, k, self.aux.queue[0].clone(), self.aux.queue_labels[0].clone(), targets,
+                                  self.cfg.moco_t)
+            self.aux.enqueue(0, k, targets)
             return ce + con, logits, {"ce": ce.detach(), "con": con.detach()}
         logits = model(images)
         hard_ce = F.cross_entropy(logits[:, HARD], targets)

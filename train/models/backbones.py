@@ -52,7 +52,7 @@ class StagedBackbone(nn.Module):
         return self
 
 
-class _ShortcutA(nn.Module):
+class ShortcutA(nn.Module):
     """Option A: parameter-free stride-2 subsampling with zero-padded channels (NCL / LDAM)."""
 
     def __init__(self, planes: int):
@@ -72,7 +72,7 @@ class CifarBasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = _ShortcutA(planes) if shortcut == "A" else nn.Sequential(
+            self.shortcut = ShortcutA(planes) if shortcut == "A" else nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

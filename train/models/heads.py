@@ -30,11 +30,17 @@ class CosineHead(nn.Module):
 
 
 class NormedLinearHead(CosineHead):
-    """SHIKE's NormedLinear (scale 30, no bias). Official weights are [in, out]: the converter transposes them."""
+    """SHIKE's NormedLinear (scale 30, no bias). Official weights are [in, out]: the converter transposes them.
+
+    Initialised as the official code: uniform(-1, 1), then every class vector rescaled to norm 1 (renorm to
+    1e-5, times 1e5). The forward is scale-invariant, but the weight norm sets the effective learning rate of
+    a fresh head (stage 1 and cRT): a raw uniform vector of 64 entries has norm about 4.6.
+    """
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 30.0):
         super().__init__(in_features, num_classes, scale, bias=False)
-        nn.init.uniform_(self.weight, -1, 1)
+        with torch.no_grad():
+            self.weight.uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5)
 
 
 class LWSHead(nn.Module):
