@@ -16,7 +16,7 @@ from train.checkpoint import save_checkpoint
 from train.config import TrainConfig
 from train.data.datasets import DataBundle, DataOptions, build_data
 from train.data.longtail import shot_groups
-from train.data.transforms import eval_transform, train_transform
+from train.data.transforms import eval_transform, training_transform
 from train.methods import get_method
 from train.methods.base import Method
 from train.models import ModelSpec, MultiExpertNet, build_model
@@ -25,7 +25,7 @@ from train.schedule import Stage
 from train.training.distributed import Distributed
 from train.training.evaluation import evaluate, format_metrics, metrics_row, summarize
 from train.training.logs import EpochLogs
-from train.training.loop import TrainStep, Views, build_loader, build_optimizer, train_one_epoch
+from train.training.loop import TrainStep, build_loader, build_optimizer, train_one_epoch
 from train.training.state import (Progress, epoch_payload, read_resume_state, restore, rng_state, seed_everything,
                                   training_state)
 
@@ -59,7 +59,7 @@ class Run:
     model: MultiExpertNet
     method: Method
     stages: list[Stage]
-    augment: object
+    augment: str  # the augmentation preset of the training images
     dtype: torch.dtype | None
     channels_last: bool
     scaler: torch.amp.GradScaler = field(init=False)
@@ -90,7 +90,7 @@ def build_run(cfg: TrainConfig, env: Distributed) -> Run:
     method_cls = get_method(cfg.method)
     data = build_data(DataOptions(**{k: getattr(cfg, k) for k in DataOptions.__dataclass_fields__}))
     spec = build_spec(cfg, data)
-    augment = train_transform(cfg.augment or data.augment, spec)
+    augment = cfg.augment or data.augment
     data.test.transform = eval_transform(spec)
     model = build_model(spec)
     if cfg.pretrained:
@@ -125,8 +125,7 @@ def enter_phase(run: Run, progress: Progress) -> Phase:
         progress.optimizer_state = progress.scheduler_state = None
     step = TrainStep(run.env.wrap(run.model), run.method, optimizer, run.scaler, run.env.device, run.dtype,
                      run.channels_last, run.env.world)
-    views = run.method.views
-    run.data.train.transform = run.augment if views == 1 else Views(run.augment, views)
+    run.data.train.transform = training_transform(run.augment, cfg.key_augment, run.spec, run.method.views)
     sampler, loader = build_loader(cfg, run.data.train, run.method, stage, run.generator, run.env)
     return Phase(optimizer, scheduler, sampler, loader, step)
 

@@ -19,16 +19,6 @@ from train.schedule import Stage, lr_factor
 from train.training.distributed import Distributed, average_gradients
 
 
-class Views:
-    """Several independent draws of the same augmentation (query/key views for contrastive branches)."""
-
-    def __init__(self, transform, count: int):
-        self.transform, self.count = transform, count
-
-    def __call__(self, image):
-        return [self.transform(image) for _ in range(self.count)]
-
-
 def trainable_aux(method: Method) -> list[nn.Parameter]:
     """The method's training-only parameters that train now (DDP does not see them)."""
     return [p for p in method.aux.parameters() if p.requires_grad] if method.aux is not None else []
