@@ -32,6 +32,12 @@ def test_stage_schedules_follow_the_official_0_indexed_cosine():
     assert lr_factor(lws, 0) == 1.0  # a one-epoch LWS stage trains at its full LR
 
 
+def test_stage_iii_repeats_stage_i_unless_set():
+    """Without a preset, `--epochs 2` gives a 2-epoch distillation stage, not the ImageNet recipe's 135."""
+    assert [s.epochs for s in ssd_stages(config_from_args(["--method", "ssd", "--epochs", "2"]))[:3]] == [2, 5, 2]
+    assert ssd_stages(config_from_args(["--method", "ssd", "--epochs", "2", "--ssd-sdl-epochs", "7"]))[2].epochs == 7
+
+
 def test_label_masked_info_nce_drops_same_class_negatives():
     q = F.normalize(torch.tensor([[1.0, 0.0]]), dim=1)
     k = F.normalize(torch.tensor([[0.6, 0.8]]), dim=1)

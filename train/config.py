@@ -102,7 +102,7 @@ class TrainConfig:
     ssd_slg_epochs: int = _opt(5, "ssd: stage II epochs (LWS on the frozen hard head, class-aware sampling)")
     ssd_slg_lr: float = _opt(0.2, "ssd: peak LR of the LWS stages (cosine)")
     ssd_slg_batch_size: int = _opt(0, "ssd: batch size of the LWS stages (0: --batch-size; official 512)")
-    ssd_sdl_epochs: int = _opt(135, "ssd: stage III epochs (fresh network, hard CE + soft distillation)")
+    ssd_sdl_epochs: int = _opt(0, "ssd: stage III epochs (fresh network, hard CE + soft distillation; 0: as --epochs)")
     ssd_lws_epochs: int = _opt(0, "ssd: optional stage IV epochs (LWS on the hard head)")
     ssd_kd_t: float = _opt(2.0, "ssd: distillation temperature")
     ssd_queue_fill_label: int = _opt(0, "ssd: label of the not-yet-filled queue entries (official 0; -1 masks none)")

@@ -114,7 +114,7 @@ def ssd_stages(cfg) -> list[Stage]:
     main = main_stage(cfg)
     stages = [replace(main, name="ssfl"),
               Stage("slg", cfg.ssd_slg_epochs, cfg.ssd_slg_lr, LWS_SCHEDULE, batch_size=cfg.ssd_slg_batch_size),
-              replace(main, name="sdl", epochs=cfg.ssd_sdl_epochs),
+              replace(main, name="sdl", epochs=cfg.ssd_sdl_epochs or cfg.epochs),
               Stage("lws", cfg.ssd_lws_epochs, cfg.ssd_slg_lr, LWS_SCHEDULE, batch_size=cfg.ssd_slg_batch_size)]
     return [s for s in stages if s.epochs > 0]
 
