@@ -85,7 +85,7 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
         for title, a, b in pairs:
             a_key, b_key = f"{a}/{protocol}", b if "/" in b else f"{b}/{protocol}"
             if a_key in runners and b_key in runners:
-                ratios.append({"ratio_name": f"served {title}", "protocol": protocol, "batch": batch, "numerator": a_key,
+                ratios.append({"ratio_name": title if title.startswith("served") else f"{title} (served)", "protocol": protocol, "batch": batch, "numerator": a_key,
                                "denominator": b_key, **ratio(timing, a_key, b_key).to_dict()})
         for m in timed:
             key, single = f"{m['model_role']}/{protocol}", f"single/{protocol}"
