@@ -10,6 +10,7 @@ Every step prints what it runs; a failing step stops the pipeline with its reaso
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from bench.evaluation import collapsed
 from serve.server import free_port
 from train.data.synthetic import synthesize
 
@@ -73,6 +75,32 @@ def write_images(folder: Path, count: int, size: int) -> list[Path]:
     return paths
 
 
+def training_check(result: dict) -> list[str]:
+    """What the method should produce: every expert learning (none collapsed onto a few classes) and the ensemble
+    at least as accurate as its best expert. Returns the problems found."""
+    rows = {r["variant"]: r["accuracy"] for r in result["inprocess"]
+            if "accuracy" in r and r["runtime"] == "onnxruntime-cpu"}
+    problems = [f"{name} collapsed: right on {sum(a > 0 for a in acc['per_class'])} of {len(acc['per_class'])} classes"
+                for name, acc in rows.items() if name.startswith("expert") and collapsed(acc)]
+    best = max((acc["overall"] for name, acc in rows.items() if name.startswith("expert")), default=None)
+    ensemble = rows.get("ensemble-loop", {}).get("overall")
+    if best is not None and ensemble is not None and ensemble < best:
+        problems.append(f"the ensemble ({ensemble:.1f}%) is less accurate than its best expert ({best:.1f}%)")
+    return problems
+
+
+def print_decision(bench_out: Path) -> None:
+    """End with what a user decides from: the decision sentence and the cost-accuracy table."""
+    summary = (bench_out / "summary.md").read_text().splitlines()
+    start = summary.index("## Cost and accuracy") if "## Cost and accuracy" in summary else len(summary)
+    end = next((i for i in range(start + 1, len(summary)) if summary[i].startswith("## ")), len(summary))
+    print("\n== what the ensemble buys, and what it costs\n" + "\n".join([summary[2], ""] + summary[start:end]),
+          flush=True)
+    problems = training_check(json.loads((bench_out / "bench.json").read_text()))
+    print("training check: " + ("; ".join(problems) if problems else
+                                "every expert learned and the ensemble is at least as accurate as its best expert"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out
     ckpt, repo, bench_out = out / "train" / "ncl.pt", out / "model_repository", a.bench_out or out / "bench"
     train_args = ["train", "--preset", "ncl-synthetic", "--out", str(out / "train")]
-    bench_args = ["--batches", "1,8,64", "--window-s", "1.0", "--concurrency", "1,8"]
+    bench_args = ["--batches", "1,8,64", "--budget-s", "6", "--window-s", "0.5"]
     if a.quick:
         train_args += ["--arch", "resnet8", "--synthetic-max", "100", "--imb-factor", "10", "--synthetic-test", "20",
                        "--epochs", str(a.epochs or 1)]
-        bench_args = ["--batches", "1,4", "--window-s", "0.2", "--concurrency", "1,2", "--client-processes", "2"]
+        bench_args = ["--batches", "1,4", "--budget-s", "0.5", "--window-s", "0.2", "--concurrency", "1,2",
+                      "--client-processes", "2", "--eval-limit", "40"]
     elif a.epochs:
         train_args += ["--epochs", str(a.epochs)]
     started = time.monotonic()
@@ -105,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
              "--topk", "1", *map(str, images))
         step("classify images over gRPC", "serve.client", "--url", f"127.0.0.1:{grpc_port}", "--protocol", "grpc",
              "--model", "ncl", "--topk", "1", *map(str, images))
-        step("bench single expert vs ensemble, in-process and served", "bench", "--ckpt", str(ckpt), "--served",
+        step("bench every variant's accuracy and cost, in-process and served", "bench", "--ckpt", str(ckpt), "--served",
              "--http-url", f"127.0.0.1:{http_port}", "--grpc-url", f"127.0.0.1:{grpc_port}",
              "--runtimes", "torch-cpu,onnxruntime-cpu", "--out", str(bench_out), *bench_args)
     except StepFailed as exc:
@@ -114,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             stop_server(server)
+    print_decision(bench_out)
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s: checkpoint {ckpt}, repository {repo}/, "
           f"summary {bench_out / 'summary.md'}, plots {bench_out}/*.png")
     return 0

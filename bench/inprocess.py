@@ -1,23 +1,38 @@
-"""In-process measurement: single expert vs fused ensemble on torch, ONNX Runtime and TensorRT, per batch size."""
+"""In-process variants: every expert alone, the best-k subsets, the fused ensemble (loop, grouped), FP16 and any
+quantized model of the repository, on torch / ONNX Runtime / TensorRT. Each is gated (random images first,
+then the labelled set) and scored on the labelled set, then all are timed together, interleaved."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from bench.evaluation import EvalSet, accuracy, batched_logits, expert_logits
 from bench.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner
-from expertfuse.timing import measure
-from export.common import job_for
-from export.graph import InferenceGraph, reference_logits
+from expertfuse.parity import compare, for_precision
+from expertfuse.timing import Interleaved, interleave
+from export.graph import InferenceGraph
 from export.onnx import export_graph, onnx_file
+from serve.repository import RepositoryError, read_config, versions
 
-# variant -> (experts, fusion): what the product compares
-VARIANTS = {"single": ("0", "loop"), "ensemble-loop": ("all", "loop"), "ensemble-grouped": ("all", "grouped")}
-PARITY_ATOL = 1e-3
-# FP16 graphs: a sanity gate against a wrong model (which agrees about 1/C of the time), not export's precision gate.
-PARITY_FP16_TOP1 = 0.9
+EVAL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    experts: tuple[int, ...]
+    fusion: str = "loop"
+    precision: str = "fp32"
+    onnx: Path | None = None  # a model already in the repository (quantized), run as it is
+    subset: int = 0  # k when this is the best-k subset of experts (0: not on that curve)
+
+    def describe(self) -> dict:
+        return {"variant": self.name, "experts": list(self.experts), "fusion": self.fusion, "precision": self.precision,
+                **({"subset": self.subset} if self.subset else {})}
 
 
 def available_runtimes() -> list[str]:
@@ -36,75 +51,161 @@ def available_runtimes() -> list[str]:
     return runtimes
 
 
-def make_runner(runtime: str, job, fusion: str, workdir: Path) -> Runner:
+def plan_variants(expert_order: list[int]) -> list[Variant]:
+    """Each expert; the best-k subsets for k = 2..K-1 (best 1 is the best expert, best K the ensemble); the fused
+    ensemble both ways; FP16. `expert_order` ranks the experts by accuracy, best first."""
+    k_all = len(expert_order)
+    every = tuple(range(k_all))
+    variants = [Variant(f"expert{k}", (k,), subset=1 if k == expert_order[0] else 0) for k in range(k_all)]
+    variants += [Variant(f"best{m}", tuple(sorted(expert_order[:m])), subset=m) for m in range(2, k_all)]
+    variants += [Variant("ensemble-loop", every, "loop", subset=k_all), Variant("ensemble-grouped", every, "grouped"),
+                 Variant("ensemble-fp16", every, "loop", "fp16")]
+    return variants
+
+
+def served_experts(params: dict[str, str], num_experts: int) -> tuple[int, ...]:
+    """The experts a model's parameters record ('0,2' or '[0, 2]'); none recorded: all of them."""
+    text = params.get("expertfuse_experts", "").strip("[] ")
+    return tuple(int(e) for e in text.split(",") if e.strip()) or tuple(range(num_experts))
+
+
+def repository_variants(repository: Path | None, num_experts: int) -> list[Variant]:
+    """Every quantized (INT8) model in the repository, as its latest version's model.onnx."""
+    found = []
+    for model_dir in sorted(repository.iterdir()) if repository and repository.is_dir() else []:
+        try:
+            cfg, latest = read_config(model_dir), versions(model_dir)
+        except (RepositoryError, OSError, ValueError):
+            continue
+        params = {key: value.string_value for key, value in cfg.parameters.items()}
+        path = model_dir / str(latest[-1]) / "model.onnx" if latest else None
+        if params.get("expertfuse_precision") == "int8" and path is not None and path.exists():
+            found.append(Variant(f"int8:{cfg.name}", served_experts(params, num_experts),
+                                 params.get("expertfuse_fusion", "loop"), "int8", onnx_file(path)))
+    return found
+
+
+def make_runner(runtime: str, job, variant: Variant, workdir: Path) -> Runner:
+    """A runner of `variant` on `runtime`; raises RuntimeError when that runtime cannot run it."""
+    if variant.onnx is not None:
+        if not runtime.startswith("onnxruntime"):
+            raise RuntimeError("a repository model runs on ONNX Runtime only")
+        return OrtRunner(variant.onnx, runtime.split("-", 1)[1])
+    sub = replace(job, opts=replace(job.opts, experts=variant.experts, fusion=variant.fusion,
+                                    fp16=variant.precision == "fp16"))
     if runtime.startswith("torch"):
+        if variant.precision != "fp32":
+            raise RuntimeError("reduced precision is timed through ONNX Runtime")
         device = "cuda" if "cuda" in runtime else "cpu"
-        return TorchRunner(InferenceGraph(job.model, job.opts), device, cuda_graphs=runtime.endswith("cudagraphs"))
-    onnx_path = workdir / f"{'_'.join(map(str, job.opts.experts))}-{fusion}"
-    if not (onnx_path / "model.onnx").exists():
-        export_graph(job, fusion, onnx_path, 18)
+        return TorchRunner(InferenceGraph(sub.model, sub.opts), device, cuda_graphs=runtime.endswith("cudagraphs"))
+    folder = workdir / f"{'_'.join(map(str, variant.experts))}-{variant.fusion}-{variant.precision}"
+    if not (folder / "model.onnx").exists():
+        export_graph(sub, variant.fusion, folder, 18)
     if runtime.startswith("onnxruntime"):
-        return OrtRunner(onnx_file(onnx_path / "model.onnx"), runtime.split("-", 1)[1])
+        return OrtRunner(onnx_file(folder / "model.onnx"), runtime.split("-", 1)[1])
     if runtime == "tensorrt":
         from export.trt import build_plan, require_tensorrt
         size = job.spec.input_size
-        plan = onnx_path / "model.plan"
-        plan.write_bytes(build_plan(require_tensorrt(), onnx_file(onnx_path / "model.onnx"), (size, size, 3),
-                                    (1, 32, 256), False, 4.0, None, False))
+        plan = folder / "model.plan"
+        plan.write_bytes(build_plan(require_tensorrt(), onnx_file(folder / "model.onnx"), (size, size, 3),
+                                    (1, 32, 256), variant.precision == "fp16", 4.0, None, False))
         return TensorRTRunner(plan)
     raise ValueError(f"unknown runtime {runtime!r}; available: {', '.join(available_runtimes())}")
 
 
 def parity_images(size: int, count: int) -> np.ndarray:
-    """The fixed random uint8 NHWC images every runner is checked on before it is timed."""
+    """The fixed random uint8 NHWC images every runner is checked on first (the fast gate)."""
     return np.random.RandomState(7).randint(0, 256, (count, size, size, 3), dtype=np.uint8)
 
 
-def check_parity(runner: Runner, model, experts: tuple[int, ...], images: np.ndarray, fp16: bool = False) -> dict:
-    """Compare a runner with the PyTorch FP32 reference; bench refuses to time a runner that disagrees.
-    FP32: max|diff| <= PARITY_ATOL and identical top-1; FP16: top-1 agreement >= PARITY_FP16_TOP1."""
-    ref = reference_logits(model, experts, torch.from_numpy(images), "uint8-nhwc").numpy()
-    got = runner.logits(images)
-    diff = float(np.abs(got - ref).max())
-    top1 = float((got.argmax(1) == ref.argmax(1)).mean())
-    ok = top1 >= PARITY_FP16_TOP1 if fp16 else diff <= PARITY_ATOL and top1 == 1.0
-    return {"max_abs_diff": diff, "top1_agreement": top1, "ok": ok}
+@dataclass
+class References:
+    """PyTorch FP32 logits of every expert on the random gate images and on the labelled set."""
+    random_images: np.ndarray
+    random: np.ndarray  # [n, K, C]
+    labelled: np.ndarray  # [N, K, C]
+    ensemble_pred: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.ensemble_pred = self.labelled.mean(1).argmax(1)
+
+    @classmethod
+    def build(cls, model, data: EvalSet, gate_images: int = 16) -> "References":
+        images = parity_images(model.spec.input_size, gate_images)
+        return cls(images, expert_logits(model, images), expert_logits(model, data.pixels))
+
+    def of(self, experts: tuple[int, ...], labelled: bool = True) -> np.ndarray:
+        return (self.labelled if labelled else self.random)[:, list(experts)].mean(1)
 
 
-def sweep(runner: Runner, image_size: int, batches: list[int], window_s: float, tolerance: float = 0.1) -> list[dict]:
-    """Median/p90/p99 latency and images/s per batch, rotating four input buffers (no cache effects)."""
-    rows, rng = [], np.random.RandomState(0)
-    for batch in batches:
-        buffers = [runner.prepare(rng.randint(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8))
-                   for _ in range(4)]
-        m = measure(lambda i: runner.run(buffers[i % len(buffers)]), warmup=3, window_s=window_s, tolerance=tolerance)
-        rows.append({"batch": batch, **m.summary(batch)})
-    return rows
+def gate_and_score(runner: Runner, experts: tuple[int, ...], precision: str, refs: References, data: EvalSet,
+                   batch: int = EVAL_BATCH, labelled_reference: np.ndarray | None = None) -> dict:
+    """Random-image parity (fast), then the labelled set against `labelled_reference` (default: PyTorch) under the
+    precision's bench tolerance, then accuracy. 'refused' names the gate that failed."""
+    tol = for_precision(precision, "bench")
+    fast = compare(runner.logits(refs.random_images), refs.of(experts, labelled=False), tol)
+    row = {"parity_random": fast.to_dict()}
+    if not fast.ok:
+        return {**row, "refused": "parity on random images"}
+    logits = batched_logits(runner, data.pixels, batch)
+    reference = refs.of(experts) if labelled_reference is None else labelled_reference
+    labelled = compare(logits, reference, tol)
+    row.update(parity_labelled=labelled.to_dict(), logits=logits)
+    if not labelled.ok:
+        return {**row, "refused": "predictions on the labelled set"}
+    return {**row, "accuracy": accuracy(logits, data, refs.ensemble_pred)}
 
 
-def run_inprocess(ckpt: Path, runtimes: list[str], batches: list[int], window_s: float, workdir: Path,
-                  log=print) -> list[dict]:
-    """Every (variant, runtime) pair: parity first, then the batch sweep. One row per (variant, runtime, batch)."""
-    rows = []
-    for variant, (experts, fusion) in VARIANTS.items():
-        job = job_for(ckpt, experts, fusion)
-        size = job.spec.input_size
-        images = parity_images(size, 8)
+def timing_inputs(runner: Runner, size: int, batch: int, buffers: int = 4) -> list:
+    rng = np.random.RandomState(batch)
+    return [runner.prepare(rng.randint(0, 256, (batch, size, size, 3), dtype=np.uint8)) for _ in range(buffers)]
+
+
+def time_interleaved(runners: dict[str, Runner], size: int, batch: int, budget_s: float) -> Interleaved:
+    """All runners at one batch size, in randomized blocks so that load on the machine hits every one alike."""
+    inputs = {key: timing_inputs(r, size, batch) for key, r in runners.items()}
+    calls = {key: (lambda i, r=r, x=inputs[key]: r.run(x[i % len(x)])) for key, r in runners.items()}
+    return interleave(calls, calls_per_block=3, warmup=2, min_rounds=10, budget_s=budget_s)
+
+
+def key_of(variant: str, runtime: str) -> str:
+    return f"{variant}@{runtime}"
+
+
+def run_inprocess(job, runtimes: list[str], variants: list[Variant], refs: References, data: EvalSet,
+                  batches: list[int], budget_s: float, workdir: Path, log=print) -> tuple[list[dict], dict]:
+    """Gate and score every (variant, runtime), then time the admitted ones interleaved at each batch size.
+    Returns (rows: one per variant/runtime with accuracy and per-batch latencies, {batch: Interleaved})."""
+    rows, runners = [], {}
+    try:
         for runtime in runtimes:
-            runner = make_runner(runtime, job, fusion, workdir)
-            try:
-                parity = check_parity(runner, job.model, job.opts.experts, images)
-                base = {"variant": variant, "runtime": runtime, "experts": len(job.opts.experts), "fusion": fusion,
-                        "parity_max_abs_diff": parity["max_abs_diff"], "threads": torch.get_num_threads()}
-                if not parity["ok"]:
-                    log(f"  {variant:>16} {runtime:<22} REFUSED: parity max|diff| {parity['max_abs_diff']:.2e}, "
-                        f"top-1 {100 * parity['top1_agreement']:.1f}%")
-                    rows.append({**base, "refused": "parity"})
+            for variant in variants:
+                base = {**variant.describe(), "runtime": runtime}
+                try:
+                    runner = make_runner(runtime, job, variant, workdir)
+                    verdict = gate_and_score(runner, variant.experts, variant.precision, refs, data)
+                except Exception as exc:  # noqa: BLE001 - e.g. ORT has no FP16 kernel here: recorded, not fatal
+                    rows.append({**base, "skipped": str(exc).splitlines()[0][:200]})
+                    log(f"  {variant.name:>16} {runtime:<16} not run here: {rows[-1]['skipped']}")
                     continue
-                for row in sweep(runner, size, batches, window_s):
-                    rows.append({**base, **row})
-                    log(f"  {variant:>16} {runtime:<22} batch {row['batch']:>4}: p50 {row['p50_ms']:8.2f} ms  "
-                        f"{row['items_per_s']:9.1f} img/s{'' if row['stable'] else '  (unstable)'}")
-            finally:
-                runner.close()
-    return rows
+                rows.append({**base, **verdict})
+                if "refused" in verdict:
+                    log(f"  {variant.name:>16} {runtime:<16} REFUSED: {verdict['refused']}")
+                    runner.close()
+                    continue
+                acc = verdict["accuracy"]
+                log(f"  {variant.name:>16} {runtime:<16} top-1 {acc['overall']:5.1f}%  few {acc['few']:5.1f}%  "
+                    f"agreement {acc['agreement']:5.1f}%")
+                runners[key_of(variant.name, runtime)] = runner
+        timings = {}
+        for batch in batches:
+            log(f"  timing {len(runners)} variants interleaved at batch {batch}")
+            timings[batch] = time_interleaved(runners, job.spec.input_size, batch, budget_s)
+        for row in rows:
+            key = key_of(row["variant"], row["runtime"])
+            if key in runners:
+                row["timing"] = {b: t.summary(key, b) for b, t in timings.items()}
+        return rows, timings
+    finally:
+        for runner in runners.values():
+            runner.close()

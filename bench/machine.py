@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import shutil
+import subprocess
 
 import torch
 
@@ -22,12 +24,35 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cuda_driver_version() -> str | None:
+    """The installed NVIDIA driver (not the CUDA version torch was built with): pynvml, else nvidia-smi, else None."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+        return version.decode() if isinstance(version, bytes) else str(version)
+    except Exception:  # noqa: BLE001 - no pynvml or no driver: try nvidia-smi
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    return lines[0] if out.returncode == 0 and lines else None
+
+
 def machine_info() -> dict:
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "gpu": None, "cuda_driver": None, "packages": {}}
+            "python": platform.python_version(), "gpu": None, "cuda_driver": cuda_driver_version(), "cuda_build": torch.version.cuda, "packages": {}}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-        info["cuda_driver"] = torch.version.cuda
     for name in PACKAGES:
         try:
             info["packages"][name] = importlib.metadata.version(name)

@@ -1,10 +1,13 @@
-"""Results as a paper would show them: a stdout table, JSON and CSV (with the machine and every setting),
-PNG plots, and a markdown summary with the headline figures."""
+"""The report a user decides from: summary.md led by the decision sentence, the cost-accuracy table and plot
+(Pareto front marked), every ratio with its interval (unreliable ones flagged, never bold), absolute latencies,
+served accuracy and latency-throughput curves; bench.json and CSV files carry everything."""
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -12,124 +15,205 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+GROUPS = ("overall", "many", "medium", "few")
 
-def headline(inprocess: list[dict], served: list[dict]) -> dict:
-    """Ensemble cost t_ensemble/t_single per runtime and batch; fused-vs-naive served speedup;
-    served/in-process throughput ratio (best served fused vs best ONNX Runtime CPU/CUDA fused)."""
-    timed = [r for r in inprocess if "p50_ms" in r]
-    single = {(r["runtime"], r["batch"]): r["p50_ms"] for r in timed if r["variant"] == "single"}
-    cost = [{"runtime": r["runtime"], "batch": r["batch"], "variant": r["variant"],
-             "cost_ratio": r["p50_ms"] / single[(r["runtime"], r["batch"])]}
-            for r in timed if r["variant"] != "single" and (r["runtime"], r["batch"]) in single]
-    by_key = {(r["model_role"], r["protocol"], r["concurrency"]): r["throughput"] for r in served if "throughput" in r}
-    speedup = [{"protocol": p, "concurrency": c, "fused_vs_naive": t / by_key[("naive", p, c)]}
-               for (role, p, c), t in by_key.items() if role == "fused" and by_key.get(("naive", p, c))]
-    fused_served = max((t for (role, _, _), t in by_key.items() if role == "fused"), default=None)
-    fused_local = max((r["items_per_s"] for r in timed if r["variant"] != "single" and r["runtime"].startswith("onnxruntime")),
-                      default=None)
-    return {"ensemble_cost": cost, "fused_vs_naive": speedup,
-            "served_over_inprocess": fused_served / fused_local if fused_served and fused_local else None,
-            "best_served_fused_img_s": fused_served, "best_inprocess_fused_img_s": fused_local}
+
+def _fmt(v, spec=".1f") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def describe_ratio(r: dict) -> str:
+    """'2.91x [2.80, 3.02] n=120' in bold when reliable, else plain with UNRELIABLE."""
+    text = f"{r['ratio']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] n={r['samples']}"
+    return f"**{text}**" if r["reliable"] else f"{text} UNRELIABLE (interval wider than +-10%)"
+
+
+def cost_columns(point: dict) -> list[str]:
+    return sorted((k for k in point if k.startswith("cost_b")), key=lambda k: int(k[6:]))
+
+
+def inprocess_rows(result: dict) -> list[dict]:
+    """One flat row per (variant, runtime, batch) for the CSV, plus the rows that were refused or skipped."""
+    rows = []
+    for r in result["inprocess"]:
+        base = {k: v for k, v in r.items() if k not in ("timing", "accuracy", "parity_random", "parity_labelled")}
+        base.update({f"top1_{g}": r["accuracy"][g] for g in GROUPS} if "accuracy" in r else {})
+        rows += [{**base, "batch": b, **t} for b, t in r.get("timing", {}).items()] or [base]
+    return rows
+
+
+def point_rows(points: list[dict]) -> list[dict]:
+    rows = []
+    for p in points:
+        row = {k: v for k, v in p.items() if not isinstance(v, (dict, list))}
+        for col in cost_columns(p):
+            row.update({col: p[col]["ratio"], f"{col}_low": p[col]["ci95"][0], f"{col}_high": p[col]["ci95"][1],
+                        f"{col}_reliable": p[col]["reliable"]})
+        rows.append(row)
+    return rows
+
+
+def ratio_rows(ratios: list[dict]) -> list[dict]:
+    return [{**{k: v for k, v in r.items() if k != "ci95"}, "low": r["ci95"][0], "high": r["ci95"][1]} for r in ratios]
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename over path, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (list, dict))))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, write)
 
 
-def plot(inprocess: list[dict], served: list[dict], heads: dict, out: Path) -> list[Path]:
-    paths = []
-    timed = [r for r in inprocess if "p50_ms" in r]
-    if timed:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for key in sorted({(r["variant"], r["runtime"]) for r in timed}):
-            pts = sorted((r["batch"], r["items_per_s"]) for r in timed if (r["variant"], r["runtime"]) == key)
-            ax.plot(*zip(*pts), marker="o", label=f"{key[0]} / {key[1]}")
-        ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="images / s", title="In-process throughput vs batch")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "throughput_vs_batch.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    points = [r for r in served if "p50_ms" in r]
-    if points:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for key in sorted({(r["model_role"], r["protocol"]) for r in points}):
-            pts = sorted((r["concurrency"], r["p50_ms"], r["p99_ms"]) for r in points if (r["model_role"], r["protocol"]) == key)
-            xs, p50, p99 = zip(*pts)
-            line, = ax.plot(xs, p50, marker="o", label=f"{key[0]} / {key[1]} p50")
-            ax.plot(xs, p99, linestyle="--", color=line.get_color(), alpha=0.6, label=f"{key[0]} / {key[1]} p99")
-        ax.set(xlabel="concurrency", ylabel="latency (ms)", title="Triton latency vs concurrency")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "latency_vs_concurrency.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    if heads["ensemble_cost"]:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        labels = [f"{c['runtime']}\n{c['variant'].removeprefix('ensemble-')} b{c['batch']}" for c in heads["ensemble_cost"]]
-        ax.bar(range(len(labels)), [c["cost_ratio"] for c in heads["ensemble_cost"]], color="tab:orange")
-        experts = max((r["experts"] for r in inprocess), default=1)
-        ax.axhline(experts, color="gray", linestyle="--", label=f"{experts}x (no fusion gain)")
-        ax.axhline(1, color="black", linewidth=0.8, label="single expert")
-        ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=60)
-        ax.set(ylabel="t_ensemble / t_single", title="What the ensemble costs")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "single_vs_ensemble.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    return paths
+def plot_cost_accuracy(points: list[dict], path: Path) -> None:
+    """2 x 2: cost at batch 1 / at the largest batch (x, relative to the best expert) against top-1 overall / few."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8), squeeze=False)
+    for col, cost in enumerate(("cost_small", "cost_large")):
+        for row, acc in enumerate(("overall", "few")):
+            ax = axes[row][col]
+            shown = [p for p in points if p.get(cost) is not None and p.get(acc) == p.get(acc)]
+            for p in shown:
+                ax.scatter(p[cost], p[acc], marker="s" if p["where"].startswith("triton") else "o", s=30)
+                ax.annotate(p["name"], (p[cost], p[acc]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            front = sorted((p[cost], p[acc]) for p in shown if p.get(f"pareto_{cost}_{acc}"))
+            if front:
+                ax.plot(*zip(*front), color="tab:red", linestyle="--", linewidth=1, label="Pareto front")
+                ax.legend(fontsize=7)
+            ax.axvline(1, color="gray", linewidth=0.6)
+            ax.set(xlabel=f"cost relative to the best expert ({'batch 1 latency' if col == 0 else 'largest batch'})",
+                   ylabel=f"top-1 {acc} (%)")
+            ax.grid(True, alpha=0.3)
+    fig.suptitle("What each variant buys (accuracy) for what it costs")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
 
 
-def _fmt(v, spec=".2f") -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+def plot_served_curves(sweep: list[dict], path: Path) -> None:
+    """Throughput (x) against p99 latency (y) over the concurrency sweep, one line per model and protocol."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(r["model"], r["protocol"]) for r in sweep}):
+        pts = sorted((r["concurrency"], r["throughput"], r["p99_ms"]) for r in sweep if (r["model"], r["protocol"]) == key)
+        _, xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", label=f"{key[0]} / {key[1]}")
+        for c, x, y in pts:
+            ax.annotate(f"c{c}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set(xlabel="throughput (images/s)", ylabel="p99 latency (ms)", title="Served: latency vs throughput")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def cost_accuracy_table(result: dict) -> list[str]:
+    points = result["points"]
+    if not points:
+        return []
+    cols = list(dict.fromkeys(c for p in points for c in cost_columns(p)))
+    lines = ["## Cost and accuracy", "", f"Cost is latency relative to the best single expert ({result['single']}) in "
+             "the same interleaved run (at the largest batch: 1 / throughput); * marks the Pareto front "
+             "(cost at batch 1 against overall top-1).", "",
+             "| variant | where | experts | precision | top-1 | many | medium | few | agrees with PyTorch ensemble | "
+             + " | ".join(f"cost at batch {c[6:]}" for c in cols) + " |", "|" + "---|" * (9 + len(cols))]
+    for p in points:
+        costs = [describe_ratio(p[c]).replace("**", "") if c in p else "-" for c in cols]
+        star = " *" if p.get("pareto_cost_small_overall") else ""
+        lines.append(f"| {p['name']}{star} | {p['where']} | {p['experts']} | {p['precision']} | "
+                     + " | ".join(_fmt(p[g]) for g in GROUPS) + f" | {_fmt(p['agreement'])}% | " + " | ".join(costs) + " |")
+    return lines + [""]
+
+
+def ratios_table(ratios: list[dict]) -> list[str]:
+    if not ratios:
+        return []
+    lines = ["## Ratios (latency, numerator / denominator, ratio of medians from one interleaved run)", "",
+             "| ratio | where | batch | value [95% interval] samples |", "|---|---|---|---|"]
+    lines += [f"| {r['ratio_name']} | {r.get('runtime') or r.get('protocol')} | {r['batch']} | {describe_ratio(r)} |"
+              for r in ratios]
+    return lines + [""]
+
+
+def latency_table(result: dict) -> list[str]:
+    timed = [r for r in inprocess_rows(result) if "p50_ms" in r]
+    lines = ["## In-process latency (absolute)", "", "| variant | runtime | batch | p50 ms | p90 ms | p99 ms | images/s |",
+             "|---|---|---|---|---|---|---|"] if timed else []
+    lines += [f"| {r['variant']} | {r['runtime']} | {r['batch']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+              f"{r['p99_ms']:.2f} | {r['items_per_s']:.1f} |" for r in timed]
+    lines += [f"- not timed: {r['variant']} on {r['runtime']}: {r.get('refused') or r.get('skipped')}"
+              for r in result["inprocess"] if "refused" in r or "skipped" in r]
+    return lines + [""]
+
+
+def served_tables(served: dict) -> list[str]:
+    if not served:
+        return []
+    lines = ["## Served models on the labelled set", "", "| model | role | protocol | precision | top-1 | many | medium | "
+             "few | agreement |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {m['model']} | {m['model_role']} | {m['protocol']} | {m['precision']} | "
+              + " | ".join(_fmt(m["accuracy"][g]) for g in GROUPS) + f" | {_fmt(m['accuracy']['agreement'])}% |"
+              for m in served["models"] if "accuracy" in m]
+    lines += [f"- refused to time served {m['model']} ({m['model_role']}) over {m['protocol']}: {m['refused']}"
+              for m in served["models"] if "refused" in m]
+    sweep = served["sweep"]
+    if sweep:
+        lines += ["", "| model | protocol | concurrency | img/s | p50 ms | p99 ms | server queue ms | server compute ms | "
+                  "client-bound |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['protocol']} | {r['concurrency']} | {r['throughput']:.1f} | "
+                  f"{_fmt(r.get('p50_ms'), '.2f')} | {_fmt(r.get('p99_ms'), '.2f')} | {_fmt(r.get('server_queue_ms'), '.2f')} | "
+                  f"{_fmt(r.get('server_compute_ms'), '.2f')} | {'yes' if r.get('client_bound') else 'no'} |" for r in sweep]
+    return lines + [""]
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# expertfuse bench: {result['checkpoint']}", "",
-             f"Machine: {result['machine']['cpu']} ({result['machine']['cores']} cores), GPU: {result['machine']['gpu'] or 'none'}; "
-             f"torch {result['machine']['packages'].get('torch')}, onnxruntime "
-             f"{result['machine']['packages'].get('onnxruntime') or result['machine']['packages'].get('onnxruntime-gpu')}", ""]
-    timed = [r for r in result["inprocess"] if "p50_ms" in r]
-    if timed:
-        lines += ["## In-process", "", "| variant | runtime | batch | p50 ms | p99 ms | images/s | stable |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['runtime']} | {r['batch']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                  f"{r['items_per_s']:.1f} | {'yes' if r['stable'] else 'no'} |" for r in timed]
-    lines += [f"- refused to time {r['variant']} on {r['runtime']}: {r['refused']}" for r in result["inprocess"] if "refused" in r]
-    served = [r for r in result["served"] if "throughput" in r]
-    if served:
-        lines += ["", "## Served (Triton)", "", "| model | role | protocol | concurrency | img/s | p50 ms | p90 ms | p95 ms | p99 ms | "
-                  "server queue ms | server compute ms | exec/request | client-bound |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['model_role']} | {r['protocol']} | {r['concurrency']} | {r['throughput']:.1f} | "
-                  f"{_fmt(r.get('p50_ms'))} | {_fmt(r.get('p90_ms'))} | {_fmt(r.get('p95_ms'))} | {_fmt(r.get('p99_ms'))} | "
-                  f"{_fmt(r.get('server_queue_ms'))} | {_fmt(r.get('server_compute_ms'))} | "
-                  f"{_fmt(r.get('server_exec_per_request'))} | {'yes' if r.get('client_bound') else 'no'} |" for r in served]
-    lines += [f"- refused to time served {r['model']} ({r['model_role']}) over {r['protocol']}: {r['refused']}"
-              for r in result["served"] if "refused" in r]
-    h = result["headline"]
-    lines += ["", "## Headline", ""]
-    lines += [f"- ensemble cost t_ensemble/t_single, {c['variant']} on {c['runtime']} at batch {c['batch']}: "
-              f"**{c['cost_ratio']:.2f}x**" for c in h["ensemble_cost"]]
-    lines += [f"- fused vs naive Triton ensemble, {s['protocol']} at concurrency {s['concurrency']}: "
-              f"**{s['fused_vs_naive']:.2f}x** throughput" for s in h["fused_vs_naive"]]
-    if h["served_over_inprocess"]:
-        lines.append(f"- served / in-process throughput (best fused): **{h['served_over_inprocess']:.2f}** "
-                     f"({h['best_served_fused_img_s']:.0f} vs {h['best_inprocess_fused_img_s']:.0f} img/s)")
-    lines += ["", "Plots: " + ", ".join(Path(p).name for p in result["plots"]), ""]
+    m = result["machine"]
+    d = result.get("decision")
+    lead = ("**" + d["sentence"] + "**" if d["reliable"] else d["sentence"] + " (not a headline: a cost interval is "
+            "wider than +-10%)") if d else "No decision: the in-process ensemble and single expert were not both measured."
+    ev = result["evaluation"]
+    lines = [f"# expertfuse bench: {result['checkpoint']}", "", lead, "",
+             f"Evaluation: {ev['source']}, shot rule {ev['shot_rule']}; 'single' = the best expert by top-1 on it: "
+             f"{result['single']}.", f"Machine: {m['cpu']} ({m['cores']} cores), GPU: {m['gpu'] or 'none'}; torch "
+             f"{m['packages'].get('torch')}, onnxruntime {m['packages'].get('onnxruntime') or m['packages'].get('onnxruntime-gpu')}", ""]
+    lines += cost_accuracy_table(result) + ratios_table(result["ratios"]) + latency_table(result)
+    lines += served_tables(result["served"])
+    lines += ["Plots: " + ", ".join(Path(p).name for p in result.get("plots", [])), ""]
     return "\n".join(lines)
 
 
 def write_all(result: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    result["plots"] = [str(p) for p in plot(result["inprocess"], result["served"], result["headline"], out)]
-    (out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    write_csv(result["inprocess"], out / "inprocess.csv")
-    write_csv(result["served"], out / "served.csv")
-    (out / "summary.md").write_text(markdown(result))
-    return [out / "bench.json", out / "inprocess.csv", out / "served.csv", out / "summary.md", *map(Path, result["plots"])]
+    plots = []
+    if result["points"]:
+        plots.append(out / "cost_accuracy.png")
+        plot_cost_accuracy(result["points"], plots[-1])
+    sweep = [r for r in (result["served"] or {}).get("sweep", []) if "p99_ms" in r]
+    if sweep:
+        plots.append(out / "served_latency_throughput.png")
+        plot_served_curves(sweep, plots[-1])
+    result["plots"] = [str(p) for p in plots]
+    files = {"bench.json": lambda t: t.write_text(json.dumps(result, indent=2, default=str) + "\n"),
+             "summary.md": lambda t: t.write_text(markdown(result))}
+    for name, write in files.items():
+        atomic_write(out / name, write)
+    write_csv(point_rows(result["points"]), out / "cost_accuracy.csv")
+    write_csv(ratio_rows(result["ratios"]), out / "ratios.csv")
+    write_csv(inprocess_rows(result), out / "inprocess.csv")
+    write_csv((result["served"] or {}).get("sweep", []), out / "served.csv")
+    return [out / n for n in ("bench.json", "summary.md", "cost_accuracy.csv", "ratios.csv", "inprocess.csv",
+                              "served.csv")] + plots

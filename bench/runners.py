@@ -17,8 +17,6 @@ import torch
 
 
 class Runner:
-    name = ""
-
     def prepare(self, images: np.ndarray):
         return images
 
@@ -40,7 +38,6 @@ class TorchRunner(Runner):
         self.device = torch.device(device)
         self.graph = graph.eval().to(self.device)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.name = f"torch-{self.device.type}" + ("-cudagraphs" if self.cuda_graphs else "")
         self._captured: dict[tuple, tuple] = {}
 
     def prepare(self, images):
@@ -91,7 +88,6 @@ class OrtRunner(Runner):
             raise RuntimeError(f"onnxruntime lacks {missing[0]}")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.provider = provider
-        self.name = f"onnxruntime-{provider}"
 
     def prepare(self, images):
         if self.provider == "cpu":
@@ -113,8 +109,6 @@ class OrtRunner(Runner):
 
 
 class TensorRTRunner(Runner):
-    name = "tensorrt"
-
     def __init__(self, plan: Path):
         from export.trt import PlanRunner, require_tensorrt
         self.plan = PlanRunner(require_tensorrt(), Path(plan).read_bytes())
@@ -138,7 +132,6 @@ class TritonRunner(Runner):
         self.module = httpclient if protocol == "http" else grpcclient
         self.client = self.module.InferenceServerClient(url)
         self.model, self.protocol, self.shared_memory = model, protocol, shared_memory
-        self.name = f"triton-{protocol}" + ("-shm" if shared_memory else "")
         self._regions: list[tuple[str, object]] = []
 
     def prepare(self, images):
@@ -166,6 +159,12 @@ class TritonRunner(Runner):
         if self.protocol == "grpc":
             return {key: value.string_value for key, value in cfg.config.parameters.items()}
         return {key: value.get("string_value", "") for key, value in cfg.get("parameters", {}).items()}
+
+    def max_batch(self) -> int:
+        """The served model's max_batch_size (the largest request it accepts)."""
+        cfg = self.client.get_model_config(self.model)
+        value = cfg.config.max_batch_size if self.protocol == "grpc" else cfg.get("max_batch_size", 0)
+        return max(1, int(value))
 
     def _classes(self) -> int:
         meta = self.client.get_model_metadata(self.model)

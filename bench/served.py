@@ -193,11 +193,13 @@ def parse_perf_analyzer_csv(text: str) -> list[dict]:
 
 def run_perf_analyzer(binary: str, url: str, protocol: str, model: str, batch: int, concurrencies: list[int],
                       window_s: float, workdir: Path) -> list[dict]:
-    out = workdir / f"perf_{model}_{protocol}.csv"
-    lo, hi = min(concurrencies), max(concurrencies)
-    step = max(1, (hi - lo) // max(1, len(concurrencies) - 1))
-    subprocess.run([binary, "-m", model, "-u", url, "-i", protocol, "-b", str(batch),
-                    "--concurrency-range", f"{lo}:{hi}:{step}", "--measurement-interval", str(int(window_s * 1000)),
-                    "-s", "25", "-f", str(out)], check=True, capture_output=True, timeout=600)
-    return [{"model": model, "protocol": protocol, "batch": batch, "load_generator": "perf_analyzer", **r}
-            for r in parse_perf_analyzer_csv(out.read_text())]
+    """One perf_analyzer run per listed concurrency (a start:end:step range would run other levels than 1,4,16)."""
+    rows = []
+    for level in concurrencies:
+        out = workdir / f"perf_{model}_{protocol}_c{level}.csv"
+        subprocess.run([binary, "-m", model, "-u", url, "-i", protocol, "-b", str(batch),
+                        "--concurrency-range", f"{level}:{level}", "--measurement-interval", str(int(window_s * 1000)),
+                        "-s", "25", "-f", str(out)], check=True, capture_output=True, timeout=600)
+        rows += [{"model": model, "protocol": protocol, "batch": batch, "load_generator": "perf_analyzer", **r}
+                 for r in parse_perf_analyzer_csv(out.read_text())]
+    return rows

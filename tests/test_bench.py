@@ -4,9 +4,20 @@ import numpy as np
 import pytest
 import torch
 
-from bench.inprocess import check_parity, make_runner, sweep
-from export.common import job_for
+import csv
+from types import SimpleNamespace
+
+from bench.decision import best_single, cost_accuracy, decision, inprocess_ratios, mark_pareto
+from bench.evaluation import EvalSet, accuracy, collapsed, load_eval_set
+from bench.inprocess import References, Variant, gate_and_score, make_runner
+from bench.machine import machine_info
+from bench.report import write_all
 from bench.runners import TritonRunner
+from bench.served_stage import score_model
+from expertfuse.parity import BENCH_FP32, compare
+from expertfuse.timing import Interleaved
+from export.common import job_for
+from export.graph import reference_logits
 from bench.served import parse_perf_analyzer_csv
 from tests.helpers import run_module
 from train.checkpoint import load_checkpoint, save_checkpoint
@@ -15,16 +26,86 @@ DATA = __import__("pathlib").Path(__file__).parent / "data"
 
 
 def test_runners_agree_with_the_reference_and_a_wrong_one_is_refused(tiny_checkpoint, tmp_path):
-    images = np.random.RandomState(3).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    ensemble = job_for(tiny_checkpoint, "all", "grouped")
+    job = job_for(tiny_checkpoint, "all", "loop")
+    data = small_eval_set(job)
+    refs = References.build(job.model, data, gate_images=4)
+    ensemble = Variant("ensemble-grouped", (0, 1, 2), "grouped")
     for runtime in ("torch-cpu", "onnxruntime-cpu"):
-        runner = make_runner(runtime, ensemble, "grouped", tmp_path)
-        assert check_parity(runner, ensemble.model, ensemble.opts.experts, images)["ok"], runtime
-        rows = sweep(runner, 32, [1, 2], window_s=0.05)
-        assert [r["batch"] for r in rows] == [1, 2] and all(r["items_per_s"] > 0 for r in rows)
-    single = make_runner("onnxruntime-cpu", job_for(tiny_checkpoint, "1", "loop"), "loop", tmp_path)
-    verdict = check_parity(single, ensemble.model, ensemble.opts.experts, images)  # expert 1 is not the ensemble
-    assert not verdict["ok"] and verdict["max_abs_diff"] > 1e-3
+        verdict = gate_and_score(make_runner(runtime, job, ensemble, tmp_path), ensemble.experts, "fp32", refs, data)
+        assert "refused" not in verdict and verdict["accuracy"]["agreement"] == 100.0, runtime
+    single = make_runner("onnxruntime-cpu", job, Variant("expert1", (1,)), tmp_path)
+    verdict = gate_and_score(single, ensemble.experts, "fp32", refs, data)  # expert 1 is not the ensemble
+    assert verdict["refused"] == "parity on random images" and not verdict["parity_random"]["ok"]
+
+
+def small_eval_set(job, limit: int = 40) -> EvalSet:
+    """The checkpoint's own evaluation split, a few images of every class."""
+    import argparse
+    return load_eval_set(job.checkpoint, job.spec, argparse.Namespace(eval_limit=limit))
+
+
+def test_accuracy_through_onnxruntime_and_the_bundled_triton_are_equal(triton, tiny_checkpoint, tmp_path):
+    job = job_for(tiny_checkpoint, "all", "loop")
+    data = small_eval_set(job)
+    refs = References.build(job.model, data, gate_images=4)
+    local = gate_and_score(make_runner("onnxruntime-cpu", job, Variant("e", (0, 1, 2), "grouped"), tmp_path),
+                           (0, 1, 2), "fp32", refs, data)
+    ctx = SimpleNamespace(num_experts=3, refs=refs, data=data, inprocess_logits={((0, 1, 2), "fp32"): local["logits"]})
+    for protocol, url in (("http", triton.endpoints.http), ("grpc", triton.endpoints.grpc)):
+        served = score_model(url, protocol, "ncl", "fused", {"expertfuse_experts": "0,1,2"}, ctx)
+        assert served["parity_labelled"]["ok"] and served["parity_labelled"]["samples"] == len(data.labels)
+        assert served["accuracy"] == local["accuracy"], protocol
+
+
+def test_shot_group_accuracy_on_a_constructed_case():
+    counts = [200, 150, 50, 30, 10, 5]  # strict rule: many 0,1; medium 2,3; few 4,5
+    labels = np.repeat(np.arange(6), 10)
+    data = EvalSet(np.zeros((60, 2, 2, 3), np.uint8), labels, counts, "strict", "constructed")
+    right = {0: 10, 1: 8, 2: 6, 3: 4, 4: 2, 5: 0}  # images of each class predicted correctly
+    pred = np.concatenate([[c] * right[c] + [(c + 1) % 6] * (10 - right[c]) for c in range(6)])
+    logits = np.eye(6)[pred]
+    acc = accuracy(logits, data, reference_pred=labels)
+    assert acc["overall"] == pytest.approx(100 * 30 / 60)
+    assert (acc["many"], acc["medium"], acc["few"]) == pytest.approx((90.0, 50.0, 10.0))
+    assert acc["per_class"] == [100.0, 80.0, 60.0, 40.0, 20.0, 0.0]
+    assert acc["agreement"] == pytest.approx(50.0) and acc["classes_predicted"] == 6
+    assert not collapsed(acc) and collapsed({"per_class": [90.0, 0, 0, 0, 0, 10.0]})
+
+
+def test_cost_accuracy_report_is_well_formed(tmp_path):
+    rng = np.random.default_rng(0)
+    blocks = lambda t: [list(t * rng.normal(1, 0.01, 3)) for _ in range(20)]  # noqa: E731
+    timings = {b: Interleaved({f"{n}@onnxruntime-cpu": blocks(t * b) for n, t in
+                               (("expert0", 1.0), ("expert1", 1.0), ("ensemble-loop", 3.0), ("ensemble-grouped", 2.5))})
+               for b in (1, 64)}
+    acc = lambda o, f: {"overall": o, "many": o + 10, "medium": o, "few": f, "agreement": 90.0}  # noqa: E731
+    variants = {"expert0": {"experts": [0], "precision": "fp32", "fusion": "loop", "accuracy": acc(60.0, 20.0)},
+                "expert1": {"experts": [1], "precision": "fp32", "fusion": "loop", "accuracy": acc(55.0, 40.0)},
+                "ensemble-loop": {"experts": [0, 1], "precision": "fp32", "fusion": "loop", "accuracy": acc(65.0, 45.0)},
+                "ensemble-grouped": {"experts": [0, 1], "precision": "fp32", "fusion": "grouped",
+                                     "accuracy": acc(65.0, 45.0)}}
+    single = best_single(variants)
+    ratios = inprocess_ratios(variants, timings, "onnxruntime-cpu", single)
+    points = cost_accuracy(variants, timings, "onnxruntime-cpu", single)
+    mark_pareto(points)
+    result = {"checkpoint": "c.pt", "machine": machine_info(), "single": single, "ratios": ratios, "points": points,
+              "decision": decision(points, ratios, single, [1, 64]), "inprocess": [], "served": {},
+              "evaluation": {"source": "constructed", "shot_rule": "strict"}}
+    files = write_all(result, tmp_path)
+    assert single == "expert0"
+    summary = (tmp_path / "summary.md").read_text()
+    lead = summary.splitlines()[2]
+    assert lead.startswith("**The ensemble (ensemble-grouped) buys +5.0 points overall, +25.0 on few-shot classes, "
+                           "for 2.") and lead.endswith("against the best single expert (expert0).**")
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    ens = next(p for p in saved["points"] if p["name"] == "ensemble-grouped")
+    assert ens["cost_b1"]["ratio"] == pytest.approx(2.5, rel=0.05) and ens["pareto_cost_small_overall"]
+    assert not next(p for p in saved["points"] if p["name"] == "ensemble-loop")["pareto_cost_small_overall"]
+    rows = list(csv.DictReader(open(tmp_path / "cost_accuracy.csv")))
+    assert {"name", "overall", "few", "cost_b1", "cost_b1_low", "cost_b64_reliable"} <= set(rows[0])
+    assert len(rows) == 4
+    assert (tmp_path / "cost_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tmp_path / "ratios.csv" in files
 
 
 def test_triton_runner_with_and_without_shared_memory(triton, tiny_checkpoint):
@@ -35,7 +116,8 @@ def test_triton_runner_with_and_without_shared_memory(triton, tiny_checkpoint):
         for shm in (False, True):
             runner = TritonRunner(url, protocol, "ncl", shared_memory=shm)
             try:
-                assert check_parity(runner, job.model, job.opts.experts, images)["ok"], (protocol, shm)
+                ref = reference_logits(job.model, job.opts.experts, torch.from_numpy(images), "uint8-nhwc").numpy()
+                assert compare(runner.logits(images), ref, BENCH_FP32).ok, (protocol, shm)
                 results.append(runner.logits(images))
             finally:
                 runner.close()
@@ -44,22 +126,26 @@ def test_triton_runner_with_and_without_shared_memory(triton, tiny_checkpoint):
 
 def test_served_bench_writes_json_csv_and_plots(triton, tiny_checkpoint, tmp_path):
     out = tmp_path / "bench"
-    proc = run_module("bench", "--ckpt", str(tiny_checkpoint), "--runtimes", "onnxruntime-cpu", "--batches", "1",
-                      "--window-s", "0.1", "--served", "--http-url", triton.endpoints.http, "--grpc-url",
-                      triton.endpoints.grpc, "--concurrency", "2", "--protocols", "grpc", "--client-processes", "2",
-                      "--out", str(out))
-    assert "## Headline" in proc.stdout
+    proc = run_module("bench", "--ckpt", str(tiny_checkpoint), "--runtimes", "onnxruntime-cpu", "--batches", "1,2",
+                      "--budget-s", "0.5", "--eval-limit", "40", "--window-s", "0.1", "--served", "--http-url",
+                      triton.endpoints.http, "--grpc-url", triton.endpoints.grpc, "--concurrency", "1,2",
+                      "--protocols", "grpc", "--client-processes", "2", "--out", str(out))
+    assert "The ensemble (ensemble-" in proc.stdout and "## Cost and accuracy" in proc.stdout
     result = json.loads((out / "bench.json").read_text())
-    roles = {r["model_role"] for r in result["served"]}
-    assert roles == {"fused", "single", "naive"}
-    fused = next(r for r in result["served"] if r["model_role"] == "fused")
-    assert fused["throughput"] > 0 and fused["p99_ms"] >= fused["p50_ms"] > 0 and "server_exec_per_request" in fused
-    assert all(r["parity_max_abs_diff"] <= 1e-3 and r["parity_top1_agreement"] == 1.0 for r in result["served"])
+    models = result["served"]["models"]
+    assert {m["model_role"] for m in models} >= {"fused", "single", "naive"}
+    assert all(m["parity_labelled"]["ok"] and m["parity_labelled"]["samples"] == 40 for m in models)
+    assert next(m for m in models if m["model"] == f"ncl_{result['single']}")["model_role"] == "single"
+    fused = [r for r in result["served"]["sweep"] if r["model_role"] == "fused"]
+    assert [r["concurrency"] for r in fused] == [1, 2] and fused[0]["p99_ms"] >= fused[0]["p50_ms"] > 0
+    names = {r["ratio_name"] for r in result["ratios"]}
+    assert {"ensemble / single", "grouped / loop", "fused / naive (served)", "served / in-process"} <= names
+    assert all(r["ci95"][0] <= r["ratio"] <= r["ci95"][1] and r["samples"] > 0 for r in result["ratios"])
+    assert {p["where"] for p in result["points"]} == {"onnxruntime-cpu", "triton-grpc"}
     assert result["machine"]["cores"] >= 1 and "torch" in result["machine"]["packages"]
-    assert result["headline"]["fused_vs_naive"] and result["headline"]["ensemble_cost"]
     header = (out / "served.csv").read_text().splitlines()[0]
     assert "throughput" in header and "p95_ms" in header
-    for name in ("throughput_vs_batch.png", "latency_vs_concurrency.png", "single_vs_ensemble.png"):
+    for name in ("cost_accuracy.png", "served_latency_throughput.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -71,13 +157,14 @@ def test_served_bench_refuses_a_server_running_another_model(triton, tiny_checkp
                           for k, v in data["state_dict"].items()}
     save_checkpoint(data, tmp_path / "retrained.pt")
     out = tmp_path / "bench"
-    proc = run_module("bench", "--ckpt", str(tmp_path / "retrained.pt"), "--no-inprocess", "--served",
-                      "--http-url", triton.endpoints.http, "--grpc-url", triton.endpoints.grpc, "--concurrency", "1",
-                      "--window-s", "0.1", "--out", str(out))
-    assert proc.stdout.count("REFUSED") == 6  # fused, single and naive over HTTP and gRPC
+    proc = run_module("bench", "--ckpt", str(tmp_path / "retrained.pt"), "--no-inprocess", "--served", "--eval-limit",
+                      "20", "--http-url", triton.endpoints.http, "--grpc-url", triton.endpoints.grpc,
+                      "--concurrency", "1", "--window-s", "0.1", "--out", str(out))
+    assert proc.stdout.count("REFUSED") == 10  # fused, naive and the 3 experts over HTTP and gRPC
     served = json.loads((out / "bench.json").read_text())["served"]
-    assert len(served) == 6 and all(r["refused"] == "parity" and "throughput" not in r for r in served)
-    assert "refused to time served ncl_naive (naive) over grpc: parity" in (out / "summary.md").read_text()
+    assert len(served["models"]) == 10 and all(m["refused"] == "parity on random images" for m in served["models"])
+    assert served["sweep"] == [] and served["ratios"] == []
+    assert "refused to time served ncl_naive (naive) over grpc: parity on random images" in (out / "summary.md").read_text()
 
 
 def test_perf_analyzer_csv_is_parsed_in_ms_and_sorted_by_concurrency():
@@ -95,10 +182,11 @@ def test_bench_refuses_unknown_runtimes(tiny_checkpoint):
 def test_demo_pipeline_runs_end_to_end_in_reduced_form(tmp_path):
     proc = run_module("bench.demo", "--quick", "--out", str(tmp_path / "demo"), timeout=900)
     for title in ("train NCL", "export the fused ensemble", "classify images over HTTP", "classify images over gRPC",
-                  "bench single expert vs ensemble", "Triton stopped", "demo finished"):
+                  "bench every variant's accuracy and cost", "what the ensemble buys", "training check:",
+                  "Triton stopped", "demo finished"):
         assert title in proc.stdout, title
     summary = (tmp_path / "demo" / "bench" / "summary.md").read_text()
-    assert "fused vs naive Triton ensemble" in summary and "ensemble cost" in summary
+    assert summary.splitlines()[2].lstrip("*").startswith("The ensemble (ensemble-") and "fused / naive (served)" in summary
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

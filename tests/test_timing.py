@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from expertfuse.timing import Measurement, measure, windows_agree
@@ -25,3 +26,40 @@ def test_measure_stops_when_stable_and_reports_when_not():
     unstable = measure(lambda i: time.sleep(0.002 * next(growing) ** 2), warmup=0, window_s=0.0, min_calls=1,
                        tolerance=0.01, max_windows=4)
     assert not unstable.stable and len(unstable.window_means_s) == 4
+
+
+def test_interleave_runs_every_variant_once_per_round_in_blocks_in_a_changing_order():
+    from expertfuse.timing import interleave
+    log = []
+    result = interleave({name: (lambda i, n=name: log.append(n)) for name in "abc"}, calls_per_block=3, warmup=1,
+                        min_rounds=12, max_rounds=12, budget_s=0.0)
+    timed = log[3:]  # one warm-up call each
+    rounds = [timed[i:i + 9] for i in range(0, len(timed), 9)]
+    assert result.rounds == 12 and len(rounds) == 12
+    for r in rounds:
+        blocks = [r[i:i + 3] for i in range(0, 9, 3)]
+        assert all(len(set(b)) == 1 for b in blocks) and sorted(b[0] for b in blocks) == ["a", "b", "c"]
+    assert len({tuple(r[::3]) for r in rounds}) > 1  # the order is drawn afresh each round
+    assert all(len(result.samples_s[n]) == 12 and all(len(b) == 3 for b in result.samples_s[n]) for n in "abc")
+
+
+def test_a_known_ratio_is_recovered_with_a_tight_interval():
+    from expertfuse.timing import ratio_of_medians
+    rng = np.random.default_rng(0)
+    load = rng.uniform(1.0, 1.5, 40)  # machine load that comes and goes, hitting both variants of a round alike
+    den = [list(0.010 * f * rng.normal(1, 0.01, 5)) for f in load]
+    num = [list(0.030 * f * rng.normal(1, 0.01, 5)) for f in load]
+    r = ratio_of_medians(num, den)
+    assert r.low <= 3.0 <= r.high and r.value == pytest.approx(3.0, rel=0.05)
+    assert r.reliable and r.rounds == 40 and r.samples == 400
+    assert "UNRELIABLE" not in r.describe()
+
+
+def test_a_noisy_ratio_is_flagged_unreliable():
+    from expertfuse.timing import ratio_of_medians
+    rng = np.random.default_rng(1)
+    den = [list(0.010 * rng.lognormal(0, 0.8, 3)) for _ in range(10)]
+    num = [list(0.020 * rng.lognormal(0, 0.8, 3)) for _ in range(10)]
+    r = ratio_of_medians(num, den)
+    assert not r.reliable and r.half_width > 0.10
+    assert "UNRELIABLE" in r.describe() and r.to_dict()["reliable"] is False

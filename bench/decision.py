@@ -1,0 +1,109 @@
+"""What the report decides from: the best single expert, every headline ratio (from one interleaved run each,
+with its 95% interval), the cost-accuracy points with their Pareto front, and the decision sentence."""
+from __future__ import annotations
+
+from expertfuse.timing import Interleaved, ratio
+
+ACCURACY_AXES = ("overall", "few")
+
+
+def scored(rows: list[dict], runtime: str) -> dict[str, dict]:
+    """Variant name -> row, for the variants on `runtime` that passed their gates and were timed."""
+    return {r["variant"]: r for r in rows if r["runtime"] == runtime and "accuracy" in r and "timing" in r}
+
+
+def headline_runtime(rows: list[dict]) -> str | None:
+    """ONNX Runtime (what Triton serves) when it ran, else the first runtime with results."""
+    runtimes = [r["runtime"] for r in rows if "timing" in r]
+    preferred = [rt for rt in ("onnxruntime-cuda", "onnxruntime-cpu") if rt in runtimes]
+    return (preferred or runtimes or [None])[0]
+
+
+def best_single(variants: dict[str, dict]) -> str | None:
+    """The single expert with the highest top-1 on the evaluation set: 'single' in every headline."""
+    singles = [name for name, r in variants.items() if len(r["experts"]) == 1 and r["precision"] == "fp32"]
+    return max(singles, key=lambda n: variants[n]["accuracy"]["overall"], default=None)
+
+
+def fused_ensemble(variants: dict[str, dict], timing: Interleaved, runtime: str) -> str | None:
+    """The faster fusion of the full FP32 ensemble at this batch (what `export --fusion auto` would ship)."""
+    names = [n for n in ("ensemble-grouped", "ensemble-loop") if n in variants]
+    return min(names, key=lambda n: timing.median_s(f"{n}@{runtime}"), default=None)
+
+
+def ratio_row(name: str, timing: Interleaved, numerator: str, denominator: str, **context) -> dict:
+    return {"ratio_name": name, "numerator": numerator, "denominator": denominator, **context,
+            **ratio(timing, numerator, denominator).to_dict()}
+
+
+def inprocess_ratios(variants: dict[str, dict], timings: dict[int, Interleaved], runtime: str, single: str) -> list[dict]:
+    """ensemble / single, grouped / loop, fp16 / fp32 and int8 / fp32 latency at every batch size."""
+    out = []
+    for batch, timing in timings.items():
+        key = lambda n: f"{n}@{runtime}"  # noqa: E731
+        ensemble = fused_ensemble(variants, timing, runtime)
+        pairs = [("ensemble / single", ensemble, single), ("grouped / loop", "ensemble-grouped", "ensemble-loop"),
+                 ("fp16 / fp32", "ensemble-fp16", "ensemble-loop")]
+        for name, row in variants.items():
+            if row["precision"] == "int8":
+                twin = next((n for n, r in variants.items() if r["precision"] == "fp32" and r["experts"] == row["experts"]
+                             and r["fusion"] == row["fusion"]), "ensemble-loop")
+                pairs.append(("int8 / fp32", name, twin))
+        out += [ratio_row(title, timing, key(a), key(b), batch=batch, runtime=runtime)
+                for title, a, b in pairs if a in variants and b in variants]
+    return out
+
+
+def pareto(points: list[dict], cost: str, acc: str) -> set[str]:
+    """Names of the points no other point beats (cost no higher and accuracy no lower, one of them strictly)."""
+    front = set()
+    for p in points:
+        beaten = any(q is not p and q[cost] <= p[cost] and q[acc] >= p[acc] and (q[cost] < p[cost] or q[acc] > p[acc])
+                     for q in points)
+        if not beaten:
+            front.add(p["name"])
+    return front
+
+
+def cost_accuracy(variants: dict[str, dict], timings: dict[int, Interleaved], runtime: str, single: str) -> list[dict]:
+    """One point per variant: accuracy (overall, many/medium/few) and cost relative to the best single expert at
+    batch 1 (latency) and at the largest batch (latency per batch = 1 / throughput), each with its interval."""
+    small, large = min(timings), max(timings)
+    points = []
+    for name, row in variants.items():
+        costs = {f"cost_b{b}": ratio(timings[b], f"{name}@{runtime}", f"{single}@{runtime}").to_dict() for b in (small, large)}
+        points.append({"name": name, "where": runtime, "experts": len(row["experts"]), "precision": row["precision"],
+                       **{k: row["accuracy"][k] for k in ("overall", "many", "medium", "few", "agreement")},
+                       **costs, "cost_small": costs[f"cost_b{small}"]["ratio"],
+                       "cost_large": costs[f"cost_b{large}"]["ratio"]})
+    return points
+
+
+def mark_pareto(points: list[dict]) -> None:
+    """Flag every point on the Pareto front of each (cost, accuracy) pair of axes."""
+    for cost in ("cost_small", "cost_large"):
+        for acc in ACCURACY_AXES:
+            front = pareto([p for p in points if p.get(cost) is not None and p.get(acc) == p.get(acc)], cost, acc)
+            for p in points:
+                p[f"pareto_{cost}_{acc}"] = p["name"] in front
+
+
+def decision(points: list[dict], ratios: list[dict], single: str, batches: list[int]) -> dict | None:
+    """The sentence the summary leads with: what the fused ensemble buys over the best expert, and for what cost."""
+    by_name = {p["name"]: p for p in points}
+    cost = {r["batch"]: r for r in ratios if r["ratio_name"] == "ensemble / single"}
+    if single not in by_name or not cost:
+        return None
+    small, large = min(batches), max(batches)
+    ensemble = cost[small]["numerator"].split("@")[0]
+    gain = {acc: by_name[ensemble][acc] - by_name[single][acc] for acc in ("overall", "few")}
+    few = "" if gain["few"] != gain["few"] else f", {gain['few']:+.1f} on few-shot classes"
+
+    def times(r: dict) -> str:
+        flag = "" if r["reliable"] else ", UNRELIABLE: interval wider than +-10%"
+        return f"{r['ratio']:.2f}x (95% interval {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}, n={r['samples']}{flag})"
+    sentence = (f"The ensemble ({ensemble}) buys {gain['overall']:+.1f} points overall{few}, for {times(cost[small])} "
+                f"the cost at batch {small} and {times(cost[large])} at batch {large}, against the best single "
+                f"expert ({single}).")
+    return {"ensemble": ensemble, "single": single, "gain_points": gain, "cost": {small: cost[small], large: cost[large]},
+            "reliable": cost[small]["reliable"] and cost[large]["reliable"], "sentence": sentence}

@@ -1,0 +1,146 @@
+"""The served stage: every model of the checkpoint on Triton, gated and scored on the labelled set over HTTP and
+gRPC, then a concurrency sweep per model (latency-throughput curves) and one interleaved run at concurrency 1 for
+the served ratios (fused / naive, served / in-process, ensemble / single)."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from bench.inprocess import Variant, gate_and_score, make_runner, served_experts
+from bench.runners import TritonRunner
+from bench.served import find_perf_analyzer, measure_concurrency, run_perf_analyzer
+from expertfuse.errors import UserError
+from expertfuse.timing import interleave, ratio
+from serve.server import TritonServer, choose_server
+
+TIMED_ROLES = ("fused", "single", "naive", "int8")
+
+
+def model_roles(ready: set[str], fused: str, best: int, num_experts: int, quantized: list[str]) -> dict[str, str]:
+    """Model name -> role: the fused ensemble, the best expert ('single'), the naive ensemble, every other expert
+    (scored, not timed) and any INT8 model."""
+    roles = {f"{fused}_expert{k}": "single" if k == best else f"expert{k}" for k in range(num_experts)}
+    roles.update({fused: "fused", f"{fused}_naive": "naive", **{name: "int8" for name in quantized}})
+    return {name: role for name, role in roles.items() if name in ready}
+
+
+def ready_models(http_url: str) -> dict[str, dict[str, str]]:
+    """READY model name -> its config parameters."""
+    import tritonclient.http as httpclient
+    client = httpclient.InferenceServerClient(http_url)
+    try:
+        names = [m["name"] for m in client.get_model_repository_index() if m.get("state") == "READY"]
+        return {n: {k: v.get("string_value", "") for k, v in client.get_model_config(n).get("parameters", {}).items()}
+                for n in names}
+    finally:
+        client.close()
+
+
+def score_model(url: str, protocol: str, name: str, role: str, params: dict, ctx) -> dict:
+    """Gate (random images, then the labelled set against in-process ONNX Runtime of the same experts and
+    precision) and score one served model over one protocol."""
+    precision = params.get("expertfuse_precision", "fp32")
+    experts = served_experts(params, ctx.num_experts)
+    runner = TritonRunner(url, protocol, name)
+    try:
+        verdict = gate_and_score(runner, experts, precision, ctx.refs, ctx.data, batch=runner.max_batch(),
+                                 labelled_reference=ctx.inprocess_logits.get((experts, precision)))
+    finally:
+        runner.close()
+    verdict.pop("logits", None)
+    return {"model": name, "model_role": role, "protocol": protocol, "experts": list(experts), "precision": precision,
+            **verdict}
+
+
+def sweep_model(args, url: str, protocol: str, name: str, size: int, workdir: Path | None, perf_analyzer) -> list[dict]:
+    if perf_analyzer:
+        return run_perf_analyzer(perf_analyzer, url, protocol, name, args.served_batch, args.concurrency, args.window_s,
+                                 workdir)
+    return [measure_concurrency(url, protocol, name, size, args.served_batch, c, args.window_s,
+                                max_processes=args.client_processes, client_kind=args.client) for c in args.concurrency]
+
+
+def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tuple[list[dict], list[dict]]:
+    """One interleaved run at concurrency 1: every timed served model on every protocol, plus the in-process fused
+    ensemble. Returns (ratios, cost points relative to the served best expert)."""
+    runners = {f"{m['model_role']}/{m['protocol']}": TritonRunner(urls[m["protocol"]], m["protocol"], m["model"])
+               for m in timed}
+    fused = next((m for m in timed if m["model_role"] == "fused"), None)
+    if fused is not None and ctx.job is not None:
+        variant = Variant("served-twin", tuple(fused["experts"]), ctx.fused_fusion)
+        runners["fused/in-process"] = make_runner(ctx.runtime, ctx.job, variant, ctx.workdir)
+    batch = args.served_batch
+    try:
+        inputs = {k: [r.prepare(ctx.data.pixels[i * batch:(i + 1) * batch]) for i in range(4)] for k, r in runners.items()}
+        timing = interleave({k: (lambda i, r=r, x=inputs[k]: r.run(x[i % 4])) for k, r in runners.items()},
+                            calls_per_block=5, min_rounds=10, budget_s=args.budget_s)
+    finally:
+        for r in runners.values():
+            r.close()
+    ratios, points = [], []
+    for protocol in urls:
+        pairs = [("fused / naive", "fused", "naive"), ("served / in-process", "fused", "fused/in-process"),
+                 ("ensemble / single", "fused", "single"), ("int8 / fp32", "int8", "fused")]
+        for title, a, b in pairs:
+            a_key, b_key = f"{a}/{protocol}", b if "/" in b else f"{b}/{protocol}"
+            if a_key in runners and b_key in runners:
+                ratios.append({"ratio_name": title if title.startswith("served") else f"{title} (served)", "protocol": protocol, "batch": batch, "numerator": a_key,
+                               "denominator": b_key, **ratio(timing, a_key, b_key).to_dict()})
+        for m in timed:
+            key, single = f"{m['model_role']}/{protocol}", f"single/{protocol}"
+            if m["protocol"] == protocol and single in runners:
+                cost = ratio(timing, key, single).to_dict()
+                points.append({"name": f"{m['model']} over {protocol}", "where": f"triton-{protocol}",
+                               "experts": len(m["experts"]), "precision": m["precision"],
+                               **{k: m["accuracy"][k] for k in ("overall", "many", "medium", "few", "agreement")},
+                               f"cost_b{batch}": cost, "cost_small": cost["ratio"], "cost_large": None,
+                               "summary": timing.summary(key, batch)})
+    return ratios, points
+
+
+def run_served(args, ctx, log=print) -> dict:
+    """Score every served model of the checkpoint, refuse the ones that disagree, then sweep and interleave the rest."""
+    perf_analyzer = find_perf_analyzer() if args.load_generator == "perf_analyzer" else None
+    if args.load_generator == "perf_analyzer" and not perf_analyzer:
+        raise UserError("--load-generator perf_analyzer: no working perf_analyzer binary on PATH (pip's perf-analyzer "
+                        "0.1.0 is an empty placeholder; use the Triton SDK container)")
+    server = None
+    if not (args.http_url and args.grpc_url):
+        mode, why = choose_server(args.server)
+        log(f"starting Triton: {mode} ({why})")
+        server = TritonServer(args.repository, mode).start()
+        args.http_url, args.grpc_url = server.endpoints.http, server.endpoints.grpc
+    urls = {p: args.http_url if p == "http" else args.grpc_url for p in args.protocols.split(",")}
+    workdir = Path(tempfile.mkdtemp(prefix="expertfuse-bench-")) if perf_analyzer else None  # its CSV files
+    result = {"models": [], "sweep": [], "ratios": [], "points": []}
+    try:
+        ready = ready_models(args.http_url)
+        quantized = [n for n, p in ready.items() if p.get("expertfuse_precision") == "int8"]
+        roles = model_roles(set(ready), ctx.fused_name, ctx.best_expert, ctx.num_experts, quantized)
+        for name, role in roles.items():
+            for protocol, url in urls.items():
+                row = score_model(url, protocol, name, role, ready[name], ctx)
+                result["models"].append(row)
+                if "refused" in row:
+                    log(f"  {role:>7} {name:<16} {protocol:<4} REFUSED: {row['refused']} disagree with {ctx.ckpt}")
+                    continue
+                log(f"  {role:>7} {name:<16} {protocol:<4} top-1 {row['accuracy']['overall']:5.1f}%  "
+                    f"few {row['accuracy']['few']:5.1f}%  agreement {row['accuracy']['agreement']:5.1f}%")
+        timed = [m for m in result["models"] if "accuracy" in m and m["model_role"] in TIMED_ROLES]
+        for m in timed:
+            for point in sweep_model(args, urls[m["protocol"]], m["protocol"], m["model"], ctx.data.pixels.shape[1],
+                                     workdir, perf_analyzer):
+                result["sweep"].append({**point, "model_role": m["model_role"]})
+                log(f"  {m['model_role']:>7} {m['model']:<16} {m['protocol']:<4} c={point['concurrency']:<3} "
+                    f"{point['throughput']:8.1f} img/s  p99 {point.get('p99_ms', float('nan')):7.2f} ms"
+                    f"{'  (client-bound)' if point.get('client_bound') else ''}")
+        if timed:
+            result["ratios"], result["points"] = served_interleave(args, urls, timed, ctx)
+    finally:
+        if server is not None:
+            server.stop()
+            server.cleanup()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return result
