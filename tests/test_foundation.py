@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,7 +111,6 @@ def test_expertfuse_command_dispatches_to_the_stage_entry_points():
 
 def test_layers_hold():
     """bench > export > train | serve > expertfuse: lint-imports fails on any import against them."""
-    lint = REPO / ".venv" / "bin" / "lint-imports"
-    exe = str(lint) if lint.is_file() else "lint-imports"
-    proc = subprocess.run([exe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    lint = Path(sys.executable).parent / "lint-imports"  # installed beside this interpreter by the dev extra
+    proc = subprocess.run([str(lint)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "0 broken" in proc.stdout, proc.stdout[-2000:]
