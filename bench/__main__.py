@@ -122,18 +122,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     runtimes = runtimes_of(args)
     job = job_for(args.ckpt, "all", "loop")  # the checkpoint, loaded once; every variant is a view of this job
-    data = load_eval_set(job.checkpoint, job.spec, args)
+    data = load_eval_set(job.checkpoint.data, job.spec, args)
     print(f"evaluation set: {data.source}; shot rule {data.shot_rule}")
     refs = References.build(job.model, data)
     expert_top1 = [(refs.labelled[:, k].argmax(1) == data.labels).mean() for k in range(job.model.num_experts)]
     order = [int(k) for k in np.argsort(expert_top1, kind="stable")[::-1]]
     result = {"checkpoint": str(args.ckpt), "machine": machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
               "evaluation": {"source": data.source, "images": len(data.labels), "shot_rule": data.shot_rule,
-                             "train_counts": data.train_counts, "classes": job.checkpoint["classes"]},
+                             "train_counts": data.train_counts, "classes": job.classes},
               "inprocess": [], "served": {}, "ratios": [], "points": [], "single": f"expert{order[0]}", "decision": None}
     with tempfile.TemporaryDirectory(prefix="expertfuse-bench-") as tmp:
         ctx = Context(args.ckpt, job, data, refs, order, "onnxruntime-cpu", Path(tmp), {},
-                      args.model or job.checkpoint["method"])
+                      args.model or job.method)
         if not args.no_inprocess:
             inprocess_stage(args, ctx, runtimes, result)
         if args.served:

@@ -41,7 +41,7 @@ def test_runners_agree_with_the_reference_and_a_wrong_one_is_refused(tiny_checkp
 def small_eval_set(job, limit: int = 40) -> EvalSet:
     """The checkpoint's own evaluation split, a few images of every class."""
     import argparse
-    return load_eval_set(job.checkpoint, job.spec, argparse.Namespace(eval_limit=limit))
+    return load_eval_set(job.checkpoint.data, job.spec, argparse.Namespace(eval_limit=limit))
 
 
 def test_accuracy_through_onnxruntime_and_the_bundled_triton_are_equal(triton, tiny_checkpoint, tmp_path):
