@@ -132,3 +132,13 @@ def test_a_method_trains_on_synthetic_data_without_a_preset(tmp_path, method):
         (row,) = list(csv.DictReader(f))
     assert math.isfinite(float(row["train_loss"])) and float(row["train_loss"]) < 20, row
     assert payload.metrics["ensemble"]["overall"] > 20, payload.metrics["ensemble"]
+
+
+def test_fp16_autocast_is_a_cuda_setting_and_full_precision_on_cpu():
+    """SHIKE's preset asks for FP16 (the official CUDA recipe); CPU autocast to FP16 would crawl, so CPU runs FP32."""
+    from train.engine import amp_dtype
+    cpu = torch.device("cpu")
+    assert config_from_args(["--preset", "shike-cifar100-lt"]).amp == "fp16"
+    assert amp_dtype(config_from_args(["--preset", "shike-cifar100-lt"]), cpu) is None
+    assert amp_dtype(config_from_args(["--amp", "bf16"]), cpu) is torch.bfloat16
+    assert amp_dtype(config_from_args(["--amp", "fp16"]), torch.device("cuda")) is torch.float16

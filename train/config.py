@@ -70,7 +70,7 @@ class TrainConfig:
     eta_min: float = _opt(1e-4, "cosine: final learning rate")
     drop_last: bool = _opt(True, "drop the last incomplete training batch (SHIKE's official loaders keep it)")
     seed: int = _opt(42, "random seed")
-    amp: str = _opt("auto", "mixed precision: auto (bf16 on CUDA if supported, else fp16) | bf16 | fp16 | off")
+    amp: str = _opt("auto", "mixed precision: auto (bf16 on CUDA if supported, else fp16) | bf16 | fp16 (CUDA only) | off")
     channels_last: bool = _opt(True, "channels_last memory format on CUDA")
     eval_every: int = _opt(1, "evaluate every N epochs (and always at the end)")
     tensorboard: bool = _opt(False, "also write TensorBoard logs to <out>/tb")
