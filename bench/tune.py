@@ -157,7 +157,7 @@ def sweep(server: TritonServer, args, points: list[Point], image_size: int, log=
             if server.process is None or server.process.poll() is not None:
                 raise UserError(f"Triton stopped while loading {point.label}; server log:\n{server.log_tail()}") from None
             rows.append({**fields, "error": str(exc).splitlines()[0]})
-            log(f"[{n}/{len(points)}] {point.label}: load failed: {rows[-1]['error']}")
+            log(f"[{n}/{len(points)}] {point.label}: load failed: {rows[-1]['error']}", flush=True)
             continue
         for c in args.concurrency:
             try:
@@ -169,9 +169,9 @@ def sweep(server: TritonServer, args, points: list[Point], image_size: int, log=
             if not row["requests"]:
                 row = {**row, "error": "no request completed in the measured windows (clients started too late?)"}
             rows.append({**fields, **{k: v for k, v in row.items() if k != "window_throughputs"}})
-            log(f"[{n}/{len(points)}] {point.label:<24} c={c:<3} {row['throughput']:8.1f} img/s  "
-                f"p50 {row.get('p50_ms', float('nan')):7.2f} ms  p99 {row.get('p99_ms', float('nan')):7.2f} ms  "
-                f"exec/req {row['server_exec_per_request']:.2f}{'' if row['stable'] else '  (unstable)'}")
+            log(f"[{n}/{len(points)}] {point.label:<24} c={c:<3} " + (f"error: {row['error']}" if "error" in row else
+                f"{row['throughput']:8.1f} img/s  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
+                f"exec/req {row['server_exec_per_request']:.2f}{'' if row['stable'] else '  (unstable)'}"), flush=True)
     return rows
 
 
@@ -241,7 +241,9 @@ def markdown(result: dict) -> str:
     m, best, budget = result["machine"], result["best"], result["latency_budget_ms"]
     lines = [f"# Triton config search: {result['model']}", "",
              f"Machine: {m['cpu']} ({m['cores']} cores), GPU: {m['gpu'] or 'none'}; server: {result['server']}; "
-             f"protocol {result['protocol']}, 1 image per request, windows of {result['window_s']} s.", "",
+             f"protocol {result['protocol']}, 1 image per request, windows of {result['window_s']} s. Load average "
+             f"(1 min) {result['load_average_1_5_15min']['before'][0]:.1f} before the sweep, "
+             f"{result['load_average_1_5_15min']['after'][0]:.1f} after.", "",
              f"> {result['note']}", "", f"## Best under the budget: p99 <= {budget} ms", ""]
     if best:
         lines.append(f"**{best['config']}** at concurrency {best['concurrency']}: {best['throughput']:.1f} img/s, "
@@ -330,8 +332,10 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         mode, why = choose_server(args.server)
         print(f"server: {mode} ({why}); {len(points)} configs x concurrency {args.concurrency}", flush=True)
+        load_before = os.getloadavg()
         with ExplicitTriton(args.repository, mode, args.model, ready_timeout=args.ready_timeout) as server:
             rows = sweep(server, args, points, image_size)
+        load_after = os.getloadavg()
     except ServerError as exc:
         raise UserError(str(exc)) from None
     for row in rows:
@@ -340,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     written = write_variant(args.repository, args.model, {p.label: p for p in points}[best["config"]], variant) \
         if best else (None, None)
     result = {"model": args.model, "server": mode, "protocol": args.protocol, "latency_budget_ms": args.latency_budget_ms,
-              "window_s": args.window_s, "machine": machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
+              "window_s": args.window_s, "machine": machine_info(),
+              "load_average_1_5_15min": {"before": load_before, "after": load_after}, "settings": {k: str(v) for k, v in vars(args).items()},
               "note": "Measured with client and server on the same machine; on a shared, noisy machine absolute figures "
                       "drift (2x within minutes) and close points can swap places: re-run before trusting a ranking.",
               "best": best, "variant": variant if best else None, "variant_version": written[1],

@@ -96,10 +96,12 @@ def compose(repository: Path, out: Path, image: str, ports: dict[str, int], gpus
     return {"name": APP, "services": {"triton": service}}
 
 
+def probe(path: str, period_s: int, failures: int) -> dict:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period_s, "failureThreshold": failures}
+
+
 def container(image: str, source: str, ports: dict[str, int], gpus: int, uri: str | None) -> dict:
     """The Triton container: probes on Triton's own health endpoints, GPUs as nvidia.com/gpu limits."""
-    probe = lambda path, period, failures: {"httpGet": {"path": path, "port": "http"},  # noqa: E731
-                                            "periodSeconds": period, "failureThreshold": failures}
     resources = {"requests": {"cpu": "1", "memory": "2Gi"}}
     if gpus > 0:
         resources["limits"] = {"nvidia.com/gpu": gpus}
