@@ -164,11 +164,10 @@ def sweep(server: TritonServer, args, points: list[Point], image_size: int, log=
                 row = measure_concurrency(url, args.protocol, args.model, image_size, 1, c, args.window_s,
                                           max_processes=args.client_processes)
             except RuntimeError as exc:
-                rows.append({**fields, "concurrency": c, "error": str(exc)})
-                continue
-            if not row["requests"]:
-                row = {**row, "error": "no request completed in the measured windows (clients started too late?)"}
-            rows.append({**fields, **{k: v for k, v in row.items() if k != "window_throughputs"}})
+                row = {"error": str(exc)}
+            if not row.get("requests"):
+                row = {"error": "no request completed in the measured windows (clients started too late?)", **row}
+            rows.append({**fields, "concurrency": c, **{k: v for k, v in row.items() if k != "window_throughputs"}})
             log(f"[{n}/{len(points)}] {point.label:<24} c={c:<3} " + (f"error: {row['error']}" if "error" in row else
                 f"{row['throughput']:8.1f} img/s  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
                 f"exec/req {row['server_exec_per_request']:.2f}{'' if row['stable'] else '  (unstable)'}"), flush=True)
