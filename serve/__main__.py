@@ -2,6 +2,8 @@
 
   python -m serve [--repository|--model-repository model_repository] [--server auto|local|docker|bundled]
       [--host 127.0.0.1] [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
+  python -m serve --emit compose|k8s --repository model_repository [--gpus N] [--replicas N]
+      [--max-replicas N] [--repository-uri s3://...] [--out deploy]
 
 Runs until Ctrl-C or SIGTERM (honoured at any moment, start-up included), then stops the server and
 removes what it created.
@@ -17,6 +19,7 @@ from pathlib import Path
 import tritonclient.http as httpclient
 
 from expertfuse.cli import run_cli
+from serve.deploy import emit_manifests
 from serve.server import DEFAULT_IMAGE, SERVERS, ServerError, StartCancelled, TritonServer, choose_server, describe_exit
 
 
@@ -53,6 +56,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for readiness [120]")
     p.add_argument("--image", default=DEFAULT_IMAGE, help=f"NGC image for --server docker [{DEFAULT_IMAGE}]")
     p.add_argument("--log-file", type=Path, help="keep the server log here (default: a temporary file, removed)")
+    p.add_argument("--emit", choices=["compose", "k8s"], help="write deployment manifests for the NGC container "
+                   "(Docker Compose) or a cluster (Kubernetes) instead of serving")
+    p.add_argument("--gpus", type=int, default=0, help="--emit: GPUs per Triton replica [0]")
+    p.add_argument("--replicas", type=int, default=1, help="--emit: Triton replicas (k8s: the autoscaler's minimum) [1]")
+    p.add_argument("--max-replicas", type=int, default=0, help="--emit k8s: the autoscaler's maximum [4 x replicas]")
+    p.add_argument("--repository-uri", help="--emit: Triton reads the repository from this s3://, gs:// or as:// URI "
+                   "(a copy of --repository) instead of a mounted volume")
+    p.add_argument("--out", type=Path, default=Path("deploy"), help="--emit: folder for the manifests [deploy]")
     return p.parse_args(argv)
 
 
@@ -85,6 +96,9 @@ def serve_until_stopped(server: TritonServer, stop: threading.Event) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
+    if a.emit:
+        emit_manifests(a)
+        return
     stop, received = stop_on_signals()
     mode, why = choose_server(a.server)
     print(f"server: {mode} ({why})", flush=True)

@@ -1,0 +1,222 @@
+"""Deployment manifests for the model repository `python -m serve` runs locally: Docker Compose for the NGC
+Triton container, and Kubernetes (Deployment, Service, HorizontalPodAutoscaler, Prometheus scraping).
+
+The repository is not rewritten: the same folder is mounted read-only (Compose, a PersistentVolumeClaim) or
+read by Triton itself from an object store (s3://, gs://, as://). Its configs are read first, so a manifest
+that could not serve them (a TensorRT plan or GPU instances without --gpus) is refused before it is written.
+The manifests are validated offline in the tests: Kubernetes against kubernetes-validate's schemas for
+KUBERNETES_VERSION, Compose against the Compose specification's JSON schema.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from expertfuse.contract import check_model_name
+from expertfuse.errors import UserError
+from serve.repository import RepositoryError, read_config
+from serve.server import DEFAULT_IMAGE
+
+KUBERNETES_VERSION = "1.30"  # the schemas the emitted manifests are validated against
+APP = "expertfuse-triton"
+MOUNT = "/models"
+STORE_SCHEMES = {"s3": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"],
+                 "gs": ["GOOGLE_APPLICATION_CREDENTIALS"],
+                 "as": ["AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_KEY"]}
+
+
+def check_repository(repository: Path, gpus: int) -> list[str]:
+    """Model names in the repository, or a UserError naming a model the deployment could not serve."""
+    repository = Path(repository)
+    if not repository.is_dir():
+        raise UserError(f"model repository not found: {repository}")
+    names = []
+    for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            cfg = read_config(model_dir)
+        except RepositoryError as exc:
+            raise UserError(str(exc)) from None
+        check_model_name(cfg.name)
+        needs_gpu = cfg.platform == "tensorrt_plan" or cfg.backend == "tensorrt" or \
+            any(g.kind == g.KIND_GPU for g in cfg.instance_group)
+        if needs_gpu and gpus < 1:
+            raise UserError(f"model {cfg.name!r} needs a GPU (TensorRT plan or GPU instances): pass --gpus N")
+        names.append(cfg.name)
+    if not names:
+        raise UserError(f"{repository} holds no models (export one with python -m export.onnx)")
+    return names
+
+
+def repository_source(uri: str | None) -> str:
+    """What Triton's --model-repository gets: the mounted folder, or an object-store URI it reads natively."""
+    if uri is None:
+        return MOUNT
+    if uri.partition("://")[0] not in STORE_SCHEMES or not uri.partition("://")[2]:
+        raise UserError(f"--repository-uri must be s3://, gs:// or as:// (what Triton reads natively); got {uri!r}")
+    return uri
+
+
+def triton_command(source: str, ports: dict[str, int]) -> list[str]:
+    """tritonserver as `python -m serve` runs it, listening on every interface inside the container."""
+    return ["tritonserver", f"--model-repository={source}", f"--http-port={ports['http']}",
+            f"--grpc-port={ports['grpc']}", "--allow-metrics=true", f"--metrics-port={ports['metrics']}",
+            "--disable-auto-complete-config", "--exit-timeout-secs=30"]
+
+
+def ready_probe_command(http_port: int) -> list[str]:
+    """Health check inside the NGC image (python3 is there for the python backend; curl may not be)."""
+    return ["CMD", "python3", "-c", "import urllib.request; urllib.request.urlopen("
+            f"'http://localhost:{http_port}/v2/health/ready', timeout=4)"]
+
+
+def compose(repository: Path, out: Path, image: str, ports: dict[str, int], gpus: int, replicas: int,
+            uri: str | None) -> dict:
+    """A Compose file for the NGC container. One replica publishes the fixed ports; more replicas publish
+    container ports only (Docker picks the host ports; put a load balancer in front)."""
+    source = repository_source(uri)
+    service = {"image": image, "command": triton_command(source, ports), "shm_size": "1g",
+               "ulimits": {"memlock": -1, "stack": 67108864},
+               "ports": [f"{p}:{p}" if replicas == 1 else str(p) for p in ports.values()],
+               "healthcheck": {"test": ready_probe_command(ports["http"]), "interval": "10s", "timeout": "5s",
+                               "retries": 3, "start_period": "120s"},
+               "restart": "unless-stopped", "deploy": {"replicas": replicas}}
+    if uri is None:
+        relative = os.path.relpath(Path(repository).resolve(), Path(out).resolve())
+        service["volumes"] = [{"type": "bind", "source": relative, "target": MOUNT, "read_only": True}]
+    else:
+        service["environment"] = STORE_SCHEMES[uri.partition("://")[0]]
+    if gpus > 0:
+        service["deploy"]["resources"] = {"reservations": {"devices": [
+            {"driver": "nvidia", "count": gpus, "capabilities": ["gpu"]}]}}
+    return {"name": APP, "services": {"triton": service}}
+
+
+def probe(path: str, period_s: int, failures: int) -> dict:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period_s, "failureThreshold": failures}
+
+
+def container(image: str, source: str, ports: dict[str, int], gpus: int, uri: str | None) -> dict:
+    """The Triton container: probes on Triton's own health endpoints, GPUs as nvidia.com/gpu limits."""
+    resources = {"requests": {"cpu": "1", "memory": "2Gi"}}
+    if gpus > 0:
+        resources["limits"] = {"nvidia.com/gpu": gpus}
+    spec = {"name": "triton", "image": image, "command": triton_command(source, ports),
+            "ports": [{"name": name, "containerPort": port} for name, port in ports.items()],
+            "startupProbe": probe("/v2/health/ready", 10, 60),  # up to 10 minutes to load the models
+            "readinessProbe": probe("/v2/health/ready", 5, 3),
+            "livenessProbe": probe("/v2/health/live", 10, 3),
+            "resources": resources,
+            "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}
+    if uri is None:
+        spec["volumeMounts"].append({"name": "model-repository", "mountPath": MOUNT, "readOnly": True})
+    else:
+        spec["envFrom"] = [{"secretRef": {"name": f"{APP}-storage", "optional": True}}]
+    return spec
+
+
+def deployment(image: str, ports: dict[str, int], gpus: int, replicas: int, uri: str | None) -> dict:
+    labels = {"app.kubernetes.io/name": APP}
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}]
+    if uri is None:
+        volumes.append({"name": "model-repository",
+                        "persistentVolumeClaim": {"claimName": f"{APP}-models", "readOnly": True}})
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(ports["metrics"]),
+              "prometheus.io/path": "/metrics"}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": APP, "labels": labels},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels, "annotations": scrape},
+                                  "spec": {"containers": [container(image, repository_source(uri), ports, gpus, uri)],
+                                           "volumes": volumes}}}}
+
+
+def service(ports: dict[str, int]) -> dict:
+    labels = {"app.kubernetes.io/name": APP}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": APP, "labels": labels},
+            "spec": {"selector": labels, "ports": [{"name": name, "port": port, "targetPort": name}
+                                                   for name, port in ports.items()]}}
+
+
+def autoscaler(replicas: int, max_replicas: int) -> dict:
+    """Scale on CPU utilisation (what every cluster has); Triton's queue time needs a metrics adapter (README)."""
+    return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": APP},
+            "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": APP},
+                     "minReplicas": replicas, "maxReplicas": max(max_replicas, replicas),
+                     "metrics": [{"type": "Resource", "resource": {
+                         "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}]}}
+
+
+def claim(repository: Path) -> dict:
+    """The volume the repository is copied into once; ReadWriteMany so replicas on any node share it."""
+    size = sum(f.stat().st_size for f in Path(repository).rglob("*") if f.is_file())
+    gib = max(1, math.ceil(2 * size / 2**30))
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": f"{APP}-models"},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": f"{gib}Gi"}}}}
+
+
+def service_monitor(ports: dict[str, int]) -> dict:
+    """Prometheus Operator's CRD (not in Kubernetes' own schemas, so kubernetes-validate cannot check it)."""
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"name": APP},
+            "spec": {"selector": {"matchLabels": {"app.kubernetes.io/name": APP}},
+                     "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s"}]}}
+
+
+def kubernetes(repository: Path, image: str, ports: dict[str, int], gpus: int, replicas: int, max_replicas: int,
+               uri: str | None) -> list[dict]:
+    """[PersistentVolumeClaim,] Deployment, Service, HorizontalPodAutoscaler."""
+    volume = [claim(repository)] if uri is None else []
+    return [*volume, deployment(image, ports, gpus, replicas, uri), service(ports), autoscaler(replicas, max_replicas)]
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """No &anchors / *aliases for dicts shared between resources (labels): manifests read as written."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def write_yaml(path: Path, documents: list[dict]) -> Path:
+    """Atomic: a temporary file next to `path`, renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.dump_all(documents, f, Dumper=_PlainDumper, sort_keys=False)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def emit(kind: str, repository: Path, out: Path, image: str = DEFAULT_IMAGE, ports: dict[str, int] | None = None,
+         gpus: int = 0, replicas: int = 1, max_replicas: int = 0, uri: str | None = None) -> list[Path]:
+    """Write the manifests of `kind` (compose | k8s) into `out`; returns the files written."""
+    ports = ports or {"http": 8000, "grpc": 8001, "metrics": 8002}
+    if gpus < 0 or replicas < 1:
+        raise UserError("--gpus must be >= 0 and --replicas >= 1")
+    if any(not 0 < p < 65536 for p in ports.values()) or len(set(ports.values())) != 3:
+        raise UserError("--http-port, --grpc-port and --metrics-port must be three different ports in 1..65535")
+    check_repository(repository, gpus)
+    out = Path(out)
+    if kind == "compose":
+        return [write_yaml(out / "compose.yaml", [compose(repository, out, image, ports, gpus, replicas, uri)])]
+    if kind == "k8s":
+        return [write_yaml(out / "triton.yaml", kubernetes(repository, image, ports, gpus, replicas,
+                                                          max_replicas or 4 * replicas, uri)),
+                write_yaml(out / "servicemonitor.yaml", [service_monitor(ports)])]
+    raise UserError(f"--emit must be compose or k8s; got {kind!r}")
+
+
+def emit_manifests(args) -> None:
+    """`python -m serve --emit ...`: write the manifests and print what was written (UserError on bad input)."""
+    ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
+    try:
+        files = emit(args.emit, args.repository, args.out, args.image, ports, args.gpus, args.replicas,
+                     args.max_replicas, args.repository_uri)
+    except OSError as exc:
+        raise UserError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    for path in files:
+        print(f"wrote {path}")

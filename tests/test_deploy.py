@@ -1,0 +1,156 @@
+"""Deployment manifests from a model repository, validated offline against the real schemas:
+Kubernetes with kubernetes-validate (serve.deploy.KUBERNETES_VERSION), Compose with check-jsonschema's
+vendored Compose specification schema (`vendor.compose-spec`). Each validator is also shown to fail on a
+broken manifest, so a pass means something."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve.deploy import KUBERNETES_VERSION, emit
+from serve.repository import ServingOptions, TensorSpec, model_config, write_model
+from serve.server import DEFAULT_IMAGE
+from tests.conftest import run_module
+
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    path = BIN / name if (BIN / name).exists() else shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (pip install -e '.[dev]')")
+    return str(path)
+
+
+def kubernetes_validate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("kubernetes-validate"), "-k", KUBERNETES_VERSION, "--strict", str(path)],
+                          capture_output=True, text=True)
+
+
+def compose_validate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True)
+
+
+def add_model(repo: Path, name: str, platform: str = "onnxruntime_onnx", kind: str = "cpu") -> None:
+    """A model written by the repository writer (the artifact's content does not matter to a manifest)."""
+    artifact = repo.parent / f"{name}.bin"
+    artifact.write_bytes(b"\0" * 64)
+    cfg = model_config(name, platform, [TensorSpec("image", "UINT8", [32, 32, 3], "NHWC")],
+                       [TensorSpec("logits", "FP32", [10], labels=True)], ServingOptions(instance_kind=kind))
+    write_model(repo, cfg, {"model.onnx" if platform == "onnxruntime_onnx" else "model.plan": artifact},
+                labels=[str(i) for i in range(10)])
+
+
+@pytest.fixture
+def repository(tmp_path) -> Path:
+    repo = tmp_path / "model_repository"
+    add_model(repo, "ncl")
+    add_model(repo, "ncl_expert0")
+    return repo
+
+
+def documents(path: Path) -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all(path.read_text())}
+
+
+def test_kubernetes_manifests_pass_the_real_schemas_and_wire_triton_up(repository, tmp_path):
+    files = emit("k8s", repository, tmp_path / "deploy", gpus=2, replicas=2, max_replicas=6)
+    triton, monitor = files
+    result = kubernetes_validate(triton)
+    assert result.returncode == 0, result.stdout + result.stderr
+    docs = documents(triton)
+    assert set(docs) == {"PersistentVolumeClaim", "Deployment", "Service", "HorizontalPodAutoscaler"}
+    pod = docs["Deployment"]["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    assert c["image"] == DEFAULT_IMAGE and "--model-repository=/models" in c["command"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2 and docs["Deployment"]["spec"]["replicas"] == 2
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/models")
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    assert mount["readOnly"] and volume["persistentVolumeClaim"]["claimName"] == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+    assert {p["name"] for p in docs["Service"]["spec"]["ports"]} == set(ports)
+    assert docs["Service"]["spec"]["selector"] == pod["metadata"]["labels"]
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 6)
+    # ServiceMonitor is Prometheus Operator's CRD: kubernetes-validate has no schema for it, so check the wiring.
+    sm = documents(monitor)["ServiceMonitor"]["spec"]
+    assert sm["selector"]["matchLabels"] == docs["Service"]["metadata"]["labels"]
+    assert sm["endpoints"][0]["port"] in ports
+
+
+def test_object_store_repository_replaces_the_volume(repository, tmp_path):
+    triton, _ = emit("k8s", repository, tmp_path / "deploy", uri="s3://bucket/model_repository")
+    assert kubernetes_validate(triton).returncode == 0
+    docs = documents(triton)
+    c = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert "--model-repository=s3://bucket/model_repository" in c["command"] and "PersistentVolumeClaim" not in docs
+    assert "limits" not in c["resources"] and all(m["mountPath"] != "/models" for m in c["volumeMounts"])
+    compose_file, = emit("compose", repository, tmp_path / "deploy", uri="gs://bucket/repo")
+    assert compose_validate(compose_file).returncode == 0
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in yaml.safe_load(compose_file.read_text())["services"]["triton"]["environment"]
+
+
+def test_kubernetes_validation_fails_on_a_broken_manifest(repository, tmp_path):
+    triton, _ = emit("k8s", repository, tmp_path / "deploy")
+    docs = list(yaml.safe_load_all(triton.read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment["spec"]["replicas"] = "two"
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["paht"] = "/typo"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump_all(docs))
+    result = kubernetes_validate(broken)
+    assert result.returncode != 0 and "replicas" in result.stdout + result.stderr
+
+
+def test_compose_file_passes_the_compose_spec_and_reserves_gpus(repository, tmp_path):
+    out = tmp_path / "deploy"
+    path, = emit("compose", repository, out, gpus=1)
+    result = compose_validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    triton = yaml.safe_load(path.read_text())["services"]["triton"]
+    volume = triton["volumes"][0]
+    assert volume["read_only"] and volume["target"] == "/models"
+    assert (out / volume["source"]).resolve() == repository.resolve()  # relative: the folder moves with the manifests
+    assert triton["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert triton["ports"] == ["8000:8000", "8001:8001", "8002:8002"]
+    assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+    cpu_only, = emit("compose", repository, tmp_path / "cpu", replicas=3)
+    triton = yaml.safe_load(cpu_only.read_text())["services"]["triton"]
+    assert "resources" not in triton["deploy"] and triton["ports"] == ["8000", "8001", "8002"]
+
+
+def test_compose_validation_fails_on_a_broken_file(repository, tmp_path):
+    path, = emit("compose", repository, tmp_path / "deploy", gpus=1)
+    spec = yaml.safe_load(path.read_text())
+    spec["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"][0]["count"] = 1.5
+    spec["services"]["triton"]["healthcheck"]["url"] = "/v2/health/ready"
+    path.write_text(yaml.safe_dump(spec))
+    result = compose_validate(path)
+    assert result.returncode != 0 and "healthcheck" in result.stdout + result.stderr
+
+
+def test_serve_cli_emits_and_refuses_what_could_not_serve(repository, tmp_path):
+    proc = run_module("serve", "--emit", "k8s", "--repository", str(repository), "--gpus", "1", "--out",
+                      str(tmp_path / "k8s"))
+    assert "triton.yaml" in proc.stdout and kubernetes_validate(tmp_path / "k8s" / "triton.yaml").returncode == 0
+    add_model(repository, "ncl_trt", platform="tensorrt_plan", kind="gpu")
+    proc = run_module("serve", "--emit", "compose", "--repository", str(repository), "--out", str(tmp_path / "c"),
+                      check=False)
+    assert proc.returncode == 2 and "ncl_trt" in proc.stderr and "--gpus" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "c" / "compose.yaml").exists()
+    proc = run_module("serve", "--emit", "k8s", "--repository", str(tmp_path / "nope"), check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: model repository not found")
+    proc = run_module("serve", "--emit", "k8s", "--repository", str(repository), "--gpus", "1",
+                      "--repository-uri", "http://x/y", "--out", str(tmp_path / "u"), check=False)
+    assert proc.returncode == 2 and "s3://" in proc.stderr
