@@ -124,14 +124,14 @@ def test_dataset_defaults_and_method_settings_yield_to_presets_and_flags():
 
 @pytest.mark.parametrize("method", ["ncl", "shike"])
 def test_a_method_trains_on_synthetic_data_without_a_preset(tmp_path, method):
-    """The README's command with no preset (here smaller): finite loss, far above chance (10 %) after 1 epoch."""
-    cfg = config_from_args(["--method", method, "--epochs", "1", "--out", str(tmp_path), "--arch", "resnet8",
+    """The README's command with no preset (here smaller): finite loss, at least twice chance after 2 epochs."""
+    cfg = config_from_args(["--method", method, "--epochs", "2", "--out", str(tmp_path), "--arch", "resnet8",
                             "--synthetic-max", "120", "--synthetic-test", "30", "--batch-size", "16"])
     payload = load_payload(train(cfg))
     with open(tmp_path / "log.csv") as f:
-        (row,) = list(csv.DictReader(f))
-    assert math.isfinite(float(row["train_loss"])) and float(row["train_loss"]) < 20, row
-    assert payload.metrics["ensemble"]["overall"] > 20, payload.metrics["ensemble"]
+        rows = list(csv.DictReader(f))
+    assert all(math.isfinite(float(r["train_loss"])) and float(r["train_loss"]) < 20 for r in rows), rows
+    assert payload.metrics["ensemble"]["overall"] > 2 * 100 / len(payload.classes), payload.metrics["ensemble"]
 
 
 def test_fp16_autocast_is_a_cuda_setting_and_full_precision_on_cpu():
