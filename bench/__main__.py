@@ -29,7 +29,7 @@ from bench.report import markdown, write_all
 from bench.served_stage import run_served
 from expertfuse.cli import int_list, run_cli
 from expertfuse.errors import UserError
-from export.common import job_for
+from export.job import job_for
 from serve.server import ServerError
 
 

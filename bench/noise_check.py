@@ -26,7 +26,7 @@ from bench.machine import machine_info
 from bench.report import atomic_write
 from expertfuse.cli import run_cli
 from expertfuse.timing import interleave, measure, ratio
-from export.common import job_for
+from export.job import job_for
 
 
 class Burner:

@@ -16,7 +16,7 @@ from bench.runners import TritonRunner
 from bench.served_stage import score_model
 from expertfuse.parity import BENCH_FP32, compare
 from expertfuse.timing import Interleaved
-from export.common import job_for
+from export.job import job_for
 from export.graph import reference_logits
 from bench.served import parse_perf_analyzer_csv
 from tests.helpers import run_module

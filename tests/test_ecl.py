@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from export.common import job_for
+from export.job import job_for
 from tests.helpers import TINY_TRAIN
 from tests.test_export import export_both_fusions
 from train.checkpoint import load_checkpoint

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from export.common import job_for
+from export.job import job_for
 from tests.helpers import run_module
 from tests.test_export import export_both_fusions, make_checkpoint
 from train.checkpoint import load_checkpoint, load_model
