@@ -33,7 +33,7 @@ from bench.served import measure_concurrency
 from expertfuse.cli import int_list, run_cli
 from expertfuse.contract import INPUT, check_model_name
 from expertfuse.errors import UserError
-from serve.repository import LABELS_FILE, RepositoryError, read_config, versions, write_model
+from serve.repository import LABELS_FILE, RepositoryError, read_config, staging, versions, write_model
 from serve.server import ServerError, TritonServer, choose_server
 
 # torch (bench.machine) and matplotlib are imported where used: the load generator's spawned client processes
@@ -200,15 +200,10 @@ def write_variant(repository: Path, model: str, point: Point, name: str) -> tupl
     cfg = apply(read_config(source), point)
     cfg.name = check_model_name(name)
     labels = (source / LABELS_FILE).read_text().splitlines() if (source / LABELS_FILE).is_file() else None
-    staging = Path(tempfile.mkdtemp(prefix=".tune-", dir=Path(repository).parent))
-    try:
+    with staging(Path(repository)) as work:
         for item in (source / str(versions(source)[-1])).iterdir():
-            link_or_copy(item, staging / item.name)
-        return write_model(repository, cfg, {p.name: p for p in staging.iterdir()}, labels, overwrite=True)
-    except RepositoryError as exc:
-        raise UserError(str(exc)) from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            link_or_copy(item, work / item.name)
+        return write_model(repository, cfg, {p.name: p for p in work.iterdir()}, labels, overwrite=True)
 
 
 COLUMNS = ["config", "instances", "max_batch", "preferred", "queue_delay_us", "concurrency", "throughput", "p50_ms",

@@ -30,8 +30,8 @@ from export.graph import InferenceGraph
 from export.job import ExportJob, build_job, with_experts
 from export.naming import naive_ensemble_names
 from export.request import DEFAULT_OPSET, ExportRequest, add_request_args, request_from_args, validate
-from export.triton import publish, serving_options, signature, staging
-from serve.repository import RepositoryError, ServingOptions, write_naive_ensemble
+from export.triton import publish, serving_options, signature
+from serve.repository import RepositoryError, ServingOptions, staging, write_naive_ensemble
 
 __all__ = ["DEFAULT_OPSET", "export_graph", "onnx_file", "written_opset", "export_onnx"]
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom

@@ -1,13 +1,7 @@
-"""How an export enters the Triton model repository: its tensors, its serving settings, a staging folder
-that a later export cleans up, and the write through serve.repository (the one config writer)."""
+"""How an export enters the Triton model repository: its tensors, its serving settings and the write through
+serve.repository (the one config writer, whose pid-named staging folders a later writer cleans up)."""
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from expertfuse.contract import EXPERT_LOGITS, INPUT, LOGITS, PROBS, TRITON_INPUT
@@ -61,42 +55,3 @@ def print_summary(model_dir: Path, version: int, inputs: list[TensorSpec], outpu
         print(f"  output {t.name} {t.dtype} [-1, {', '.join(map(str, t.dims))}]{' with labels' if t.labels else ''}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _staging_prefix(repo: Path) -> str:
-    return f".{repo.name}-export-"
-
-
-def remove_stale_staging(repo: Path) -> list[Path]:
-    """Remove the staging folders beside `repo` left by exports that died (their pid is gone)."""
-    pattern = re.compile(re.escape(_staging_prefix(repo)) + r"(\d+)-")
-    stale = [p for p in repo.parent.glob(_staging_prefix(repo) + "*")
-             if (m := pattern.match(p.name)) and p.is_dir() and not _alive(int(m.group(1)))]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return stale
-
-
-@contextlib.contextmanager
-def staging(repo: Path) -> Iterator[Path]:
-    """A work folder beside the repository, named with our pid so that the next export removes it if we are
-    killed (Triton would take a folder inside the repository for a model)."""
-    repo = Path(repo).absolute()
-    try:
-        repo.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(repo)
-        folder = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(repo)}{os.getpid()}-", dir=repo.parent))
-    except OSError as exc:
-        raise UserError(f"cannot write the model repository {repo}: {exc.strerror or exc}") from None
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)

@@ -32,8 +32,8 @@ from export.gate import check_parity, test_images
 from export.job import ExportJob, build_job
 from export.onnx import export_graph, onnx_file
 from export.request import add_request_args, request_from_args, validate
-from export.triton import publish, serving_options, signature, staging
-from serve.repository import ServingOptions
+from export.triton import publish, serving_options, signature
+from serve.repository import ServingOptions, staging
 
 INSTALL_HINT = "pip install expertfuse[trt] on a machine with an NVIDIA GPU"
 

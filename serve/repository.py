@@ -7,10 +7,12 @@ repository as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -189,6 +191,47 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _staging_prefix(repo: Path) -> str:
+    return f".{repo.name}-staging-"
+
+
+def remove_stale_staging(repo: Path) -> list[Path]:
+    """Remove the staging folders beside `repo` left by writers that died (their pid is gone)."""
+    pattern = re.compile(re.escape(_staging_prefix(repo)) + r"(\d+)-")
+    stale = [p for p in repo.parent.glob(_staging_prefix(repo) + "*")
+             if (m := pattern.match(p.name)) and p.is_dir() and not _alive(int(m.group(1)))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+@contextlib.contextmanager
+def staging(repo: Path) -> Iterator[Path]:
+    """A work folder beside the repository (Triton would take a folder inside it for a model), named with our pid
+    so that the next writer removes it if we are killed; removed when the block ends."""
+    repo = Path(repo).absolute()
+    try:
+        repo.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(repo)
+        folder = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(repo)}{os.getpid()}-", dir=repo.parent))
+    except OSError as exc:
+        raise RepositoryError(f"cannot write the model repository {repo}: {exc.strerror or exc}") from None
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def write_model(repo: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], labels: Sequence[str] | None = None,
                 overwrite: bool = False) -> tuple[Path, int]:
     """Add a version of model `cfg.name` holding `artifacts` (file name -> source file or folder, moved in).
@@ -199,12 +242,18 @@ def write_model(repo: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], lab
     repo = Path(repo)
     try:
         repo.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}-staging-", dir=repo.parent))
     except OSError as exc:
         raise RepositoryError(f"cannot write the model repository {repo}: {exc.strerror or exc}") from None
     final = repo / cfg.name
+    with staging(repo) as work:
+        return _swap_in(final, work, cfg, artifacts, labels, overwrite)
+
+
+def _swap_in(final: Path, work: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], labels: Sequence[str] | None,
+             overwrite: bool) -> tuple[Path, int]:
+    """Stage the model folder in `work` (old versions hard-linked, the new one moved in), then rename it over `final`."""
     try:
-        staged = staging / cfg.name
+        staged = work / cfg.name
         staged.mkdir()
         existing = [] if overwrite else versions(final)
         for v in existing:  # hard links: no copy of the old artifacts, and the old folder stays intact
@@ -216,15 +265,12 @@ def write_model(repo: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], lab
         write_config(staged, cfg)
         if labels is not None:
             (staged / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
-        trash = staging / "previous"
         if final.exists():
-            os.rename(final, trash)
+            os.rename(final, work / "previous")
         os.rename(staged, final)
         return final, version
     except OSError as exc:
         raise RepositoryError(f"cannot write {final}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_naive_ensemble(repo: Path, name: str, expert_models: Sequence[str], image: TensorSpec, logits: TensorSpec,

@@ -226,13 +226,13 @@ def test_a_killed_export_leaves_a_staging_folder_that_the_next_export_removes(tm
     victim = subprocess.Popen([sys.executable, "-m", "export.onnx", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".repo-export-*")) and time.monotonic() < deadline and victim.poll() is None:
+    while not list(tmp_path.glob(".repo-staging-*")) and time.monotonic() < deadline and victim.poll() is None:
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert [p.name.split("-")[2] for p in tmp_path.glob(".repo-export-*")] == [str(victim.pid)]
+    assert [p.name.split("-")[2] for p in tmp_path.glob(".repo-staging-*")] == [str(victim.pid)]
     run_module("export.onnx", *args)
-    assert not list(tmp_path.glob(".repo-export-*")) and (repo / "ncl" / "1" / "model.onnx").is_file()
+    assert not list(tmp_path.glob(".repo-staging-*")) and (repo / "ncl" / "1" / "model.onnx").is_file()
 
 
 def test_trt_export_explains_what_is_missing(tmp_path):
