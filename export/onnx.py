@@ -23,7 +23,9 @@ import torch
 
 from export.common import (ExportJob, add_common_args, check_parity, default_name, metadata, prepare,
                            print_summary, serving_options, signature, test_images)
+from export.early_exit import add_early_exit_args, export_early_exit
 from export.graph import InferenceGraph
+from export.quantize import add_int8_args, export_int8
 from serve.repository import RepositoryError, ServingOptions, model_config, write_model, write_naive_ensemble
 from expertfuse.cli import run_cli
 from expertfuse.timing import pick_fastest
@@ -169,8 +171,15 @@ def export_onnx(argv: list[str] | None = None) -> Path:
     p.add_argument("--ort-tensorrt-cache", default="", help="with --ort-tensorrt: engine cache folder on the server")
     p.add_argument("--naive-ensemble", action="store_true",
                    help="instead: each expert as its own model + a Triton ensemble averaging them (<name>_naive)")
+    add_int8_args(p)
+    add_early_exit_args(p)
     args = p.parse_args(argv)
-    job = prepare(args)
+    job = prepare(args, suffix=("_int8" if args.int8 else "") + ("_early_exit" if args.early_exit is not None else ""))
+    fp32_graph = lambda job, fusion, folder: onnx_file(export_graph(job, fusion, folder, args.opset))
+    if args.early_exit is not None:
+        return export_early_exit(job, fp32_graph)
+    if args.int8:
+        return export_int8(job, fp32_graph)
     if args.naive_ensemble:
         return export_naive_ensemble(job)
     return export_to_repository(job)[0]
