@@ -236,3 +236,26 @@ def pick_int8_fusion(candidates: dict, calib: np.ndarray) -> tuple[str, dict]:
     print("INT8 fusion: " + "; ".join(f"{f} " + ", ".join(f"b{b} {t * 1e3:.2f} ms" for b, t in per.items())
                                       for f, per in timings.items()) + f" -> {best}")
     return best, timings
+
+
+class TensorRTInt8:
+    """export.trt --int8: the same quantization with symmetric INT8 activations (TensorRT's explicit-quantization
+    input; the plan is built strongly typed, so neither TRT 10 nor TRT 11 needs a precision flag), and the same
+    gate, run on the built plan against the FP32 graph."""
+
+    def __init__(self, job: ExportJob):
+        bundle = load_bundle(job.checkpoint, job.args)
+        self.job, self.data = job, evaluation_set(bundle, job.checkpoint, job.spec, job.args)
+        self.calib = to_model_input(calibration_pixels(bundle, job.spec, job.args.calib_images), job.opts.input_layout)
+
+    def quantize(self, fp32: Path) -> Path:
+        rr = self.job.args.reduce_range == "on"  # 7-bit weights only help CPUs without VNNI
+        return quantize_graph(fp32, fp32.with_name("int8-trt.onnx"), self.calib, self.job.args.calib_method, rr,
+                              symmetric_activations=True)
+
+    def gate(self, run, fp32: Path) -> dict:
+        inputs = self.data.inputs(self.job.opts.input_layout)
+        batch = self.job.args.max_batch
+        logits = np.concatenate([run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+        got = shot_accuracy(logits.argmax(1), self.data.labels, self.data.train_counts, self.data.shot_rule)
+        return accuracy_gate(accuracy_of(fp32, self.data, self.job.opts.input_layout), got, self.job.args).to_dict()

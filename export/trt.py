@@ -24,6 +24,7 @@ import torch
 from export.common import (add_common_args, check_parity, metadata, prepare, print_summary,
                            serving_options, signature, test_images)
 from export.onnx import DEFAULT_OPSET, export_graph, onnx_file
+from export.quantize import TensorRTInt8, add_int8_args
 from serve.repository import RepositoryError, model_config, write_model
 from expertfuse.cli import run_cli
 from expertfuse.timing import pick_fastest
@@ -48,12 +49,13 @@ def trt_major(trt) -> int:
 
 
 def build_plan(trt, onnx_path: Path, input_shape: tuple[int, ...], batches: tuple[int, int, int], fp16: bool,
-               workspace_gb: float, timing_cache: Path | None, version_compatible: bool) -> bytes:
+               workspace_gb: float, timing_cache: Path | None, version_compatible: bool, strongly_typed: bool = False) -> bytes:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # Explicit batch is the only mode since TRT 10. TRT 10 stays weakly typed so the FP16 flag applies;
     # TRT 11 is always strongly typed and takes its precision from the (FP16) ONNX graph.
-    network = builder.create_network(0)
+    # An INT8 QDQ graph is built strongly typed (TRT 10 opts in with the flag; TRT 11 always is).
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -120,11 +122,13 @@ def export_trt(argv: list[str] | None = None) -> Path:
     p.add_argument("--version-compatible", action="store_true",
                    help="plan loadable by later TensorRT (Triton: --backend-config=tensorrt,version-compatible=true)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    add_int8_args(p)
     args = p.parse_args(argv)
     if not 1 <= args.min_batch <= args.opt_batch <= args.max_batch:
         raise UserError("need 1 <= --min-batch <= --opt-batch <= --max-batch")
-    job = prepare(args, suffix="_trt")  # checkpoint errors first: they need no GPU
+    job = prepare(args, suffix="_int8_trt" if args.int8 else "_trt")  # checkpoint errors first: they need no GPU
     trt = require_tensorrt()
+    int8 = TensorRTInt8(job) if args.int8 else None
     parity_job = job  # parity is judged at the precision asked for (FP16 tolerances with --fp16)
     job = replace(job, opts=replace(job.opts, fp16=args.fp16 and trt_major(trt) >= 11))
     shape = tuple(signature(job)[0][0].dims)
@@ -135,9 +139,10 @@ def export_trt(argv: list[str] | None = None) -> Path:
         fusions = ["loop", "grouped"] if args.fusion == "auto" else [args.fusion]
         plans = {}
         for fusion in fusions:
-            artifact = export_graph(job, fusion, work / fusion, args.opset)
-            plans[fusion] = build_plan(trt, onnx_file(artifact), shape, (args.min_batch, args.opt_batch, args.max_batch),
-                                       args.fp16, args.workspace_gb, args.timing_cache, args.version_compatible)
+            graph = onnx_file(export_graph(job, fusion, work / fusion, args.opset))
+            plans[fusion] = build_plan(trt, int8.quantize(graph) if int8 else graph, shape,
+                                       (args.min_batch, args.opt_batch, args.max_batch), args.fp16, args.workspace_gb,
+                                       args.timing_cache, args.version_compatible, strongly_typed=bool(int8))
         fusion = fusions[0]
         if len(fusions) > 1:
             images = test_images(job, args.opt_batch)["random"].numpy()
@@ -145,16 +150,19 @@ def export_trt(argv: list[str] | None = None) -> Path:
                                            {args.min_batch: images[:args.min_batch], args.opt_batch: images})
             print("fusion auto on TensorRT: " + "; ".join(f"{f} " + ", ".join(f"b{b} {t * 1e3:.2f} ms" for b, t in per.items())
                                                         for f, per in timings.items()) + f" -> {fusion}")
-        parity = check_parity(parity_job, PlanRunner(trt, plans[fusion]),
-                              sorted({args.min_batch, 2, 7, args.max_batch} & set(range(args.min_batch, args.max_batch + 1))))
+        parity = int8.gate(PlanRunner(trt, plans[fusion]), onnx_file(work / fusion / "model.onnx")) if int8 else \
+            check_parity(parity_job, PlanRunner(trt, plans[fusion]),
+                         sorted({args.min_batch, 2, 7, args.max_batch} & set(range(args.min_batch, args.max_batch + 1))))
         (work / "model.plan").write_bytes(plans[fusion])
         major, minor = torch.cuda.get_device_capability()
         (work / "build.json").write_text(json.dumps({
             "tensorrt": trt.__version__, "compute_capability": f"{major}.{minor}", "gpu": torch.cuda.get_device_name(),
-            "fp16": args.fp16, "strongly_typed": trt_major(trt) >= 11, "profile": [args.min_batch, args.opt_batch, args.max_batch],
+            "fp16": args.fp16, "int8": args.int8, "strongly_typed": trt_major(trt) >= 11 or args.int8, "profile": [args.min_batch, args.opt_batch, args.max_batch],
             "version_compatible": args.version_compatible, "fusion": fusion, "parity": parity}, indent=2))
         inputs, outputs = signature(job)
         params = {k.replace(".", "_"): v for k, v in metadata(parity_job, fusion).items() if k != "expertfuse.classes"}
+        if int8:
+            params.update(expertfuse_precision="int8", expertfuse_int8_gate="passed")
         cfg = model_config(job.name, "tensorrt_plan", inputs, outputs, serving_options(args, args.max_batch), params)
         cfg.instance_group[0].kind = cfg.instance_group[0].KIND_GPU
         try:
