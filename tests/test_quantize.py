@@ -40,8 +40,8 @@ def test_gate_refuses_constant_calibration_and_writes_nothing(tiny_checkpoint, t
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "keep.txt").write_text("untouched")
-    constant = lambda bundle, spec, count, seed=0: torch.full((count, 3, 32, 32), 255, dtype=torch.uint8)
-    monkeypatch.setattr(quantize, "calibration_pixels", constant)  # the damaged calibration data
+    constant = lambda bundle, spec, count, seed=0: torch.zeros((count, 3, 32, 32), dtype=torch.uint8)
+    monkeypatch.setattr(quantize, "calibration_pixels", constant)  # damaged calibration: black images
     with pytest.raises(ParityError, match="INT8 refused"):
         export_onnx(["--ckpt", str(tiny_checkpoint), "--out", str(repo), "--int8", *SMALL])
     assert sorted(p.name for p in repo.rglob("*")) == ["keep.txt"]
