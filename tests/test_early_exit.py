@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from export import early_exit as ee
-from export.common import job_for, test_images
+from export.common import job_for
+from export import common
 from export.graph import reference_logits
 from export.onnx import export_graph, onnx_file
 from serve.server import TritonServer
@@ -29,7 +30,7 @@ def experts(tiny_checkpoint, tmp_path_factory):
 
 def mixed_batch(job) -> np.ndarray:
     """Real-looking gratings (the model is sure of many) and random pixels (unsure), interleaved."""
-    sets = test_images(job, 8)
+    sets = common.test_images(job, 8)
     return torch.stack([t for pair in zip(sets["real-looking"], sets["random"]) for t in pair]).numpy()
 
 
