@@ -22,7 +22,7 @@ import numpy as np
 
 from bench.decision import (best_single, cost_accuracy, decision, headline_runtime, inprocess_ratios, mark_pareto,
                             scored)
-from bench.evaluation import EvalSet, add_data_args, load_eval_set
+from export.labelled import EvalSet, LabelledData, add_data_args, load_eval_set
 from bench.inprocess import References, available_runtimes, plan_variants, repository_variants, run_inprocess
 from bench.machine import machine_info
 from bench.report import markdown, write_all
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     runtimes = runtimes_of(args)
     job = job_for(args.ckpt, "all", "loop")  # the checkpoint, loaded once; every variant is a view of this job
-    data = load_eval_set(job.checkpoint.data, job.spec, args)
+    data = load_eval_set(job.checkpoint.data, job.spec, LabelledData.from_args(args))
     print(f"evaluation set: {data.source}; shot rule {data.shot_rule}")
     refs = References.build(job.model, data)
     expert_top1 = [(refs.labelled[:, k].argmax(1) == data.labels).mean() for k in range(job.model.num_experts)]

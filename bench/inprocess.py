@@ -10,7 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bench.evaluation import EvalSet, accuracy, batched_logits, expert_logits
+from bench.evaluation import accuracy, batched_logits
+from export.labelled import EvalSet, expert_logits
 from bench.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner
 from expertfuse.parity import compare, for_precision
 from expertfuse.timing import Interleaved, interleave
