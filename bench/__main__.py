@@ -4,8 +4,8 @@
       [--served --repository model_repository | --http-url H:P --grpc-url H:P] [--concurrency 1,2,4,8,16]
       [--protocols http,grpc] [--dataset ... --data-root ...] [--out bench/results/latest]
 
-Every variant (each expert, the best-k subsets, the fused ensemble loop/grouped, FP16, INT8 models of the
-repository, and each served model over HTTP and gRPC) is checked against the checkpoint's PyTorch
+Every variant (each expert, the best-k subsets, the fused ensemble loop/grouped, FP16, INT8 and early-exit
+models of the repository, and each served model over HTTP and gRPC) is checked against the checkpoint's PyTorch
 ensemble and scored on a labelled set (default: the checkpoint's own evaluation split) through the
 served input path; the compared variants are then timed in one interleaved run, so every ratio comes
 with its 95% interval. Writes bench.json, cost_accuracy.csv, inprocess.csv, served.csv, summary.md, plots.
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process variants")
     p.add_argument("--served", action="store_true", help="also measure through Triton")
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
-                   help="model repository: its INT8 models are benched too; Triton is started on it "
+                   help="model repository: its INT8 and early-exit models are benched too; Triton is started on it "
                         "unless --http-url/--grpc-url are given")
     p.add_argument("--server", default="auto", help="which Triton to start: auto|local|docker|bundled [auto]")
     p.add_argument("--http-url", help="a running Triton's HTTP endpoint host:port")
@@ -104,7 +104,8 @@ def inprocess_stage(args, ctx: Context, runtimes: list[str], result: dict) -> No
     for row in rows:
         logits = row.pop("logits", None)
         if logits is not None and "accuracy" in row and row["runtime"] == ctx.runtime:
-            ctx.inprocess_logits[(tuple(row["experts"]), row["precision"])] = logits
+            key = (tuple(row["experts"]), row["precision"], row.get("early_exit_threshold"))  # as reference_key makes it
+            ctx.inprocess_logits[key] = logits
     result["inprocess"] = rows
     by_name = scored(rows, ctx.runtime)
     single = best_single(by_name)
