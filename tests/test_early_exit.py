@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from export import early_exit as ee
+from bench.inprocess import References, gate_and_score, make_runner, repository_variants
 from export import gate
 from export.job import job_for
-from export.labelled import EvalSet
+from export.labelled import EvalSet, LabelledData, load_eval_set
 from export.graph import reference_logits
 from export.onnx import export_graph, onnx_file
 from serve.server import TritonServer
@@ -82,10 +83,27 @@ def test_auto_threshold_stays_within_tolerance():
     assert chosen["accuracy"]["overall"] >= full["accuracy"]["overall"] - 0.2 and full["mean_experts"] == 3.0
 
 
-def test_served_early_exit_model_equals_onnxruntime(tiny_checkpoint, tmp_path):
-    import tritonclient.grpc as grpcclient
-    repo = tmp_path / "repo"
+@pytest.fixture(scope="module")
+def early_exit_repository(tiny_checkpoint, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("early-exit") / "repo"
     run_module("export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(repo), "--early-exit", "0.5", "--max-batch", "16")
+    return repo
+
+
+def test_bench_runs_the_repository_early_exit_model_against_its_own_reference(tiny_checkpoint, early_exit_repository):
+    job = job_for(tiny_checkpoint)
+    data = load_eval_set(job.checkpoint.data, job.spec, LabelledData(limit=40))
+    refs = References.build(job.model, data, gate_images=4)
+    [variant] = repository_variants(early_exit_repository, job.model.num_experts)
+    assert variant.name == "early-exit:ncl_early_exit" and variant.early_exit.threshold == 0.5
+    verdict = gate_and_score(make_runner("onnxruntime-cpu", job, variant, early_exit_repository), variant.experts,
+                             variant.precision, refs, data, early_exit=variant.early_exit)
+    assert "accuracy" in verdict and verdict["parity_labelled"]["ok"]
+
+
+def test_served_early_exit_model_equals_onnxruntime(tiny_checkpoint, early_exit_repository):
+    import tritonclient.grpc as grpcclient
+    repo = early_exit_repository
     images = mixed_batch(job_for(tiny_checkpoint))
     local = ort.InferenceSession(str(repo / "ncl_early_exit" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     expected_logits, expected_runs = local.run(["logits", "experts_run"], {"image": images})
