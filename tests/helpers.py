@@ -6,6 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from expertfuse.parity import EXPORT_FP32, compare
+from expertfuse.preprocess import normalize_pixels
+from export.graph import reference_logits
+from export.onnx import export_graph
+from train.checkpoint import CheckpointPayload, save_checkpoint
+from train.data.synthetic import synthesize
+from train.models import ModelSpec, build_model
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A tiny but real training setup: 3 ResNet-8 experts on a few hundred synthetic images.
@@ -21,3 +33,41 @@ def run_module(*args: str, env: dict | None = None, timeout: int = 600, check: b
     if check and proc.returncode != 0:
         raise AssertionError(f"python -m {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def make_checkpoint(path: Path, **spec_fields) -> Path:
+    """A checkpoint of an untrained network whose BatchNorm statistics were calibrated on real-looking images
+    (fast, and with the activation scales of a trained model)."""
+    torch.manual_seed(0)
+    spec = ModelSpec(**{"arch": "resnet8", "num_classes": 10, "num_experts": 3, **spec_fields})
+    model = build_model(spec)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    pixels = torch.from_numpy(synthesize([64], seed=3)[0])
+    with torch.no_grad():
+        for batch in pixels.split(16):
+            model.train()(normalize_pixels(batch, spec.mean, spec.std))
+    payload = CheckpointPayload(spec=spec, classes=[f"class{i}" for i in range(spec.num_classes)],
+                                train_counts=[100] * spec.num_classes, state_dict=model.state_dict(), method="ncl",
+                                epoch=1)
+    return save_checkpoint(payload.to_dict(), path)
+
+
+def ort_logits(path: Path, images: np.ndarray, output: str = "logits") -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([output], {"image": images})[0]
+
+
+def export_both_fusions(job, tmp_path: Path, outputs=("logits",), batch: int = 6) -> dict:
+    """Export `loop` and `grouped`, run both in ONNX Runtime and check: logits pass export's FP32 parity against the
+    PyTorch reference and every output agrees between the two strategies."""
+    images = np.random.RandomState(1).randint(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    ref = reference_logits(job.model, job.opts.experts, torch.from_numpy(images), "uint8-nhwc").numpy()
+    results = {}
+    for fusion in ("loop", "grouped"):
+        path = export_graph(job, fusion, tmp_path / fusion, 18)
+        results[fusion] = {name: ort_logits(path, images, name) for name in ("logits", *outputs)}
+        assert compare(results[fusion]["logits"], ref, EXPORT_FP32).ok
+    for name in results["loop"]:
+        assert compare(results["loop"][name], results["grouped"][name], EXPORT_FP32).ok, name
+    return results["grouped"]

@@ -3,7 +3,7 @@ import torch
 
 from export.job import job_for
 from tests.helpers import TINY_TRAIN
-from tests.test_export import export_both_fusions
+from tests.helpers import export_both_fusions
 from train.checkpoint import load_checkpoint
 from train.config import config_from_args
 from train.engine import train

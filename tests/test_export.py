@@ -3,43 +3,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 from expertfuse.contract import ModelMetadata
 from export.graph import reference_logits
 from export.job import LoadedCheckpoint, job_for
-from export.onnx import export_graph, written_opset
+from export.onnx import written_opset
 from serve.repository import parse
-from tests.helpers import run_module
-from torchvision.transforms.v2 import functional as F
-
-from train.checkpoint import load_model, save_checkpoint
+from tests.helpers import export_both_fusions, make_checkpoint, ort_logits, run_module
+from train.checkpoint import load_model
 from train.data.synthetic import synthesize
-from train.models import ModelSpec, build_model
-
-
-def make_checkpoint(path: Path, **spec_fields) -> Path:
-    """A checkpoint of an untrained network whose BatchNorm statistics were calibrated on real-looking images
-    (fast, and with the activation scales of a trained model)."""
-    torch.manual_seed(0)
-    spec = ModelSpec(**{"arch": "resnet8", "num_classes": 10, "num_experts": 3, **spec_fields})
-    model = build_model(spec)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average over the calibration batches
-    images = torch.from_numpy(synthesize([64], seed=3)[0]).permute(0, 3, 1, 2).float() / 255
-    with torch.no_grad():
-        for batch in images.split(16):
-            model.train()(F.normalize(batch, spec.mean, spec.std))
-    return save_checkpoint({"spec": spec.to_dict(), "classes": [f"class{i}" for i in range(spec.num_classes)],
-                            "train_counts": [100] * spec.num_classes, "state_dict": model.state_dict(), "method": "ncl",
-                            "config": {}, "metrics": {}, "epoch": 1}, path)
-
-
-def ort_logits(path: Path, images: np.ndarray, output: str = "logits") -> np.ndarray:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([output], {"image": images})[0]
 
 
 def test_cli_exports_a_3_expert_resnet32_ncl_model(tmp_path):
@@ -73,22 +47,6 @@ def test_cli_exports_a_3_expert_resnet32_ncl_model(tmp_path):
     images = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
     ref = reference_logits(model, (0, 1, 2), images, "uint8-nhwc").numpy()
     assert np.abs(ort_logits(model_dir / "1" / "model.onnx", images.numpy()) - ref).max() <= 1e-4
-
-
-def export_both_fusions(job, tmp_path: Path, outputs=("logits",), batch: int = 6) -> dict:
-    """Export `loop` and `grouped`, run both in ONNX Runtime and check: logits equal the PyTorch reference
-    (max |diff| <= 1e-4, same top-1) and every output agrees between the two strategies."""
-    images = np.random.RandomState(1).randint(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-    ref = reference_logits(job.model, job.opts.experts, torch.from_numpy(images), "uint8-nhwc").numpy()
-    results = {}
-    for fusion in ("loop", "grouped"):
-        path = export_graph(job, fusion, tmp_path / fusion, 18)
-        results[fusion] = {name: ort_logits(path, images, name) for name in ("logits", *outputs)}
-        assert np.abs(results[fusion]["logits"] - ref).max() <= 1e-4
-        assert (results[fusion]["logits"].argmax(1) == ref.argmax(1)).all()
-    for name in results["loop"]:
-        assert np.abs(results["loop"][name] - results["grouped"][name]).max() <= 1e-4, name
-    return results["grouped"]
 
 
 @pytest.mark.parametrize("spec", [dict(), dict(shortcut="B", shared_stages=2, head="cosine", head_scale=16)],

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from export.job import job_for
 from tests.helpers import run_module
-from tests.test_export import export_both_fusions, make_checkpoint
+from tests.helpers import export_both_fusions, make_checkpoint
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
 from train.methods import get_method

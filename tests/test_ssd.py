@@ -8,7 +8,7 @@ import torchvision
 from torchvision.transforms import v2
 
 from tests.helpers import run_module
-from tests.test_export import ort_logits
+from tests.helpers import ort_logits
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
 from train.data.transforms import training_transform
