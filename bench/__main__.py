@@ -4,8 +4,8 @@
       [--served --repository model_repository | --http-url H:P --grpc-url H:P] [--concurrency 1,2,4,8,16]
       [--protocols http,grpc] [--dataset ... --data-root ...] [--out bench/results/latest]
 
-Every variant (each expert, the best-k subsets, the fused ensemble loop/grouped, FP16, INT8 models of the
-repository, and each served model over HTTP and gRPC) is checked against the checkpoint's PyTorch
+Every variant (each expert, the best-k subsets, the fused ensemble loop/grouped, FP16, INT8 and early-exit
+models of the repository, and each served model over HTTP and gRPC) is checked against the checkpoint's PyTorch
 ensemble and scored on a labelled set (default: the checkpoint's own evaluation split) through the
 served input path; the compared variants are then timed in one interleaved run, so every ratio comes
 with its 95% interval. Writes bench.json, cost_accuracy.csv, inprocess.csv, served.csv, summary.md, plots.
@@ -22,7 +22,7 @@ import numpy as np
 
 from bench.decision import (best_single, cost_accuracy, decision, headline_runtime, inprocess_ratios, mark_pareto,
                             scored)
-from bench.evaluation import EvalSet, add_data_args, load_eval_set
+from export.labelled import EvalSet, LabelledData, add_data_args, load_eval_set
 from bench.inprocess import References, available_runtimes, plan_variants, repository_variants, run_inprocess
 from bench.machine import machine_info
 from bench.report import markdown, write_all
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process variants")
     p.add_argument("--served", action="store_true", help="also measure through Triton")
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
-                   help="model repository: its INT8 models are benched too; Triton is started on it "
+                   help="model repository: its INT8 and early-exit models are benched too; Triton is started on it "
                         "unless --http-url/--grpc-url are given")
     p.add_argument("--server", default="auto", help="which Triton to start: auto|local|docker|bundled [auto]")
     p.add_argument("--http-url", help="a running Triton's HTTP endpoint host:port")
@@ -104,7 +104,8 @@ def inprocess_stage(args, ctx: Context, runtimes: list[str], result: dict) -> No
     for row in rows:
         logits = row.pop("logits", None)
         if logits is not None and "accuracy" in row and row["runtime"] == ctx.runtime:
-            ctx.inprocess_logits[(tuple(row["experts"]), row["precision"])] = logits
+            key = (tuple(row["experts"]), row["precision"], row.get("early_exit_threshold"))  # as reference_key makes it
+            ctx.inprocess_logits[key] = logits
     result["inprocess"] = rows
     by_name = scored(rows, ctx.runtime)
     single = best_single(by_name)
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     runtimes = runtimes_of(args)
     job = job_for(args.ckpt, "all", "loop")  # the checkpoint, loaded once; every variant is a view of this job
-    data = load_eval_set(job.checkpoint.data, job.spec, args)
+    data = load_eval_set(job.checkpoint.data, job.spec, LabelledData.from_args(args))
     print(f"evaluation set: {data.source}; shot rule {data.shot_rule}")
     refs = References.build(job.model, data)
     expert_top1 = [(refs.labelled[:, k].argmax(1) == data.labels).mean() for k in range(job.model.num_experts)]

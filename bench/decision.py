@@ -37,7 +37,7 @@ def ratio_row(name: str, timing: Interleaved, numerator: str, denominator: str, 
 
 
 def inprocess_ratios(variants: dict[str, dict], timings: dict[int, Interleaved], runtime: str, single: str) -> list[dict]:
-    """ensemble / single, grouped / loop, fp16 / fp32 and int8 / fp32 latency at every batch size."""
+    """ensemble / single, grouped / loop, fp16 / fp32, int8 / fp32 and early exit / ensemble latency at every batch."""
     out = []
     for batch, timing in timings.items():
         key = lambda n: f"{n}@{runtime}"  # noqa: E731
@@ -49,6 +49,8 @@ def inprocess_ratios(variants: dict[str, dict], timings: dict[int, Interleaved],
                 twin = next((n for n, r in variants.items() if r["precision"] == "fp32" and r["experts"] == row["experts"]
                              and r["fusion"] == row["fusion"]), "ensemble-loop")
                 pairs.append(("int8 / fp32", name, twin))
+            if row["fusion"] == "early-exit":
+                pairs.append(("early exit / ensemble", name, ensemble))
         out += [ratio_row(title, timing, key(a), key(b), batch=batch, runtime=runtime)
                 for title, a, b in pairs if a in variants and b in variants]
     return out

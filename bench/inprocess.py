@@ -1,5 +1,5 @@
 """In-process variants: every expert alone, the best-k subsets, the fused ensemble (loop, grouped), FP16 and any
-quantized model of the repository, on torch / ONNX Runtime / TensorRT. Each is gated (random images first,
+INT8 or early-exit model of the repository, on torch / ONNX Runtime / TensorRT. Each is gated (random images first,
 then the labelled set) and scored on the labelled set, then all are timed together, interleaved."""
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bench.evaluation import EvalSet, accuracy, batched_logits, expert_logits
+from bench.evaluation import accuracy, batched_logits
+from export.labelled import EvalSet, expert_logits
 from bench.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner
 from expertfuse.parity import compare, for_precision
 from expertfuse.timing import Interleaved, interleave
+from export.early_exit import simulate
 from export.graph import InferenceGraph
 from export.onnx import export_graph, onnx_file
 from serve.repository import RepositoryError, read_config, versions
@@ -22,17 +24,45 @@ EVAL_BATCH = 256
 
 
 @dataclass(frozen=True)
+class EarlyExit:
+    """An early-exit model's expert order and threshold (its parameters); its reference is export.early_exit.simulate."""
+    order: tuple[int, ...]
+    threshold: float
+
+    @classmethod
+    def of(cls, params: dict[str, str]) -> "EarlyExit | None":
+        if "expertfuse_early_exit_threshold" not in params:
+            return None
+        order = tuple(int(k) for k in params["expertfuse_early_exit_order"].split(","))
+        return cls(order, float(params["expertfuse_early_exit_threshold"]))
+
+
+def reference_key(experts, precision: str, early_exit: EarlyExit | None) -> tuple:
+    """Which in-process logits a served model is checked against: same experts, precision and early exit."""
+    return tuple(experts), precision, early_exit.threshold if early_exit else None
+
+
+def cheap_role(params: dict[str, str]) -> str | None:
+    """'early-exit' or 'int8' for the repository's cheaper models (export --early-exit / --int8), else None."""
+    if EarlyExit.of(params):
+        return "early-exit"
+    return "int8" if params.get("expertfuse_precision") == "int8" else None
+
+
+@dataclass(frozen=True)
 class Variant:
     name: str
     experts: tuple[int, ...]
     fusion: str = "loop"
     precision: str = "fp32"
-    onnx: Path | None = None  # a model already in the repository (quantized), run as it is
+    onnx: Path | None = None  # a model already in the repository (INT8, early exit), run as it is
     subset: int = 0  # k when this is the best-k subset of experts (0: not on that curve)
+    early_exit: EarlyExit | None = None
 
     def describe(self) -> dict:
         return {"variant": self.name, "experts": list(self.experts), "fusion": self.fusion, "precision": self.precision,
-                **({"subset": self.subset} if self.subset else {})}
+                **({"subset": self.subset} if self.subset else {}),
+                **({"early_exit_threshold": self.early_exit.threshold} if self.early_exit else {})}
 
 
 def available_runtimes() -> list[str]:
@@ -70,7 +100,7 @@ def served_experts(params: dict[str, str], num_experts: int) -> tuple[int, ...]:
 
 
 def repository_variants(repository: Path | None, num_experts: int) -> list[Variant]:
-    """Every quantized (INT8) model in the repository, as its latest version's model.onnx."""
+    """Every INT8 and early-exit model in the repository, as its latest version's model.onnx."""
     found = []
     for model_dir in sorted(repository.iterdir()) if repository and repository.is_dir() else []:
         try:
@@ -79,9 +109,11 @@ def repository_variants(repository: Path | None, num_experts: int) -> list[Varia
             continue
         params = {key: value.string_value for key, value in cfg.parameters.items()}
         path = model_dir / str(latest[-1]) / "model.onnx" if latest else None
-        if params.get("expertfuse_precision") == "int8" and path is not None and path.exists():
-            found.append(Variant(f"int8:{cfg.name}", served_experts(params, num_experts),
-                                 params.get("expertfuse_fusion", "loop"), "int8", onnx_file(path)))
+        role = cheap_role(params)
+        if role and path is not None and path.exists():
+            found.append(Variant(f"{role}:{cfg.name}", served_experts(params, num_experts),
+                                 params.get("expertfuse_fusion", "loop"), params.get("expertfuse_precision", "fp32"),
+                                 onnx_file(path), early_exit=EarlyExit.of(params)))
     return found
 
 
@@ -134,21 +166,26 @@ class References:
         images = parity_images(model.spec.input_size, gate_images)
         return cls(images, expert_logits(model, images), expert_logits(model, data.pixels))
 
-    def of(self, experts: tuple[int, ...], labelled: bool = True) -> np.ndarray:
-        return (self.labelled if labelled else self.random)[:, list(experts)].mean(1)
+    def of(self, experts: tuple[int, ...], labelled: bool = True, early_exit: EarlyExit | None = None) -> np.ndarray:
+        """The PyTorch logits of the experts' mean, or of an early-exit model's per-sample exits."""
+        logits = self.labelled if labelled else self.random
+        if early_exit is not None:
+            return simulate(logits, list(early_exit.order), early_exit.threshold)[0]
+        return logits[:, list(experts)].mean(1)
 
 
 def gate_and_score(runner: Runner, experts: tuple[int, ...], precision: str, refs: References, data: EvalSet,
-                   batch: int = EVAL_BATCH, labelled_reference: np.ndarray | None = None) -> dict:
+                   batch: int = EVAL_BATCH, labelled_reference: np.ndarray | None = None,
+                   early_exit: EarlyExit | None = None) -> dict:
     """Random-image parity (fast), then the labelled set against `labelled_reference` (default: PyTorch) under the
     precision's bench tolerance, then accuracy. 'refused' names the gate that failed."""
     tol = for_precision(precision, "bench")
-    fast = compare(runner.logits(refs.random_images), refs.of(experts, labelled=False), tol)
+    fast = compare(runner.logits(refs.random_images), refs.of(experts, labelled=False, early_exit=early_exit), tol)
     row = {"parity_random": fast.to_dict()}
     if not fast.ok:
         return {**row, "refused": "parity on random images"}
     logits = batched_logits(runner, data.pixels, batch)
-    reference = refs.of(experts) if labelled_reference is None else labelled_reference
+    reference = refs.of(experts, early_exit=early_exit) if labelled_reference is None else labelled_reference
     labelled = compare(logits, reference, tol)
     row.update(parity_labelled=labelled.to_dict(), logits=logits)
     if not labelled.ok:
@@ -183,7 +220,8 @@ def run_inprocess(job, runtimes: list[str], variants: list[Variant], refs: Refer
                 base = {**variant.describe(), "runtime": runtime}
                 try:
                     runner = make_runner(runtime, job, variant, workdir)
-                    verdict = gate_and_score(runner, variant.experts, variant.precision, refs, data)
+                    verdict = gate_and_score(runner, variant.experts, variant.precision, refs, data,
+                                             early_exit=variant.early_exit)
                 except Exception as exc:  # noqa: BLE001 - e.g. ORT has no FP16 kernel here: recorded, not fatal
                     rows.append({**base, "skipped": str(exc).splitlines()[0][:200]})
                     log(f"  {variant.name:>16} {runtime:<16} not run here: {rows[-1]['skipped']}")

@@ -20,7 +20,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from bench.evaluation import expert_logits, load_eval_set
+from export.labelled import LabelledData, expert_logits, load_eval_set
 from bench.inprocess import Variant, make_runner, timing_inputs
 from bench.machine import machine_info
 from bench.report import atomic_write
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=Path("bench/results/noise-check"))
     args = p.parse_args(argv)
     job = job_for(args.ckpt, "all", "grouped")
-    data = load_eval_set(job.checkpoint.data, job.spec, argparse.Namespace(eval_limit=300))
+    data = load_eval_set(job.checkpoint.data, job.spec, LabelledData(limit=300))
     hits = expert_logits(job.model, data.pixels).argmax(2) == data.labels[:, None]
     best = int(hits.mean(0).argmax())  # the best expert on the checkpoint's evaluation split, as in the bench
     with tempfile.TemporaryDirectory(prefix="expertfuse-noise-") as tmp:

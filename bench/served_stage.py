@@ -7,21 +7,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench.inprocess import Variant, gate_and_score, make_runner, served_experts
+from bench.inprocess import EarlyExit, Variant, cheap_role, gate_and_score, make_runner, reference_key, served_experts
 from bench.runners import TritonRunner
 from bench.served import find_perf_analyzer, measure_concurrency, run_perf_analyzer
 from expertfuse.errors import UserError
 from expertfuse.timing import interleave, ratio
 from serve.server import TritonServer, choose_server
 
-TIMED_ROLES = ("fused", "single", "naive", "int8")
+TIMED_ROLES = ("fused", "single", "naive", "int8", "early-exit")
 
 
-def model_roles(ready: set[str], fused: str, best: int, num_experts: int, quantized: list[str]) -> dict[str, str]:
+def model_roles(ready: set[str], fused: str, best: int, num_experts: int, cheap: dict[str, str]) -> dict[str, str]:
     """Model name -> role: the fused ensemble, the best expert ('single'), the naive ensemble, every other expert
-    (scored, not timed) and any INT8 model."""
+    (scored, not timed) and the cheaper models (`cheap`: name -> 'int8' | 'early-exit')."""
     roles = {f"{fused}_expert{k}": "single" if k == best else f"expert{k}" for k in range(num_experts)}
-    roles.update({fused: "fused", f"{fused}_naive": "naive", **{name: "int8" for name in quantized}})
+    roles.update({fused: "fused", f"{fused}_naive": "naive", **cheap})
     return {name: role for name, role in roles.items() if name in ready}
 
 
@@ -42,10 +42,12 @@ def score_model(url: str, protocol: str, name: str, role: str, params: dict, ctx
     precision) and score one served model over one protocol."""
     precision = params.get("expertfuse_precision", "fp32")
     experts = served_experts(params, ctx.num_experts)
+    early_exit = EarlyExit.of(params)
     runner = TritonRunner(url, protocol, name)
     try:
         verdict = gate_and_score(runner, experts, precision, ctx.refs, ctx.data, batch=runner.max_batch(),
-                                 labelled_reference=ctx.inprocess_logits.get((experts, precision)))
+                                 labelled_reference=ctx.inprocess_logits.get(reference_key(experts, precision, early_exit)),
+                                 early_exit=early_exit)
     finally:
         runner.close()
     verdict.pop("logits", None)
@@ -81,7 +83,8 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
     ratios, points = [], []
     for protocol in urls:
         pairs = [("fused / naive", "fused", "naive"), ("served / in-process", "fused", "fused/in-process"),
-                 ("ensemble / single", "fused", "single"), ("int8 / fp32", "int8", "fused")]
+                 ("ensemble / single", "fused", "single"), ("int8 / fp32", "int8", "fused"),
+                 ("early exit / ensemble", "early-exit", "fused")]
         for title, a, b in pairs:
             a_key, b_key = f"{a}/{protocol}", b if "/" in b else f"{b}/{protocol}"
             if a_key in runners and b_key in runners:
@@ -116,8 +119,8 @@ def run_served(args, ctx, log=print) -> dict:
     result = {"models": [], "sweep": [], "ratios": [], "points": []}
     try:
         ready = ready_models(args.http_url)
-        quantized = [n for n, p in ready.items() if p.get("expertfuse_precision") == "int8"]
-        roles = model_roles(set(ready), ctx.fused_name, ctx.best_expert, ctx.num_experts, quantized)
+        cheap = {n: role for n, p in ready.items() if (role := cheap_role(p))}
+        roles = model_roles(set(ready), ctx.fused_name, ctx.best_expert, ctx.num_experts, cheap)
         for name, role in roles.items():
             for protocol, url in urls.items():
                 row = score_model(url, protocol, name, role, ready[name], ctx)

@@ -51,13 +51,14 @@ class ExportJob:
     def classes(self) -> list[str]:
         return self.checkpoint.data["classes"]
 
-    def metadata(self, fusion: str) -> ModelMetadata:
-        """What travels with the artifact (ONNX metadata_props) and its config (Triton parameters)."""
+    def metadata(self, fusion: str, precision: str | None = None, extra: dict[str, str] | None = None) -> ModelMetadata:
+        """What travels with the artifact (ONNX metadata_props) and its config (Triton parameters); INT8 and early
+        exit name their precision and add their facts (gate result, threshold) as `extra`."""
         s = self.spec
         return ModelMetadata(classes=list(self.classes), mean=list(s.mean), std=list(s.std), input_size=s.input_size,
                              resize=s.resize, input_layout=self.opts.input_layout, experts=list(self.opts.experts),
-                             fusion=fusion, precision="fp16" if self.opts.fp16 else "fp32", arch=s.arch,
-                             method=self.method, checkpoint_sha256=self.checkpoint.sha256)
+                             fusion=fusion, precision=precision or ("fp16" if self.opts.fp16 else "fp32"),
+                             arch=s.arch, method=self.method, checkpoint_sha256=self.checkpoint.sha256, extra=extra or {})
 
 
 def chosen_experts(request: ExportRequest, model: MultiExpertNet) -> tuple[int, ...]:

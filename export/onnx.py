@@ -3,6 +3,7 @@
   python -m export.onnx --ckpt runs/ncl/ncl.pt [--experts all|0|0,2] [--fusion loop|grouped|auto]
       [--input uint8-nhwc|float-nchw] [--max-batch 64] [--probs] [--expert-logits] [--fp16]
       [--out|--model-repository model_repository]
+      [--int8 [INT8 flags]] [--early-exit THRESHOLD|auto] [training data flags]
 
 Exports with torch.onnx (dynamo, dynamic batch, opset 18), checks with onnx.checker, runs the result in
 ONNX Runtime at batches 1, 2, 7 and max against PyTorch, and only then adds it to the repository.
@@ -25,10 +26,13 @@ from expertfuse.cli import run_cli
 from expertfuse.contract import INPUT, LOGITS
 from expertfuse.errors import UserError
 from expertfuse.timing import pick_fastest
+from export.early_exit import add_early_exit_args, export_early_exit
 from export.gate import check_parity, test_images
 from export.graph import InferenceGraph
 from export.job import ExportJob, build_job, with_experts
+from export.labelled import LabelledData
 from export.naming import naive_ensemble_names
+from export.quantize import Int8Settings, add_int8_args, export_int8
 from export.request import DEFAULT_OPSET, ExportRequest, add_request_args, request_from_args, validate
 from export.triton import publish, serving_options, signature
 from serve.repository import RepositoryError, ServingOptions, staging, write_naive_ensemble
@@ -181,7 +185,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-tensorrt-cache", default="", help="with --ort-tensorrt: engine cache folder on the server")
     p.add_argument("--naive-ensemble", action="store_true",
                    help="instead: each expert as its own model + a Triton ensemble averaging them (<name>_naive)")
+    add_int8_args(p)
+    add_early_exit_args(p)
     return p
+
+
+def cheap_suffix(int8: Int8Settings | None, early_exit) -> str:
+    """The default name's mark of the cheaper graphs: ncl_int8, ncl_early_exit, ncl_int8_early_exit."""
+    return ("_int8" if int8 else "") + ("_early_exit" if early_exit is not None else "")
+
+
+def fp32_graph_writer(opset: int):
+    """export_graph as INT8 and early exit call it: (job, fusion, folder) -> the FP32 .onnx file."""
+    return lambda job, fusion, folder: onnx_file(export_graph(job, fusion, folder, opset))
 
 
 def export_onnx(argv: list[str] | None = None) -> Path:
@@ -189,7 +205,16 @@ def export_onnx(argv: list[str] | None = None) -> Path:
     request = validate(request_from_args(args))
     settings = OnnxSettings(args.ort_threads, args.ort_tensorrt, args.ort_tensorrt_fp16, args.ort_tensorrt_cache,
                             args.naive_ensemble).validate(request)
-    job = build_job(request)
+    int8 = Int8Settings.from_args(args)
+    labelled = LabelledData.from_args(args)
+    if (int8 or args.early_exit is not None) and (request.fp16 or settings.naive_ensemble):
+        raise UserError("--int8 and --early-exit build from the FP32 fused graph; drop --fp16 / --naive-ensemble")
+    job = build_job(request, suffix=cheap_suffix(int8, args.early_exit))
+    if args.early_exit is not None:
+        return export_early_exit(job, args.early_exit, int8, labelled, settings.serving(request),
+                                 fp32_graph_writer(request.opset))
+    if int8:
+        return export_int8(job, int8, labelled, settings.serving(request), fp32_graph_writer(request.opset))
     if settings.naive_ensemble:
         return export_naive_ensemble(job, settings)
     return export_to_repository(job, settings)[0]

@@ -2,9 +2,10 @@
 serve.repository (the one config writer, whose pid-named staging folders a later writer cleans up)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-from expertfuse.contract import EXPERT_LOGITS, INPUT, LOGITS, PROBS, TRITON_INPUT
+from expertfuse.contract import EXPERT_LOGITS, INPUT, LOGITS, PROBS, TRITON_INPUT, ModelMetadata
 from expertfuse.errors import UserError
 from export.job import ExportJob
 from export.request import ExportRequest
@@ -31,11 +32,14 @@ def serving_options(request: ExportRequest, **stage_settings) -> ServingOptions:
                           warmup_batch_sizes=[1, request.max_batch], versions=request.version_policy, **stage_settings)
 
 
-def publish(job: ExportJob, platform: str, serving: ServingOptions, artifacts: dict[str, Path],
-            fusion: str) -> tuple[Path, int]:
-    """Write the model's config (with its metadata as parameters), labels and artifacts as a new version."""
+def publish(job: ExportJob, platform: str, serving: ServingOptions, artifacts: dict[str, Path], fusion: str,
+            metadata: ModelMetadata | None = None, extra_outputs: Sequence[TensorSpec] = ()) -> tuple[Path, int]:
+    """Write the model's config (with its metadata as parameters; default the job's), labels and artifacts as a new
+    version. `extra_outputs` are outputs beyond the job's signature (early exit's experts_run)."""
     inputs, outputs = signature(job)
-    cfg = model_config(job.name, platform, inputs, outputs, serving, job.metadata(fusion).triton_parameters())
+    outputs += list(extra_outputs)
+    meta = metadata or job.metadata(fusion)
+    cfg = model_config(job.name, platform, inputs, outputs, serving, meta.triton_parameters())
     try:
         model_dir, version = write_model(job.request.out, cfg, artifacts, job.classes, overwrite=job.request.overwrite)
     except RepositoryError as exc:

@@ -8,7 +8,8 @@ The plan is built with the TensorRT Python API from the same ONNX graph export.o
 optimization profile per batch range (MIN-MAX or MIN-OPT-MAX; OPT defaults to MAX); Triton gets one
 instance group per profile (instance_group.profile) and CUDA graphs for the preferred batch sizes.
 TensorRT 10: FP32 ONNX plus the FP16 builder flag (weakly typed). TensorRT 11 (strongly typed, no
-precision flags): --fp16 exports an FP16 graph with FP32 I/O. A sidecar build.json records the
+precision flags): --fp16 exports an FP16 graph with FP32 I/O. --int8 builds (strongly typed) from the
+QDQ graph of export.quantize with symmetric activations, gated on the plan like export.onnx --int8. A sidecar build.json records the
 TensorRT version and GPU compute capability the plan is tied to.
 """
 from __future__ import annotations
@@ -18,19 +19,21 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from expertfuse.cli import run_cli
-from expertfuse.contract import INPUT, LOGITS
+from expertfuse.contract import INPUT, LOGITS, ModelMetadata
 from expertfuse.errors import UserError
 from expertfuse.timing import pick_fastest
 from export.gate import check_parity, test_images
 from export.job import ExportJob, build_job
+from export.labelled import LabelledData
 from export.onnx import export_graph, onnx_file
+from export.quantize import Int8Settings, TensorRTInt8, add_int8_args
 from export.request import add_request_args, request_from_args, validate
 from export.triton import publish, serving_options, signature
 from serve.repository import ServingOptions, staging
@@ -50,6 +53,7 @@ TENSORRT_API = (
     "ICudaEngine.get_tensor_name", "ICudaEngine.num_optimization_profiles", "ICudaEngine.get_tensor_profile_shape",
     "IExecutionContext.set_optimization_profile_async", "IExecutionContext.set_input_shape",
     "IExecutionContext.get_tensor_shape", "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
+    "NetworkDefinitionCreationFlag.STRONGLY_TYPED",  # --int8 (TensorRT 11 keeps the flag; its networks always are)
 )
 # Names used only on one major (TensorRT 11 has no precision builder flags: its networks are strongly typed).
 TENSORRT_API_BY_MAJOR = {10: ("BuilderFlag.FP16",), 11: ()}
@@ -110,6 +114,8 @@ class PlanSettings:
     timing_cache: Path | None = None
     version_compatible: bool = False
     cuda_graphs: bool = True
+    int8: Int8Settings | None = None
+    labelled: LabelledData = field(default_factory=LabelledData)
 
     def serving(self, request) -> ServingOptions:
         """One instance group per profile; CUDA graphs for the preferred batch sizes (default: each profile's OPT,
@@ -126,15 +132,16 @@ class PlanSettings:
 
 def build_plan(trt, onnx_path: Path, input_shape: tuple[int, ...], profiles: Sequence[Profile] | tuple[int, int, int],
                fp16: bool = False, workspace_gb: float = 4.0, timing_cache: Path | None = None,
-               version_compatible: bool = False) -> bytes:
+               version_compatible: bool = False, strongly_typed: bool = False) -> bytes:
     """A serialized engine with one optimization profile per batch range (a (min, opt, max) tuple is one profile)."""
     if profiles and isinstance(profiles[0], int):
         profiles = [Profile(*profiles)]
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # Explicit batch is the only mode since TRT 10. TRT 10 stays weakly typed so the FP16 flag applies;
-    # TRT 11 is always strongly typed and takes its precision from the (FP16) ONNX graph.
-    network = builder.create_network(0)
+    # TRT 11 is always strongly typed and takes its precision from the (FP16) ONNX graph. An INT8 QDQ graph is
+    # built strongly typed (TRT 10 opts in with the creation flag; TRT 11 accepts it).
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -217,6 +224,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache, read and updated")
     p.add_argument("--version-compatible", action="store_true",
                    help="plan loadable by later TensorRT (Triton: --backend-config=tensorrt,version-compatible=true)")
+    add_int8_args(p)
     return p
 
 
@@ -245,28 +253,37 @@ def prepare(argv: list[str] | None = None) -> tuple[ExportJob, PlanSettings]:
     request = validate(replace(request, instance_kind="gpu"))
     if args.workspace_gb <= 0:
         raise UserError("--workspace-gb must be positive")
-    settings = PlanSettings(profiles, args.workspace_gb, args.timing_cache, args.version_compatible, args.cuda_graphs)
-    return build_job(request, suffix="_trt"), settings
+    int8 = Int8Settings.from_args(args)
+    if int8 and request.fp16:
+        raise UserError("--int8 builds from the FP32 graph's QDQ form; drop --fp16")
+    settings = PlanSettings(profiles, args.workspace_gb, args.timing_cache, args.version_compatible, args.cuda_graphs,
+                            int8, LabelledData.from_args(args))
+    return build_job(request, suffix="_int8_trt" if int8 else "_trt"), settings
 
 
-def publish_plan(job: ExportJob, settings: PlanSettings, plan: Path, build_info: dict, fusion: str) -> tuple[Path, int]:
+def publish_plan(job: ExportJob, settings: PlanSettings, plan: Path, build_info: dict, fusion: str,
+                 metadata: ModelMetadata | None = None) -> tuple[Path, int]:
     """Write the plan, its build.json and its config (instance group per profile, CUDA graphs) to the repository."""
     sidecar = plan.with_name("build.json")
     sidecar.write_text(json.dumps(build_info, indent=2))
-    return publish(job, "tensorrt_plan", settings.serving(job.request), {"model.plan": plan, "build.json": sidecar}, fusion)
+    return publish(job, "tensorrt_plan", settings.serving(job.request), {"model.plan": plan, "build.json": sidecar}, fusion,
+                   metadata)
 
 
-def build_fastest(trt, job: ExportJob, settings: PlanSettings, work: Path) -> tuple[str, bytes]:
-    """Build a plan per fusion strategy asked for (both for auto) and keep the fastest on this GPU."""
+def build_fastest(trt, job: ExportJob, settings: PlanSettings, work: Path,
+                  int8: TensorRTInt8 | None = None) -> tuple[str, bytes]:
+    """Build a plan per fusion strategy asked for (both for auto; from the QDQ graph with --int8) and keep the
+    fastest on this GPU."""
     fusions = ["loop", "grouped"] if job.opts.fusion == "auto" else [job.opts.fusion]
     shape = tuple(signature(job)[0][0].dims)
     # TensorRT 11 takes its precision from the graph: FP16 means an FP16 ONNX graph.
     graph_job = replace(job, opts=replace(job.opts, fp16=job.opts.fp16 and trt_major(trt) >= 11))
     plans = {}
     for fusion in fusions:
-        artifact = export_graph(graph_job, fusion, work / fusion, job.request.opset)
-        plans[fusion] = build_plan(trt, onnx_file(artifact), shape, settings.profiles, job.opts.fp16,
-                                   settings.workspace_gb, settings.timing_cache, settings.version_compatible)
+        graph = onnx_file(export_graph(graph_job, fusion, work / fusion, job.request.opset))
+        plans[fusion] = build_plan(trt, int8.quantize(graph) if int8 else graph, shape, settings.profiles,
+                                   job.opts.fp16, settings.workspace_gb, settings.timing_cache,
+                                   settings.version_compatible, strongly_typed=int8 is not None)
     if len(fusions) == 1:
         return fusions[0], plans[fusions[0]]
     batches = sorted({settings.profiles[0].min} | {p.opt for p in settings.profiles})
@@ -280,19 +297,24 @@ def build_fastest(trt, job: ExportJob, settings: PlanSettings, work: Path) -> tu
 def export_trt(argv: list[str] | None = None) -> Path:
     job, settings = prepare(argv)  # every check that needs no GPU comes first
     trt = require_tensorrt()
+    int8 = TensorRTInt8(job, settings.int8, settings.labelled) if settings.int8 else None
     ranges = ", ".join(f"{p.min}/{p.opt}/{p.max}" for p in settings.profiles)
     print(f"export {job.request.ckpt} -> {job.request.out}/{job.name}: TensorRT {trt.__version__} on "
           f"{torch.cuda.get_device_name()}, profiles (min/opt/max) {ranges}, {'FP16' if job.opts.fp16 else 'FP32'}")
     with staging(job.request.out) as work:
-        fusion, plan = build_fastest(trt, job, settings, work)
-        parity = check_parity(job, PlanRunner(trt, plan), settings.parity_batches())
+        fusion, plan = build_fastest(trt, job, settings, work, int8)
+        if int8:
+            gate = int8.gate(PlanRunner(trt, plan), onnx_file(work / fusion / "model.onnx"), settings.profiles[-1].max)
+            parity, meta = gate.to_dict(), job.metadata(fusion, "int8", gate.metadata_extra())
+        else:
+            parity, meta = check_parity(job, PlanRunner(trt, plan), settings.parity_batches()), None
         (work / "model.plan").write_bytes(plan)
         major, minor = torch.cuda.get_device_capability()
         model_dir, _ = publish_plan(job, settings, work / "model.plan", {
             "tensorrt": trt.__version__, "compute_capability": f"{major}.{minor}", "gpu": torch.cuda.get_device_name(),
-            "fp16": job.opts.fp16, "strongly_typed": trt_major(trt) >= 11,
+            "fp16": job.opts.fp16, "int8": int8 is not None, "strongly_typed": trt_major(trt) >= 11 or int8 is not None,
             "profiles": [[p.min, p.opt, p.max] for p in settings.profiles],
-            "version_compatible": settings.version_compatible, "fusion": fusion, "parity": parity}, fusion)
+            "version_compatible": settings.version_compatible, "fusion": fusion, "parity": parity}, fusion, meta)
     if settings.version_compatible:
         print("  start Triton with --backend-config=tensorrt,version-compatible=true to load this plan")
     return model_dir

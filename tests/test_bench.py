@@ -8,7 +8,8 @@ import csv
 from types import SimpleNamespace
 
 from bench.decision import best_single, cost_accuracy, decision, inprocess_ratios, mark_pareto
-from bench.evaluation import EvalSet, accuracy, collapsed, load_eval_set
+from bench.evaluation import accuracy, collapsed
+from export.labelled import EvalSet, LabelledData, load_eval_set
 from bench.inprocess import References, Variant, gate_and_score, make_runner
 from bench.machine import machine_info
 from bench.report import write_all
@@ -40,8 +41,7 @@ def test_runners_agree_with_the_reference_and_a_wrong_one_is_refused(tiny_checkp
 
 def small_eval_set(job, limit: int = 40) -> EvalSet:
     """The checkpoint's own evaluation split, a few images of every class."""
-    import argparse
-    return load_eval_set(job.checkpoint.data, job.spec, argparse.Namespace(eval_limit=limit))
+    return load_eval_set(job.checkpoint.data, job.spec, LabelledData(limit=limit))
 
 
 def test_accuracy_through_onnxruntime_and_the_bundled_triton_are_equal(triton, tiny_checkpoint, tmp_path):

@@ -1,0 +1,159 @@
+"""The labelled evaluation set, measured the way a served model sees images (bench's accuracy, INT8 calibration
+and gate, the early-exit threshold all read it from here).
+
+The default set is the checkpoint's own evaluation split, rebuilt from the data settings training
+recorded; any dataset the training CLI reads can replace it with the same flags. Every image goes
+through the served input path (uint8 pixels after the model's resize and center crop) and is scored
+the way training scores: top-1 overall and many/medium/few by the checkpoint's training counts and
+shot rule (train.data.longtail.group_accuracy).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+
+from expertfuse.errors import UserError
+from expertfuse.preprocess import normalize_pixels, pixel_transform
+from train.config import TrainConfig
+from train.data.datasets import DataBundle, DataOptions, LabeledView, build_data
+from train.data.longtail import group_accuracy
+
+DATA_FLAGS = [f.name for f in fields(DataOptions)]
+GROUPS = ("overall", "many", "medium", "few")
+
+
+@dataclass
+class LabelledData:
+    """Which labelled data to read: training data flags overriding the checkpoint's, and an image cap (0: all)."""
+    overrides: dict = field(default_factory=dict)
+    limit: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LabelledData":
+        if args.eval_limit < 0:
+            raise UserError("--eval-limit must be 0 (all images) or more")
+        return cls({n: getattr(args, n) for n in DATA_FLAGS if getattr(args, n, None) is not None}, args.eval_limit)
+
+
+@dataclass
+class EvalSet:
+    pixels: np.ndarray  # uint8 [N, H, W, 3], the served model's input
+    labels: np.ndarray  # int64 [N]
+    train_counts: list[int]
+    shot_rule: str
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train_counts)
+
+    def inputs(self, layout: str) -> np.ndarray:
+        return model_input(self.pixels, layout)
+
+
+def model_input(pixels: np.ndarray, layout: str) -> np.ndarray:
+    """uint8 [N, H, W, 3] pixels in a graph's input layout: as they are, or FP32 NCHW 0..255."""
+    return pixels if layout == "uint8-nhwc" else np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The training CLI's data flags (same names and help), defaulting to what the checkpoint recorded."""
+    group = p.add_argument_group("labelled data (default: the checkpoint's own evaluation split)")
+    help_of = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+    for name in DATA_FLAGS:
+        default = getattr(DataOptions(), name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_of.get(name))
+        else:
+            group.add_argument(flag, type=type(default), default=None, help=help_of.get(name))
+    group.add_argument("--eval-limit", type=int, default=0, help="evaluate on at most this many images, every class "
+                       "kept (0: all)")
+
+
+def data_options(checkpoint: dict, request: LabelledData) -> DataOptions:
+    """The checkpoint's recorded data settings, overridden by the flags given on the command line."""
+    recorded = checkpoint.get("config") or {}
+    values = {name: recorded[name] for name in DATA_FLAGS if name in recorded}
+    return DataOptions(**{**values, **request.overrides})
+
+
+def spread(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of at most `limit` samples taken evenly from every class (a class-ordered set stays balanced)."""
+    if not limit or limit >= len(labels):
+        return np.arange(len(labels))
+    order = np.argsort(labels, kind="stable")
+    return np.sort(order[np.linspace(0, len(order) - 1, limit).round().astype(int)])
+
+
+def load_data(checkpoint: dict, spec, request: LabelledData) -> DataBundle:
+    """The training and evaluation images of the checkpoint's dataset (or the one the flags name)."""
+    opts = data_options(checkpoint, request)
+    bundle = build_data(opts)
+    if len(bundle.classes) != spec.num_classes:
+        raise UserError(f"labelled data {opts.dataset} has {len(bundle.classes)} classes; the checkpoint has "
+                        f"{spec.num_classes} (pass the training data flags it was trained with)")
+    return bundle
+
+
+def read_pixels(view: LabeledView, indices, spec) -> np.ndarray:
+    """uint8 [N, H, W, 3] of the chosen items, preprocessed like a served request."""
+    transform = pixel_transform(spec.resize, spec.input_size)
+    return np.stack([transform(view[int(i)][0]).permute(1, 2, 0).numpy() for i in indices])
+
+
+def load_eval_set(checkpoint: dict, spec, request: LabelledData, bundle: DataBundle | None = None) -> EvalSet:
+    """The labelled images as the served model receives them, with the checkpoint's shot groups."""
+    bundle = bundle or load_data(checkpoint, spec, request)
+    counts = list(checkpoint.get("train_counts") or bundle.train_counts)
+    labels = np.asarray(bundle.test.targets, dtype=np.int64)
+    keep = spread(labels, request.limit)
+    rule = (checkpoint.get("config") or {}).get("shot_rule", "strict")
+    dataset = data_options(checkpoint, request).dataset
+    return EvalSet(read_pixels(bundle.test, keep, spec), labels[keep], counts, rule,
+                   f"{dataset} evaluation split, {len(keep)} images")
+
+
+def calibration_pixels(bundle: DataBundle, spec, count: int, seed: int = 0) -> np.ndarray:
+    """`count` training images spread evenly over the classes (a rare class's images repeat), uint8 [N, H, W, 3]:
+    the tail classes weigh as much as the head in the activation ranges INT8 calibration measures."""
+    rng = np.random.default_rng(seed)
+    targets = np.asarray(bundle.train.targets)
+    classes = np.unique(targets)
+    per_class = int(np.ceil(count / len(classes)))
+    picked = np.concatenate([rng.choice(np.flatnonzero(targets == c), per_class,
+                                        replace=per_class > int((targets == c).sum())) for c in classes])
+    return read_pixels(bundle.train, rng.permutation(picked)[:count], spec)
+
+
+@torch.no_grad()
+def expert_logits(model, pixels: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Every expert's FP32 logits [N, K, C] from the training network: the PyTorch reference of every variant."""
+    spec, out = model.eval().spec, []
+    for i in range(0, len(pixels), batch):
+        x = normalize_pixels(torch.from_numpy(pixels[i:i + batch]), spec.mean, spec.std, "uint8-nhwc")
+        out.append(model(x).numpy())
+    return np.concatenate(out)
+
+
+def class_hits(predictions: np.ndarray, data: EvalSet) -> tuple[np.ndarray, np.ndarray]:
+    """(correct, total) per class."""
+    total = np.bincount(data.labels, minlength=data.num_classes)
+    correct = np.bincount(data.labels[predictions == data.labels], minlength=data.num_classes)
+    return correct, total
+
+
+def shot_accuracy(predictions: np.ndarray, data: EvalSet) -> dict[str, float]:
+    """Top-1 (%) overall and many/medium/few from predicted class indices."""
+    return group_accuracy(*class_hits(predictions, data), data.train_counts, data.shot_rule)
+
+
+def accuracy_table(rows: dict[str, dict[str, float]]) -> str:
+    """A per-shot-group table (top-1 %), one row per variant."""
+    lines = [f"  {'variant':<28}" + "".join(f"{g:>9}" for g in GROUPS)]
+    for name, acc in rows.items():
+        lines.append(f"  {name:<28}" + "".join(f"{acc[g]:>9.2f}" if acc[g] == acc[g] else f"{'-':>9}" for g in GROUPS))
+    return "\n".join(lines)

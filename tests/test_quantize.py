@@ -1,0 +1,55 @@
+"""INT8 export: a real QDQ graph that ONNX Runtime runs, and an accuracy gate that refuses a damaged calibration."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import export.quantize as quantize
+from expertfuse.errors import ParityError
+from export.onnx import export_onnx
+from serve.repository import read_config
+from tests.helpers import run_module
+
+SMALL = ["--calib-images", "64", "--max-batch", "8", "--fusion", "loop", "--reduce-range", "off"]
+
+
+def test_int8_graph_has_qdq_nodes_runs_and_records_its_gate(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    run_module("export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(repo), "--int8", *SMALL,
+               "--max-overall-drop", "100", "--max-few-drop", "100")
+    model = onnx.load(str(repo / "ncl_int8" / "1" / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
+    conv_weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")]
+    assert conv_weights, "weights are stored as INT8"
+    images = np.random.RandomState(0).randint(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    logits = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["logits"], {"image": images})[0]
+    assert logits.shape == (5, 10) and np.isfinite(logits).all()
+    params = {k: v.string_value for k, v in read_config(repo / "ncl_int8").parameters.items()}
+    assert params["expertfuse_precision"] == "int8" and params["expertfuse_int8_gate"] == "passed"
+    report = json.loads((repo / "ncl_int8" / "1" / "export_report.json").read_text())
+    assert report["gate"]["passed"] and {"overall", "few"} <= set(report["gate"]["int8"])
+    stems_and_heads = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")} & set(report["fp32_nodes"])
+    assert len(stems_and_heads) == 6, "3 stems and 3 heads stay FP32"
+
+
+def test_gate_refuses_constant_calibration_and_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "keep.txt").write_text("untouched")
+    constant = lambda bundle, spec, count, seed=0: np.zeros((count, 32, 32, 3), dtype=np.uint8)
+    monkeypatch.setattr(quantize, "calibration_pixels", constant)  # damaged calibration: black images
+    with pytest.raises(ParityError, match="INT8 refused"):
+        export_onnx(["--ckpt", str(tiny_checkpoint), "--out", str(repo), "--int8", *SMALL])
+    assert sorted(p.name for p in repo.rglob("*")) == ["keep.txt"]
+    table = capsys.readouterr().out
+    assert "fp32" in table and "int8" in table and "few" in table
+
+
+def test_bad_flags_are_one_line_errors(tiny_checkpoint, tmp_path):
+    proc = run_module("export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path), "--int8", "--fp16", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = run_module("export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path), "--early-exit", "2", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
