@@ -35,7 +35,7 @@ from export.naming import naive_ensemble_names
 from export.quantize import Int8Settings, add_int8_args, export_int8
 from export.request import DEFAULT_OPSET, ExportRequest, add_request_args, request_from_args, validate
 from export.triton import publish, serving_options, signature
-from serve.repository import RepositoryError, ServingOptions, staging, write_naive_ensemble
+from serve.repository import ServingOptions, staging, write_naive_ensemble
 
 __all__ = ["DEFAULT_OPSET", "export_graph", "onnx_file", "written_opset", "export_onnx"]
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom
@@ -165,11 +165,8 @@ def export_naive_ensemble(job: ExportJob, settings: OnnxSettings) -> Path:
     for k, name in zip(job.opts.experts, singles):
         export_to_repository(with_experts(job, (k,), "loop", name), settings)
     inputs, outputs = signature(job)
-    try:
-        model_dir = write_naive_ensemble(job.request.out, ensemble, singles, inputs[0], outputs[0], job.classes,
-                                         settings.serving(job.request), overwrite=job.request.overwrite)
-    except RepositoryError as exc:
-        raise UserError(str(exc)) from None
+    model_dir = write_naive_ensemble(job.request.out, ensemble, singles, inputs[0], outputs[0], job.classes,
+                                     settings.serving(job.request), overwrite=job.request.overwrite)
     print(f"wrote {model_dir}/ (ensemble of {', '.join(singles)} + {ensemble}_mean)")
     return model_dir
 

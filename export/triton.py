@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from expertfuse.contract import EXPERT_LOGITS, INPUT, LOGITS, PROBS, TRITON_INPUT, ModelMetadata
-from expertfuse.errors import UserError
 from export.job import ExportJob
 from export.request import ExportRequest
-from serve.repository import RepositoryError, ServingOptions, TensorSpec, model_config, write_model
+from serve.repository import ServingOptions, TensorSpec, model_config, write_model
 
 
 def signature(job: ExportJob) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -40,10 +39,7 @@ def publish(job: ExportJob, platform: str, serving: ServingOptions, artifacts: d
     outputs += list(extra_outputs)
     meta = metadata or job.metadata(fusion)
     cfg = model_config(job.name, platform, inputs, outputs, serving, meta.triton_parameters())
-    try:
-        model_dir, version = write_model(job.request.out, cfg, artifacts, job.classes, overwrite=job.request.overwrite)
-    except RepositoryError as exc:
-        raise UserError(str(exc)) from None
+    model_dir, version = write_model(job.request.out, cfg, artifacts, job.classes, overwrite=job.request.overwrite)
     print_summary(model_dir, version, inputs, outputs, fusion)
     return model_dir, version
 

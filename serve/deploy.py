@@ -18,7 +18,7 @@ import yaml
 
 from expertfuse.contract import check_model_name
 from expertfuse.errors import UserError
-from serve.repository import RepositoryError, read_config
+from serve.repository import read_config
 from serve.server import DEFAULT_IMAGE
 
 KUBERNETES_VERSION = "1.30"  # the schemas the emitted manifests are validated against
@@ -36,10 +36,7 @@ def check_repository(repository: Path, gpus: int) -> list[str]:
         raise UserError(f"model repository not found: {repository}")
     names = []
     for model_dir in sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            cfg = read_config(model_dir)
-        except RepositoryError as exc:
-            raise UserError(str(exc)) from None
+        cfg = read_config(model_dir)  # a RepositoryError is already a one-line UserError
         check_model_name(cfg.name)
         needs_gpu = cfg.platform == "tensorrt_plan" or cfg.backend == "tensorrt" or \
             any(g.kind == g.KIND_GPU for g in cfg.instance_group)
