@@ -17,14 +17,14 @@ def test_cli_trains_ncl_on_synthetic_data_far_above_chance(tmp_path):
     assert "train ncl on synthetic" in proc.stdout and "epoch 4:" in proc.stdout
     data = load_checkpoint(tmp_path / "ncl.pt")
     ensemble = data["metrics"]["ensemble"]
-    assert ensemble["overall"] > 50, ensemble  # chance is 10 %
+    assert ensemble["overall"] > 40, ensemble  # chance is 5 % (the preset's 20 confusable classes)
     assert set(ensemble) == {"overall", "many", "medium", "few"} and len(data["metrics"]["experts"]) == 3
     assert (tmp_path / "ncl_best.pt").is_file()
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and "test_few" in rows[0]
     model, _ = load_model(tmp_path / "ncl.pt")
-    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 10)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 20)
 
 
 def _tiny(tmp_path, *extra):
