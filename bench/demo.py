@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything goes [runs/demo]")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's 6; 1 with --quick)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's 12; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="reduced form: 1 epoch, tiny data, short measurements")
     p.add_argument("--bench-out", type=Path, help="bench results folder [<out>/bench]")
     a = p.parse_args(argv)

@@ -119,7 +119,7 @@ def test_dataset_defaults_and_method_settings_yield_to_presets_and_flags():
     official = config_from_args(["--preset", "ncl-cifar100-lt"])
     assert (official.lr, official.schedule, official.hcm_n) == (0.1, "multistep", 30)
     demo = config_from_args(["--preset", "ncl-synthetic"])
-    assert (demo.lr, demo.schedule, demo.epochs) == (0.02, "cosine", 6)
+    assert (demo.lr, demo.schedule, demo.epochs) == (0.02, "cosine", 12)
 
 
 @pytest.mark.parametrize("method", ["ncl", "shike"])
