@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from train.data.datasets import DataOptions, build_data, read_image_list
-from train.data.synthetic import synthesize
+from train.data.synthetic import class_attributes, synthesize
 from train.data.transforms import eval_transform, train_transform
 from expertfuse.errors import UserError
 from train.models import ModelSpec
@@ -87,6 +87,16 @@ def test_synthetic_is_deterministic_and_long_tailed():
     a, _ = synthesize([3, 2], seed=5)
     b, _ = synthesize([3, 2], seed=5)
     assert np.array_equal(a, b) and a.dtype == np.uint8 and a.shape == (5, 32, 32, 3)
+
+
+@pytest.mark.parametrize("num_classes", [10, 20, 30])
+def test_synthetic_classes_are_confusable_combinations_of_shared_attributes(num_classes):
+    """No single attribute names a class (each colour and orientation is shared), but every combination is unique."""
+    rgb, angle, freq = class_attributes(num_classes)
+    combos = {(tuple(c.round(6)), round(a, 6), f) for c, a, f in zip(rgb, angle, freq)}
+    assert len(combos) == num_classes
+    for values in (rgb.round(6).tolist(), angle.round(6).tolist()):
+        assert min(values.count(v) for v in values) >= 2
 
 
 @pytest.mark.parametrize("name", ["cifar", "cifar-basic", "imagenet", "none"])

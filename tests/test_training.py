@@ -17,14 +17,14 @@ def test_cli_trains_ncl_on_synthetic_data_far_above_chance(tmp_path):
     assert "train ncl on synthetic" in proc.stdout and "epoch 4:" in proc.stdout
     data = load_checkpoint(tmp_path / "ncl.pt")
     ensemble = data["metrics"]["ensemble"]
-    assert ensemble["overall"] > 50, ensemble  # chance is 10 %
+    assert ensemble["overall"] > 40, ensemble  # chance is 5 % (the preset's 20 confusable classes)
     assert set(ensemble) == {"overall", "many", "medium", "few"} and len(data["metrics"]["experts"]) == 3
     assert (tmp_path / "ncl_best.pt").is_file()
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and "test_few" in rows[0]
     model, _ = load_model(tmp_path / "ncl.pt")
-    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 10)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 20)
 
 
 def _tiny(tmp_path, *extra):
@@ -119,7 +119,7 @@ def test_dataset_defaults_and_method_settings_yield_to_presets_and_flags():
     official = config_from_args(["--preset", "ncl-cifar100-lt"])
     assert (official.lr, official.schedule, official.hcm_n) == (0.1, "multistep", 30)
     demo = config_from_args(["--preset", "ncl-synthetic"])
-    assert (demo.lr, demo.schedule, demo.epochs) == (0.02, "cosine", 6)
+    assert (demo.lr, demo.schedule, demo.epochs) == (0.02, "cosine", 12)
 
 
 @pytest.mark.parametrize("method", ["ncl", "shike"])
