@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -74,22 +75,37 @@ def sequential_ratio(calls: dict, window_s: float, burner: Burner | None) -> dic
             "single_p50_ms": second.percentile_ms(50), "stable": first.stable and second.stable}
 
 
+def inside(value: float, interval) -> bool:
+    return interval[0] <= value <= interval[1]
+
+
+def agreement(quiet: dict, loaded: dict) -> dict:
+    """How the loaded interleaved ratio relates to the quiet one: relative change, and each inside the other's interval
+    (a long quiet run can have an interval narrower than the load's real effect, so both directions are reported)."""
+    return {"change_pct": round(100 * (loaded["ratio"] / quiet["ratio"] - 1), 2),
+            "loaded_within_quiet_interval": inside(loaded["ratio"], quiet["ci95"]),
+            "quiet_within_loaded_interval": inside(quiet["ratio"], loaded["ci95"])}
+
+
 def readme(command: str, results: dict) -> str:
-    quiet, loaded = results["interleaved_quiet"], results["interleaved_loaded"]
+    quiet, loaded, seq = results["interleaved_quiet"], results["interleaved_loaded"], results["sequential_quiet"]
+    check = results["agreement"]
+    seq_change = 100 * (results["sequential_loaded"]["ratio"] / seq["ratio"] - 1)
     rows = [f"| {name.replace('_', ' ')} | {r['ratio']:.2f}x | "
             + (f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] n={r['samples']}" if "ci95" in r else "none") + " |"
             for name, r in results.items() if isinstance(r, dict) and "ratio" in r]
-    verdict = "within" if quiet["ci95"][0] <= loaded["ratio"] <= quiet["ci95"][1] else "OUTSIDE"
+    within = {True: "within", False: "OUTSIDE"}
     return "\n".join([
         "# Noise check: t_ensemble / t_best-expert, interleaved vs sequential, with a CPU burner", "",
         "Command (from the repository root, PYTHONPATH set to it):", "", f"    {command}", "",
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, shared with other jobs while "
-        f"this ran. Variants: {results['ensemble']} vs {results['single']} on ONNX Runtime CPU at batch "
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, load average "
+        f"{results['load_average']:.1f} when it started. Variants: {results['ensemble']} vs {results['single']} on ONNX Runtime CPU at batch "
         f"{results['batch']}. The burner is a second process spinning on one core.", "",
         "| measurement | ratio | 95% interval |", "|---|---|---|", *rows, "",
-        f"The interleaved ratio with the burner started halfway is {verdict} the interval of the undisturbed "
-        f"interleaved run. The sequential ratio moves with whatever the machine does between the two measurements.",
-        ""])
+        f"With the burner started halfway, the interleaved ratio moved {check['change_pct']:+.1f}%: it is "
+        f"{within[check['loaded_within_quiet_interval']]} the undisturbed run's interval, and the undisturbed ratio is "
+        f"{within[check['quiet_within_loaded_interval']]} the loaded run's interval. The sequential ratio moved "
+        f"{seq_change:+.1f}% with the burner started between its two measurements.", ""])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--window-s", type=float, default=1.0, help="sequential measurement window [1.0]")
     p.add_argument("--out", type=Path, default=Path("bench/results/noise-check"))
     args = p.parse_args(argv)
+    load_average = os.getloadavg()[0]
     job = job_for(args.ckpt, "all", "grouped")
     data = load_eval_set(job.checkpoint.data, job.spec, LabelledData(limit=300))
     hits = expert_logits(job.model, data.pixels).argmax(2) == data.labels[:, None]
@@ -115,9 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "interleaved_loaded": interleaved_ratio(calls, args.budget_s, Burner()),
                    "sequential_quiet": sequential_ratio(calls, args.window_s, None),
                    "sequential_loaded": sequential_ratio(calls, args.window_s, Burner())}
-    quiet = results["interleaved_quiet"]
     results.update(batch=args.batch, ensemble="ensemble-grouped", single=f"expert{best}", machine=machine_info(),
-                   loaded_within_quiet_interval=quiet["ci95"][0] <= results["interleaved_loaded"]["ratio"] <= quiet["ci95"][1])
+                   load_average=load_average,
+                   agreement=agreement(results["interleaved_quiet"], results["interleaved_loaded"]))
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.noise_check " + shlex.join(argv if argv is not None else sys.argv[1:])
     atomic_write(args.out / "noise_check.json", lambda t: t.write_text(json.dumps(results, indent=2) + "\n"))

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from bench.noise_check import agreement
 from expertfuse.timing import Measurement, measure, windows_agree
 
 
@@ -63,3 +64,12 @@ def test_a_noisy_ratio_is_flagged_unreliable():
     r = ratio_of_medians(num, den)
     assert not r.reliable and r.half_width > 0.10
     assert "UNRELIABLE" in r.describe() and r.to_dict()["reliable"] is False
+
+
+def test_noise_check_reports_the_loaded_ratio_against_the_quiet_one_both_ways():
+    quiet = {"ratio": 2.63, "ci95": [2.63, 2.64]}
+    loaded = {"ratio": 2.61, "ci95": [2.55, 2.65]}
+    assert agreement(quiet, loaded) == {"change_pct": -0.76, "loaded_within_quiet_interval": False,
+                                        "quiet_within_loaded_interval": True}
+    moved = agreement(quiet, {"ratio": 2.16, "ci95": [2.09, 2.48]})
+    assert moved["change_pct"] == -17.87 and not moved["quiet_within_loaded_interval"]
