@@ -48,9 +48,9 @@ def inprocess_ratios(variants: dict[str, dict], timings: dict[int, Interleaved],
             if row["precision"] == "int8":
                 twin = next((n for n, r in variants.items() if r["precision"] == "fp32" and r["experts"] == row["experts"]
                              and r["fusion"] == row["fusion"]), "ensemble-loop")
-                pairs.append(("int8 / fp32", name, twin))
+                pairs.append((f"int8 / fp32 ({name} / {twin})", name, twin))
             if row["fusion"] == "early-exit":
-                pairs.append(("early exit / ensemble", name, ensemble))
+                pairs.append((f"early exit / ensemble ({name})", name, ensemble))
         out += [ratio_row(title, timing, key(a), key(b), batch=batch, runtime=runtime)
                 for title, a, b in pairs if a in variants and b in variants]
     return out
@@ -102,8 +102,11 @@ def decision(points: list[dict], ratios: list[dict], single: str, batches: list[
     few = "" if gain["few"] != gain["few"] else f", {gain['few']:+.1f} on few-shot classes"
 
     def times(r: dict) -> str:
+        """The ratio with its interval, naming the fusion when it differs from the one at the smallest batch."""
         flag = "" if r["reliable"] else ", UNRELIABLE: interval wider than +-10%"
-        return f"{r['ratio']:.2f}x (95% interval {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}, n={r['samples']}{flag})"
+        fusion = r["numerator"].split("@")[0]
+        which = "" if fusion == ensemble else f", {fusion}"
+        return f"{r['ratio']:.2f}x (95% interval {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}, n={r['samples']}{which}{flag})"
     sentence = (f"The ensemble ({ensemble}) buys {gain['overall']:+.1f} points overall{few}, for {times(cost[small])} "
                 f"the cost at batch {small} and {times(cost[large])} at batch {large}, against the best single "
                 f"expert ({single}).")
