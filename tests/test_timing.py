@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from bench.noise_check import agreement
-from expertfuse.timing import Measurement, measure, windows_agree
+from expertfuse.timing import Measurement, interleave, measure, ratio_of_medians, windows_agree
 
 
 def test_windows_agree_needs_three_close_windows():
@@ -30,7 +30,6 @@ def test_measure_stops_when_stable_and_reports_when_not():
 
 
 def test_interleave_runs_every_variant_once_per_round_in_blocks_in_a_changing_order():
-    from expertfuse.timing import interleave
     log = []
     result = interleave({name: (lambda i, n=name: log.append(n)) for name in "abc"}, calls_per_block=3, warmup=1,
                         min_rounds=12, max_rounds=12, budget_s=0.0)
@@ -45,7 +44,6 @@ def test_interleave_runs_every_variant_once_per_round_in_blocks_in_a_changing_or
 
 
 def test_a_known_ratio_is_recovered_with_a_tight_interval():
-    from expertfuse.timing import ratio_of_medians
     rng = np.random.default_rng(0)
     load = rng.uniform(1.0, 1.5, 40)  # machine load that comes and goes, hitting both variants of a round alike
     den = [list(0.010 * f * rng.normal(1, 0.01, 5)) for f in load]
@@ -57,7 +55,6 @@ def test_a_known_ratio_is_recovered_with_a_tight_interval():
 
 
 def test_a_noisy_ratio_is_flagged_unreliable():
-    from expertfuse.timing import ratio_of_medians
     rng = np.random.default_rng(1)
     den = [list(0.010 * rng.lognormal(0, 0.8, 3)) for _ in range(10)]
     num = [list(0.020 * rng.lognormal(0, 0.8, 3)) for _ in range(10)]

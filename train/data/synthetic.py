@@ -33,9 +33,14 @@ def class_attributes(num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return rgb, angle, freq
 
 
+def _unit_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates (y, x) [H, W] scaled to [0, 1)."""
+    return np.meshgrid(np.arange(size) / size, np.arange(size) / size, indexing="ij")
+
+
 def _gratings(angle, freq, phase, size: int, shift) -> np.ndarray:
     """Sinusoidal gratings [N, H, W] in [0, 1], one per row of the parameters."""
-    yy, xx = np.meshgrid(np.arange(size) / size, np.arange(size) / size, indexing="ij")
+    yy, xx = _unit_grid(size)
     xs, ys = xx[None] - shift[:, 0, None, None], yy[None] - shift[:, 1, None, None]
     coord = xs * np.cos(angle)[:, None, None] + ys * np.sin(angle)[:, None, None]
     return 0.5 + 0.5 * np.sin(2 * np.pi * freq[:, None, None] * coord + phase[:, None, None])
@@ -43,7 +48,7 @@ def _gratings(angle, freq, phase, size: int, shift) -> np.ndarray:
 
 def _patch_masks(rng, n: int, size: int) -> np.ndarray:
     """A soft round window [N, H, W] at a random place and of a random size: where the object is."""
-    yy, xx = np.meshgrid(np.arange(size) / size, np.arange(size) / size, indexing="ij")
+    yy, xx = _unit_grid(size)
     centre = rng.uniform(0.3, 0.7, (n, 2))
     radius = rng.uniform(0.25, 0.45, n)
     dist2 = (xx[None] - centre[:, 0, None, None]) ** 2 + (yy[None] - centre[:, 1, None, None]) ** 2
