@@ -18,17 +18,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from bench.decision import (best_single, cost_accuracy, decision, headline_runtime, inprocess_ratios, mark_pareto,
                             scored)
 from export.labelled import EvalSet, LabelledData, add_data_args, load_eval_set
-from bench.inprocess import References, available_runtimes, plan_variants, repository_variants, run_inprocess
+from bench.inprocess import (References, available_runtimes, plan_variants, reference_key, repository_variants,
+                              run_inprocess)
 from bench.machine import machine_info
 from bench.report import markdown, write_all
 from bench.served_stage import run_served
 from expertfuse.cli import int_list, run_cli
 from expertfuse.errors import UserError
+from export.early_exit import expert_order
 from export.job import job_for
 from serve.server import ServerError
 
@@ -104,8 +104,7 @@ def inprocess_stage(args, ctx: Context, runtimes: list[str], result: dict) -> No
     for row in rows:
         logits = row.pop("logits", None)
         if logits is not None and "accuracy" in row and row["runtime"] == ctx.runtime:
-            key = (tuple(row["experts"]), row["precision"], row.get("early_exit_threshold"))  # as reference_key makes it
-            ctx.inprocess_logits[key] = logits
+            ctx.inprocess_logits[reference_key(row["experts"], row["precision"], row.get("early_exit_threshold"))] = logits
     result["inprocess"] = rows
     by_name = scored(rows, ctx.runtime)
     single = best_single(by_name)
@@ -126,8 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = load_eval_set(job.checkpoint.data, job.spec, LabelledData.from_args(args))
     print(f"evaluation set: {data.source}; shot rule {data.shot_rule}")
     refs = References.build(job.model, data)
-    expert_top1 = [(refs.labelled[:, k].argmax(1) == data.labels).mean() for k in range(job.model.num_experts)]
-    order = [int(k) for k in np.argsort(expert_top1, kind="stable")[::-1]]
+    order = expert_order(refs.labelled, data.labels, tuple(range(job.model.num_experts)))
     result = {"checkpoint": str(args.ckpt), "machine": machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
               "evaluation": {"source": data.source, "images": len(data.labels), "shot_rule": data.shot_rule,
                              "train_counts": data.train_counts, "classes": job.classes},

@@ -2,7 +2,8 @@
 with its 95% interval), the cost-accuracy points with their Pareto front, and the decision sentence."""
 from __future__ import annotations
 
-from expertfuse.timing import Interleaved, ratio
+from expertfuse.timing import Interleaved, describe_ratio, ratio
+from export.labelled import GROUPS
 
 ACCURACY_AXES = ("overall", "few")
 
@@ -29,6 +30,11 @@ def fused_ensemble(variants: dict[str, dict], timing: Interleaved, runtime: str)
     """The faster fusion of the full FP32 ensemble at this batch (what `export --fusion auto` would ship)."""
     names = [n for n in ("ensemble-grouped", "ensemble-loop") if n in variants]
     return min(names, key=lambda n: timing.median_s(f"{n}@{runtime}"), default=None)
+
+
+def accuracy_columns(accuracy: dict) -> dict:
+    """A variant's accuracy as a cost-accuracy point carries it: overall, many/medium/few and agreement."""
+    return {k: accuracy[k] for k in (*GROUPS, "agreement")}
 
 
 def ratio_row(name: str, timing: Interleaved, numerator: str, denominator: str, **context) -> dict:
@@ -75,7 +81,7 @@ def cost_accuracy(variants: dict[str, dict], timings: dict[int, Interleaved], ru
     for name, row in variants.items():
         costs = {f"cost_b{b}": ratio(timings[b], f"{name}@{runtime}", f"{single}@{runtime}").to_dict() for b in (small, large)}
         points.append({"name": name, "where": runtime, "experts": len(row["experts"]), "precision": row["precision"],
-                       **{k: row["accuracy"][k] for k in ("overall", "many", "medium", "few", "agreement")},
+                       **accuracy_columns(row["accuracy"]),
                        **costs, "cost_small": costs[f"cost_b{small}"]["ratio"],
                        "cost_large": costs[f"cost_b{large}"]["ratio"]})
     return points
@@ -102,11 +108,9 @@ def decision(points: list[dict], ratios: list[dict], single: str, batches: list[
     few = "" if gain["few"] != gain["few"] else f", {gain['few']:+.1f} on few-shot classes"
 
     def times(r: dict) -> str:
-        """The ratio with its interval, naming the fusion when it differs from the one at the smallest batch."""
-        flag = "" if r["reliable"] else ", UNRELIABLE: interval wider than +-10%"
+        """The ratio with its 95% interval, naming the fusion when it differs from the one at the smallest batch."""
         fusion = r["numerator"].split("@")[0]
-        which = "" if fusion == ensemble else f", {fusion}"
-        return f"{r['ratio']:.2f}x (95% interval {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}, n={r['samples']}{which}{flag})"
+        return describe_ratio(r) + ("" if fusion == ensemble else f" ({fusion})")
     sentence = (f"The ensemble ({ensemble}) buys {gain['overall']:+.1f} points overall{few}, for {times(cost[small])} "
                 f"the cost at batch {small} and {times(cost[large])} at batch {large}, against the best single "
                 f"expert ({single}).")

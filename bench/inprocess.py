@@ -13,12 +13,12 @@ import torch
 from bench.evaluation import accuracy, batched_logits
 from export.labelled import EvalSet, expert_logits
 from bench.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner
-from expertfuse.parity import compare, for_precision
+from expertfuse.parity import bench_tolerance, compare
 from expertfuse.timing import Interleaved, interleave
 from export.early_exit import simulate
 from export.graph import InferenceGraph
 from export.onnx import export_graph, onnx_file
-from serve.repository import RepositoryError, read_config, versions
+from serve.repository import RepositoryError, read_config, string_parameters, versions
 
 EVAL_BATCH = 256
 
@@ -37,9 +37,9 @@ class EarlyExit:
         return cls(order, float(params["expertfuse_early_exit_threshold"]))
 
 
-def reference_key(experts, precision: str, early_exit: EarlyExit | None) -> tuple:
+def reference_key(experts, precision: str, early_exit_threshold: float | None) -> tuple:
     """Which in-process logits a served model is checked against: same experts, precision and early exit."""
-    return tuple(experts), precision, early_exit.threshold if early_exit else None
+    return tuple(experts), precision, early_exit_threshold
 
 
 def cheap_role(params: dict[str, str]) -> str | None:
@@ -107,7 +107,7 @@ def repository_variants(repository: Path | None, num_experts: int) -> list[Varia
             cfg, latest = read_config(model_dir), versions(model_dir)
         except (RepositoryError, OSError, ValueError):
             continue
-        params = {key: value.string_value for key, value in cfg.parameters.items()}
+        params = string_parameters(cfg)
         path = model_dir / str(latest[-1]) / "model.onnx" if latest else None
         role = cheap_role(params)
         if role and path is not None and path.exists():
@@ -177,9 +177,10 @@ class References:
 def gate_and_score(runner: Runner, experts: tuple[int, ...], precision: str, refs: References, data: EvalSet,
                    batch: int = EVAL_BATCH, labelled_reference: np.ndarray | None = None,
                    early_exit: EarlyExit | None = None) -> dict:
-    """Random-image parity (fast), then the labelled set against `labelled_reference` (default: PyTorch) under the
-    precision's bench tolerance, then accuracy. 'refused' names the gate that failed."""
-    tol = for_precision(precision, "bench")
+    """Random-image parity (fast), then the labelled set against `labelled_reference` (the in-process logits of the
+    same variant; default: PyTorch) under the precision's bench tolerance, then accuracy. 'refused' names the gate
+    that failed; parity_labelled.against names the reference."""
+    tol = bench_tolerance(precision)
     fast = compare(runner.logits(refs.random_images), refs.of(experts, labelled=False, early_exit=early_exit), tol)
     row = {"parity_random": fast.to_dict()}
     if not fast.ok:
@@ -187,7 +188,8 @@ def gate_and_score(runner: Runner, experts: tuple[int, ...], precision: str, ref
     logits = batched_logits(runner, data.pixels, batch)
     reference = refs.of(experts, early_exit=early_exit) if labelled_reference is None else labelled_reference
     labelled = compare(logits, reference, tol)
-    row.update(parity_labelled=labelled.to_dict(), logits=logits)
+    against = "pytorch" if labelled_reference is None else "in-process"
+    row.update(parity_labelled={**labelled.to_dict(), "against": against}, logits=logits)
     if not labelled.ok:
         return {**row, "refused": "predictions on the labelled set"}
     return {**row, "accuracy": accuracy(logits, data, refs.ensemble_pred)}

@@ -24,9 +24,10 @@ from pathlib import Path
 from export.labelled import LabelledData, expert_logits, load_eval_set
 from bench.inprocess import Variant, make_runner, timing_inputs
 from bench.machine import machine_info
-from bench.report import atomic_write
 from expertfuse.cli import run_cli
+from expertfuse.files import write_text
 from expertfuse.timing import interleave, measure, ratio
+from export.early_exit import expert_order
 from export.job import job_for
 
 
@@ -88,7 +89,7 @@ def agreement(quiet: dict, loaded: dict) -> dict:
 
 
 def readme(command: str, results: dict) -> str:
-    quiet, loaded, seq = results["interleaved_quiet"], results["interleaved_loaded"], results["sequential_quiet"]
+    seq = results["sequential_quiet"]
     check = results["agreement"]
     seq_change = 100 * (results["sequential_loaded"]["ratio"] / seq["ratio"] - 1)
     rows = [f"| {name.replace('_', ' ')} | {r['ratio']:.2f}x | "
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_average = os.getloadavg()[0]
     job = job_for(args.ckpt, "all", "grouped")
     data = load_eval_set(job.checkpoint.data, job.spec, LabelledData(limit=300))
-    hits = expert_logits(job.model, data.pixels).argmax(2) == data.labels[:, None]
-    best = int(hits.mean(0).argmax())  # the best expert on the checkpoint's evaluation split, as in the bench
+    # the best expert on the checkpoint's evaluation split, as in the bench
+    best = expert_order(expert_logits(job.model, data.pixels), data.labels, tuple(range(job.model.num_experts)))[0]
     with tempfile.TemporaryDirectory(prefix="expertfuse-noise-") as tmp:
         runners = {"ensemble": make_runner("onnxruntime-cpu", job, Variant("e", tuple(range(job.model.num_experts)),
                                                                             "grouped"), Path(tmp)),
@@ -137,8 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
                    agreement=agreement(results["interleaved_quiet"], results["interleaved_loaded"]))
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.noise_check " + shlex.join(argv if argv is not None else sys.argv[1:])
-    atomic_write(args.out / "noise_check.json", lambda t: t.write_text(json.dumps(results, indent=2) + "\n"))
-    atomic_write(args.out / "README.md", lambda t: t.write_text(readme(command, results)))
+    write_text(args.out / "noise_check.json", json.dumps(results, indent=2) + "\n")
+    write_text(args.out / "README.md", readme(command, results))
     print(readme(command, results))
     return results
 

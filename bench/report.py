@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -15,17 +13,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-GROUPS = ("overall", "many", "medium", "few")
+from expertfuse.files import atomic_path, write_text  # noqa: E402
+from expertfuse.timing import describe_ratio  # noqa: E402
+from export.labelled import GROUPS  # noqa: E402
+
 
 
 def _fmt(v, spec=".1f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def describe_ratio(r: dict) -> str:
-    """'2.91x [2.80, 3.02] n=120' in bold when reliable, else plain with UNRELIABLE."""
-    text = f"{r['ratio']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] n={r['samples']}"
-    return f"**{text}**" if r["reliable"] else f"{text} UNRELIABLE (interval wider than +-10%)"
+def bold_if_reliable(r: dict) -> str:
+    """A ratio in bold when its interval is narrow enough to be a headline; else plain, flagged UNRELIABLE."""
+    return f"**{describe_ratio(r)}**" if r["reliable"] else describe_ratio(r)
 
 
 def cost_columns(point: dict) -> list[str]:
@@ -57,27 +57,12 @@ def ratio_rows(ratios: list[dict]) -> list[dict]:
     return [{**{k: v for k, v in r.items() if k != "ci95"}, "low": r["ci95"][0], "high": r["ci95"][1]} for r in ratios]
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over path, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_csv(rows: list[dict], path: Path) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (list, dict))))
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic_write(path, write)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def plot_cost_accuracy(points: list[dict], path: Path) -> None:
@@ -100,7 +85,8 @@ def plot_cost_accuracy(points: list[dict], path: Path) -> None:
             ax.grid(True, alpha=0.3)
     fig.suptitle("What each variant buys (accuracy) for what it costs")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -117,7 +103,8 @@ def plot_served_curves(sweep: list[dict], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -132,7 +119,7 @@ def cost_accuracy_table(result: dict) -> list[str]:
              "| variant | where | experts | precision | top-1 | many | medium | few | agrees with PyTorch ensemble | "
              + " | ".join(f"cost at batch {c[6:]}" for c in cols) + " |", "|" + "---|" * (9 + len(cols))]
     for p in points:
-        costs = [describe_ratio(p[c]).replace("**", "") if c in p else "-" for c in cols]
+        costs = [describe_ratio(p[c]) if c in p else "-" for c in cols]
         star = " *" if p.get("pareto_cost_small_overall") else ""
         lines.append(f"| {p['name']}{star} | {p['where']} | {p['experts']} | {p['precision']} | "
                      + " | ".join(_fmt(p[g]) for g in GROUPS) + f" | {_fmt(p['agreement'])}% | " + " | ".join(costs) + " |")
@@ -144,7 +131,7 @@ def ratios_table(ratios: list[dict]) -> list[str]:
         return []
     lines = ["## Ratios (latency, numerator / denominator, ratio of medians from one interleaved run)", "",
              "| ratio | where | batch | value [95% interval] samples |", "|---|---|---|---|"]
-    lines += [f"| {r['ratio_name']} | {r.get('runtime') or r.get('protocol')} | {r['batch']} | {describe_ratio(r)} |"
+    lines += [f"| {r['ratio_name']} | {r.get('runtime') or r.get('protocol')} | {r['batch']} | {bold_if_reliable(r)} |"
               for r in ratios]
     return lines + [""]
 
@@ -207,10 +194,8 @@ def write_all(result: dict, out: Path) -> list[Path]:
         plots.append(out / "served_latency_throughput.png")
         plot_served_curves(sweep, plots[-1])
     result["plots"] = [str(p) for p in plots]
-    files = {"bench.json": lambda t: t.write_text(json.dumps(result, indent=2, default=str) + "\n"),
-             "summary.md": lambda t: t.write_text(markdown(result))}
-    for name, write in files.items():
-        atomic_write(out / name, write)
+    write_text(out / "bench.json", json.dumps(result, indent=2, default=str) + "\n")
+    write_text(out / "summary.md", markdown(result))
     write_csv(point_rows(result["points"]), out / "cost_accuracy.csv")
     write_csv(ratio_rows(result["ratios"]), out / "ratios.csv")
     write_csv(inprocess_rows(result), out / "inprocess.csv")

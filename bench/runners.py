@@ -156,13 +156,6 @@ class TritonRunner(Runner):
         output.set_shared_memory(f"{key}_out", out_bytes)
         return request, output, (region_out, images.shape[0])
 
-    def parameters(self) -> dict[str, str]:
-        """The served model config's string parameters (export records its experts and precision there)."""
-        cfg = self.client.get_model_config(self.model)
-        if self.protocol == "grpc":
-            return {key: value.string_value for key, value in cfg.config.parameters.items()}
-        return {key: value.get("string_value", "") for key, value in cfg.get("parameters", {}).items()}
-
     def max_batch(self) -> int:
         """The served model's max_batch_size (the largest request it accepts)."""
         cfg = self.client.get_model_config(self.model)

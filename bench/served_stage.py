@@ -7,11 +7,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bench.decision import accuracy_columns, ratio_row
 from bench.inprocess import EarlyExit, Variant, cheap_role, gate_and_score, make_runner, reference_key, served_experts
 from bench.runners import TritonRunner
 from bench.served import find_perf_analyzer, measure_concurrency, run_perf_analyzer
 from expertfuse.errors import UserError
 from expertfuse.timing import interleave, ratio
+from serve.repository import string_parameters
 from serve.server import TritonServer, choose_server
 
 TIMED_ROLES = ("fused", "single", "naive", "int8", "early-exit")
@@ -31,8 +33,7 @@ def ready_models(http_url: str) -> dict[str, dict[str, str]]:
     client = httpclient.InferenceServerClient(http_url)
     try:
         names = [m["name"] for m in client.get_model_repository_index() if m.get("state") == "READY"]
-        return {n: {k: v.get("string_value", "") for k, v in client.get_model_config(n).get("parameters", {}).items()}
-                for n in names}
+        return {n: string_parameters(client.get_model_config(n)) for n in names}
     finally:
         client.close()
 
@@ -43,11 +44,11 @@ def score_model(url: str, protocol: str, name: str, role: str, params: dict, ctx
     precision = params.get("expertfuse_precision", "fp32")
     experts = served_experts(params, ctx.num_experts)
     early_exit = EarlyExit.of(params)
+    in_process = ctx.inprocess_logits.get(reference_key(experts, precision, early_exit and early_exit.threshold))
     runner = TritonRunner(url, protocol, name)
     try:
         verdict = gate_and_score(runner, experts, precision, ctx.refs, ctx.data, batch=runner.max_batch(),
-                                 labelled_reference=ctx.inprocess_logits.get(reference_key(experts, precision, early_exit)),
-                                 early_exit=early_exit)
+                                 labelled_reference=in_process, early_exit=early_exit)
     finally:
         runner.close()
     verdict.pop("logits", None)
@@ -88,15 +89,15 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
         for title, a, b in pairs:
             a_key, b_key = f"{a}/{protocol}", b if "/" in b else f"{b}/{protocol}"
             if a_key in runners and b_key in runners:
-                ratios.append({"ratio_name": title if title.startswith("served") else f"{title} (served)", "protocol": protocol, "batch": batch, "numerator": a_key,
-                               "denominator": b_key, **ratio(timing, a_key, b_key).to_dict()})
+                name = title if title.startswith("served") else f"{title} (served)"
+                ratios.append(ratio_row(name, timing, a_key, b_key, protocol=protocol, batch=batch))
         for m in timed:
             key, single = f"{m['model_role']}/{protocol}", f"single/{protocol}"
             if m["protocol"] == protocol and single in runners:
                 cost = ratio(timing, key, single).to_dict()
                 points.append({"name": f"{m['model']} over {protocol}", "where": f"triton-{protocol}",
                                "experts": len(m["experts"]), "precision": m["precision"],
-                               **{k: m["accuracy"][k] for k in ("overall", "many", "medium", "few", "agreement")},
+                               **accuracy_columns(m["accuracy"]),
                                f"cost_b{batch}": cost, "cost_small": cost["ratio"], "cost_large": None,
                                "summary": timing.summary(key, batch)})
     return ratios, points

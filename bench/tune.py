@@ -21,8 +21,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from bench.served import measure_concurrency
 from expertfuse.cli import int_list, run_cli
 from expertfuse.contract import INPUT, check_model_name
 from expertfuse.errors import UserError
+from expertfuse.files import atomic_path
 from serve.repository import LABELS_FILE, RepositoryError, read_config, staging, versions, write_model
 from serve.server import ServerError, TritonServer, choose_server
 
@@ -211,18 +210,6 @@ COLUMNS = ["config", "instances", "max_batch", "preferred", "queue_delay_us", "c
            "client_bound", "within_budget", "error"]
 
 
-@contextmanager
-def atomic(path: Path):
-    """A temporary path next to `path`, renamed over it only when the block succeeds."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.2f}"
@@ -270,7 +257,7 @@ def plot(rows: list[dict], best: dict | None, budget: float, path: Path) -> None
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    with atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
@@ -278,13 +265,13 @@ def plot(rows: list[dict], best: dict | None, budget: float, path: Path) -> None
 def write_results(result: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "tune.json", out / "tune.csv", out / "tune.md", out / "latency_throughput.png"]
-    with atomic(files[0]) as tmp:
+    with atomic_path(files[0]) as tmp:
         tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    with atomic(files[1]) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(files[1]) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(result["rows"])
-    with atomic(files[2]) as tmp:
+    with atomic_path(files[2]) as tmp:
         tmp.write_text(markdown(result))
     plot(result["rows"], result["best"], result["latency_budget_ms"], files[3])
     return files

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from expertfuse.errors import UserError
 
@@ -88,5 +88,3 @@ class ModelMetadata:
             raise UserError(f"model metadata lacks {', '.join(KEY_PREFIX + m for m in missing)}; re-export the model")
         return cls(**values, extra=extra)
 
-    def to_dict(self) -> dict:
-        return asdict(self)

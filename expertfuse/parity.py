@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from expertfuse.errors import ParityError
+from expertfuse.contract import PRECISIONS
+from expertfuse.errors import ParityError, UserError
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,14 @@ BENCH_INT8 = Tolerance("bench-int8", min_top1=0.8, check_values=False)
 TOLERANCES = {t.name: t for t in (EXPORT_FP32, EXPORT_FP16, BENCH_FP32, BENCH_FP16, BENCH_INT8)}
 
 
-def for_precision(precision: str, use: str = "bench") -> Tolerance:
-    """The tolerance of `use` (export | bench) for a model of `precision` (fp32 | fp16 | int8)."""
-    name = f"{use}-{precision}"
-    if name not in TOLERANCES:
-        name = f"{use}-fp16" if f"{use}-fp16" in TOLERANCES else f"{use}-fp32"
-    return TOLERANCES[name]
+BENCH_BY_PRECISION = dict(zip(PRECISIONS, (BENCH_FP32, BENCH_FP16, BENCH_INT8)))
+
+
+def bench_tolerance(precision: str) -> Tolerance:
+    """How closely bench requires a model of `precision` to follow its reference before it scores or times it."""
+    if precision not in BENCH_BY_PRECISION:
+        raise UserError(f"model precision {precision!r} is none of {', '.join(PRECISIONS)}; re-export the model")
+    return BENCH_BY_PRECISION[precision]
 
 
 @dataclass

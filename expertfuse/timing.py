@@ -138,9 +138,11 @@ class Ratio:
         return {"ratio": self.value, "ci95": [self.low, self.high], "rounds": self.rounds, "samples": self.samples,
                 "reliable": self.reliable}
 
-    def describe(self) -> str:
-        flag = "" if self.reliable else " UNRELIABLE (interval wider than +-10%)"
-        return f"{self.value:.2f}x [{self.low:.2f}, {self.high:.2f}] (n={self.samples}){flag}"
+
+def describe_ratio(r: dict) -> str:
+    """A ratio as Ratio.to_dict() writes it: '2.91x [2.80, 3.02] n=120', flagged when it is not reliable."""
+    text = f"{r['ratio']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] n={r['samples']}"
+    return text if r["reliable"] else f"{text} UNRELIABLE (interval wider than +-{100 * RELIABLE_HALF_WIDTH:.0f}%)"
 
 
 def ratio_of_medians(numerator: list[list[float]], denominator: list[list[float]], *, boot: int = 2000,
@@ -174,3 +176,9 @@ def pick_fastest(runners: dict[str, Callable[[np.ndarray], object]], inputs: dic
     medians = {name: {b: keyed.median_s(f"{name}@{b}") for b in inputs} for name in runners}
     score = {name: float(np.exp(np.mean(np.log(list(per.values()))))) for name, per in medians.items()}
     return min(score, key=score.get), medians
+
+
+def describe_choice(medians: dict[str, dict[int, float]], best: str) -> str:
+    """What pick_fastest measured, for the log: 'loop b1 1.20 ms, b32 9.80 ms; grouped ... -> grouped'."""
+    return "; ".join(f"{name} " + ", ".join(f"b{b} {t * 1e3:.2f} ms" for b, t in per.items())
+                     for name, per in medians.items()) + f" -> {best}"

@@ -11,7 +11,6 @@ ONNX Runtime at batches 1, 2, 7 and max against PyTorch, and only then adds it t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -25,14 +24,14 @@ import torch
 from expertfuse.cli import run_cli
 from expertfuse.contract import INPUT, LOGITS
 from expertfuse.errors import UserError
-from expertfuse.timing import pick_fastest
+from expertfuse.timing import describe_choice, pick_fastest
 from export.early_exit import add_early_exit_args, export_early_exit
 from export.gate import check_parity, test_images
 from export.graph import InferenceGraph
 from export.job import ExportJob, build_job, with_experts
 from export.labelled import LabelledData
 from export.naming import naive_ensemble_names
-from export.quantize import Int8Settings, add_int8_args, export_int8
+from export.quantize import Int8Settings, add_int8_args, export_int8, write_report
 from export.request import DEFAULT_OPSET, ExportRequest, add_request_args, request_from_args, validate
 from export.triton import publish, serving_options, signature
 from serve.repository import ServingOptions, staging, write_naive_ensemble
@@ -106,8 +105,7 @@ def choose_fusion(job: ExportJob, folder: Path, opset: int) -> tuple[str, dict]:
     inputs = {1: images[:1], len(images): images}
     runners = {f: onnx_runner(onnx_file(export_graph(job, f, folder / f, opset))) for f in ("loop", "grouped")}
     best, timings = pick_fastest(runners, inputs)
-    print("fusion auto on " + providers()[0] + ": " + "; ".join(
-        f"{f} " + ", ".join(f"b{b} {t * 1e3:.2f} ms" for b, t in per.items()) for f, per in timings.items()) + f" -> {best}")
+    print(f"fusion auto on {providers()[0]}: {describe_choice(timings, best)}")
     return best, timings
 
 
@@ -150,10 +148,9 @@ def export_to_repository(job: ExportJob, settings: OnnxSettings) -> tuple[Path, 
         opset = written_opset(onnx_file(artifact))
         print(f"onnx.checker passed (opset {opset}); running it in ONNX Runtime ({', '.join(providers())})")
         parity = check_parity(job, onnx_runner(onnx_file(artifact)), [1, 2, 7, request.max_batch])
-        report = work / "export_report.json"
-        report.write_text(json.dumps({"parity": parity, "tolerance": request.tolerance().describe(), "fusion": fusion,
-                                      "fusion_timings_s": timings, "opset": opset, "onnxruntime": ort.__version__,
-                                      "providers": providers(), "checkpoint": str(request.ckpt)}, indent=2))
+        report = write_report(work, {"parity": parity, "tolerance": request.tolerance().describe(), "fusion": fusion,
+                                     "fusion_timings_s": timings, "opset": opset, "providers": providers(),
+                                     "checkpoint": str(request.ckpt)})
         return publish(job, "onnxruntime_onnx", settings.serving(request),
                        {"model.onnx": artifact, "export_report.json": report}, fusion)
 

@@ -29,7 +29,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 
 from expertfuse.contract import INPUT, LOGITS, ModelMetadata
 from expertfuse.errors import ParityError, UserError
-from expertfuse.timing import pick_fastest
+from expertfuse.timing import describe_choice, pick_fastest
 from export.job import ExportJob
 from export.labelled import (EvalSet, LabelledData, accuracy_table, add_data_args, calibration_pixels, load_data,
                              load_eval_set, model_input, shot_accuracy)
@@ -212,6 +212,7 @@ def stamp_metadata(model_file: Path, meta: ModelMetadata) -> None:
 
 
 def write_report(folder: Path, report: dict) -> Path:
+    """export_report.json beside the model: what every export (FP32, INT8, early exit) checked and chose."""
     path = folder / "export_report.json"
     path.write_text(json.dumps({**report, "onnxruntime": ort.__version__}, indent=2, default=float))
     return path
@@ -223,8 +224,7 @@ def pick_int8_fusion(candidates: dict[str, Path], calib: np.ndarray) -> tuple[st
         return next(iter(candidates)), {}
     runners = {f: (lambda x, s=cpu_session(path): s.run([LOGITS], {INPUT: x})) for f, path in candidates.items()}
     best, timings = pick_fastest(runners, {1: calib[:1], 32: calib[:32]})
-    print("INT8 fusion: " + "; ".join(f"{f} " + ", ".join(f"b{b} {t * 1e3:.2f} ms" for b, t in per.items())
-                                      for f, per in timings.items()) + f" -> {best}")
+    print(f"INT8 fusion: {describe_choice(timings, best)}")
     return best, timings
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,8 @@ import torch
 from expertfuse.cli import run_cli
 from expertfuse.contract import INPUT, LOGITS, ModelMetadata
 from expertfuse.errors import UserError
-from expertfuse.timing import pick_fastest
+from expertfuse.files import atomic_path
+from expertfuse.timing import describe_choice, pick_fastest
 from export.gate import check_parity, test_images
 from export.job import ExportJob, build_job
 from export.labelled import LabelledData
@@ -162,9 +162,8 @@ def build_plan(trt, onnx_path: Path, input_shape: tuple[int, ...], profiles: Seq
     if plan is None:
         raise UserError("TensorRT failed to build the engine (see its log above)")
     if timing_cache:
-        tmp = timing_cache.with_name(timing_cache.name + ".tmp")
-        tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-        os.replace(tmp, timing_cache)
+        with atomic_path(timing_cache) as tmp:
+            tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
     return bytes(memoryview(plan))
 
 
@@ -289,8 +288,7 @@ def build_fastest(trt, job: ExportJob, settings: PlanSettings, work: Path,
     batches = sorted({settings.profiles[0].min} | {p.opt for p in settings.profiles})
     images = test_images(job, batches[-1])["random"].numpy()
     best, timings = pick_fastest({f: PlanRunner(trt, plans[f]) for f in fusions}, {b: images[:b] for b in batches})
-    print("fusion auto on TensorRT: " + "; ".join(f"{f} " + ", ".join(f"b{b} {t * 1e3:.2f} ms" for b, t in per.items())
-                                                for f, per in timings.items()) + f" -> {best}")
+    print(f"fusion auto on TensorRT: {describe_choice(timings, best)}")
     return best, plans[best]
 
 

@@ -23,6 +23,7 @@ from expertfuse.cli import run_cli
 from expertfuse.contract import KEY_PREFIX, ModelMetadata
 from expertfuse.errors import UserError
 from expertfuse.preprocess import load_rgb, pixel_transform, to_model_input
+from serve.repository import string_parameters
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 # The metadata fields the client reads: preprocessing only, so models exported before the contract still classify.
@@ -95,9 +96,9 @@ def _model_config(client, protocol: str, model: str, version: str, url: str) -> 
     return cfg
 
 
-def preprocessing_sizes(params: dict, model: str, input_size: int) -> tuple[int, int]:
+def preprocessing_sizes(params: dict[str, str], model: str, input_size: int) -> tuple[int, int]:
     """(resize, crop) from the model's expertfuse metadata; a model without any is cropped to its input."""
-    props = {f"{KEY_PREFIX}{f}": params[f"{KEY_PREFIX}{f}"]["string_value"] for f in PREPROCESSING_FIELDS
+    props = {f"{KEY_PREFIX}{f}": params[f"{KEY_PREFIX}{f}"] for f in PREPROCESSING_FIELDS
              if f"{KEY_PREFIX}{f}" in params}
     if not props:
         return input_size, input_size
@@ -115,7 +116,7 @@ def model_info(client, protocol: str, model: str, url: str, version: str = "") -
     image = cfg["input"][0]
     dims = [int(d) for d in image["dims"]]
     layout = image.get("format", "FORMAT_NCHW" if dims[0] == 3 else "FORMAT_NHWC").removeprefix("FORMAT_")
-    resize, size = preprocessing_sizes(cfg.get("parameters", {}), model, dims[0] if layout == "NHWC" else dims[1])
+    resize, size = preprocessing_sizes(string_parameters(cfg), model, dims[0] if layout == "NHWC" else dims[1])
     output = cfg["output"][0]
     return ModelInfo(model, version, image["name"], image["data_type"].removeprefix("TYPE_"), layout, size, resize,
                      output["name"], int(output["dims"][-1]), int(cfg.get("max_batch_size", 0)))

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from expertfuse.contract import check_model_name
 from expertfuse.errors import UserError
+from expertfuse.files import write_text
 from serve.repository import read_config
 from serve.server import DEFAULT_IMAGE
 
@@ -176,16 +176,7 @@ class _PlainDumper(yaml.SafeDumper):
 
 
 def write_yaml(path: Path, documents: list[dict]) -> Path:
-    """Atomic: a temporary file next to `path`, renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.dump_all(documents, f, Dumper=_PlainDumper, sort_keys=False)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return write_text(path, yaml.dump_all(documents, Dumper=_PlainDumper, sort_keys=False))
 
 
 def emit(kind: str, repository: Path, out: Path, image: str = DEFAULT_IMAGE, ports: dict[str, int] | None = None,

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from expertfuse.files import write_text
+
 RUN_PREFIX = "expertfuse-triton-"
 RECORD = "launcher.json"
 _PR_SET_PDEATHSIG = 1
@@ -49,9 +51,7 @@ def write_record(run_dir: Path, shm_prefix: str, server_pid: int | None = None) 
     """Record (atomically) this launcher, the server it started and the server's shm prefix."""
     record = {"launcher_pid": os.getpid(), "launcher_start": process_start(os.getpid()), "shm_prefix": shm_prefix,
               "server_pid": server_pid, "server_start": process_start(server_pid) if server_pid else None}
-    partial = run_dir / f".{RECORD}.partial"
-    partial.write_text(json.dumps(record))
-    os.replace(partial, run_dir / RECORD)
+    write_text(run_dir / RECORD, json.dumps(record))
 
 
 def read_record(run_dir: Path) -> dict | None:

@@ -21,6 +21,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from expertfuse.contract import check_model_name
 from expertfuse.errors import UserError
+from expertfuse.files import write_text
 
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
@@ -145,10 +146,7 @@ def write_config(model_dir: Path, cfg: pb.ModelConfig) -> Path:
     path = Path(model_dir) / CONFIG_FILE
     text = render(cfg)
     parse(text)
-    partial = path.with_name(f".{CONFIG_FILE}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-    return path
+    return write_text(path, text)
 
 
 def parse(text: str) -> pb.ModelConfig:
@@ -164,6 +162,14 @@ def read_config(model_dir: Path) -> pb.ModelConfig:
         raise RepositoryError(f"{path}: cannot read") from None
     except text_format.ParseError as exc:
         raise RepositoryError(f"{path}: {exc}") from None
+
+
+def string_parameters(cfg: pb.ModelConfig | dict) -> dict[str, str]:
+    """A model config's string parameters (where export records what the model is), from the protobuf or from the
+    JSON form Triton's HTTP API returns."""
+    if isinstance(cfg, dict):
+        return {key: value.get("string_value", "") for key, value in cfg.get("parameters", {}).items()}
+    return {key: value.string_value for key, value in cfg.parameters.items()}
 
 
 def model_folders(repo: Path) -> list[Path]:

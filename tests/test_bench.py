@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from bench.decision import best_single, cost_accuracy, decision, inprocess_ratios, mark_pareto
 from bench.evaluation import accuracy, collapsed
 from export.labelled import EvalSet, LabelledData, load_eval_set
-from bench.inprocess import References, Variant, gate_and_score, make_runner
+from bench.inprocess import References, Variant, gate_and_score, make_runner, reference_key
 from bench.machine import machine_info
 from bench.report import write_all
 from bench.runners import TritonRunner
@@ -50,10 +50,11 @@ def test_accuracy_through_onnxruntime_and_the_bundled_triton_are_equal(triton, t
     refs = References.build(job.model, data, gate_images=4)
     local = gate_and_score(make_runner("onnxruntime-cpu", job, Variant("e", (0, 1, 2), "grouped"), tmp_path),
                            (0, 1, 2), "fp32", refs, data)
-    ctx = SimpleNamespace(num_experts=3, refs=refs, data=data, inprocess_logits={((0, 1, 2), "fp32"): local["logits"]})
+    ctx = SimpleNamespace(num_experts=3, refs=refs, data=data, inprocess_logits={reference_key((0, 1, 2), "fp32", None): local["logits"]})
     for protocol, url in (("http", triton.endpoints.http), ("grpc", triton.endpoints.grpc)):
         served = score_model(url, protocol, "ncl", "fused", {"expertfuse_experts": "0,1,2"}, ctx)
         assert served["parity_labelled"]["ok"] and served["parity_labelled"]["samples"] == len(data.labels)
+        assert served["parity_labelled"]["against"] == "in-process", protocol
         assert served["accuracy"] == local["accuracy"], protocol
 
 

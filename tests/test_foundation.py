@@ -41,8 +41,9 @@ def test_reduced_precision_is_judged_by_top1_agreement_and_require_raises_parity
     result = parity.compare(wrong, ref, parity.EXPORT_FP16)
     with pytest.raises(ParityError, match="top-1 agreement"):
         parity.require(result, "model.onnx")
-    assert parity.for_precision("int8").name == "bench-int8"
-    assert parity.for_precision("fp32", "export") is parity.EXPORT_FP32
+    assert parity.bench_tolerance("int8").name == "bench-int8"
+    with pytest.raises(UserError, match="none of fp32, fp16, int8"):
+        parity.bench_tolerance("fp8")
 
 
 def test_metadata_round_trips_through_properties_and_triton_parameters():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from bench.noise_check import agreement
-from expertfuse.timing import Measurement, interleave, measure, ratio_of_medians, windows_agree
+from expertfuse.timing import Measurement, describe_ratio, interleave, measure, ratio_of_medians, windows_agree
 
 
 def test_windows_agree_needs_three_close_windows():
@@ -51,7 +51,7 @@ def test_a_known_ratio_is_recovered_with_a_tight_interval():
     r = ratio_of_medians(num, den)
     assert r.low <= 3.0 <= r.high and r.value == pytest.approx(3.0, rel=0.05)
     assert r.reliable and r.rounds == 40 and r.samples == 400
-    assert "UNRELIABLE" not in r.describe()
+    assert "UNRELIABLE" not in describe_ratio(r.to_dict())
 
 
 def test_a_noisy_ratio_is_flagged_unreliable():
@@ -60,7 +60,7 @@ def test_a_noisy_ratio_is_flagged_unreliable():
     num = [list(0.020 * rng.lognormal(0, 0.8, 3)) for _ in range(10)]
     r = ratio_of_medians(num, den)
     assert not r.reliable and r.half_width > 0.10
-    assert "UNRELIABLE" in r.describe() and r.to_dict()["reliable"] is False
+    assert "UNRELIABLE" in describe_ratio(r.to_dict()) and r.to_dict()["reliable"] is False
 
 
 def test_noise_check_reports_the_loaded_ratio_against_the_quiet_one_both_ways():

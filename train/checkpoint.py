@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from expertfuse.errors import UserError
+from expertfuse.files import atomic_path
 from train.models import ModelSpec, MultiExpertNet, build_model
 
 FORMAT = "expertfuse-checkpoint"
@@ -71,19 +71,9 @@ def save_checkpoint(payload: CheckpointPayload | dict, path: str | os.PathLike) 
     A dict is a loaded checkpoint a tool changed; it is checked like a payload before it is written."""
     data = payload.to_dict() if isinstance(payload, CheckpointPayload) \
         else CheckpointPayload.from_dict({"format": FORMAT, "version": VERSION, **payload}).to_dict()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(data, tmp)
+    return Path(path)
 
 
 def read_torch_file(path: str | os.PathLike, kind: str = "expertfuse checkpoint",

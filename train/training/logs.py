@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
+
+from expertfuse.files import atomic_path
 
 
 class CsvLog:
@@ -20,12 +21,10 @@ class CsvLog:
     def append(self, row: dict) -> None:
         self.rows.append(row)
         fieldnames = list(dict.fromkeys(k for r in self.rows for k in r))
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(self.rows)
-        os.replace(tmp, self.path)
 
 
 class EpochLogs:
