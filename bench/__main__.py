@@ -21,6 +21,7 @@ from pathlib import Path
 from bench.decision import (best_single, cost_accuracy, decision, headline_runtime, inprocess_ratios, mark_pareto,
                             scored)
 from export.labelled import EvalSet, LabelledData, add_data_args, load_eval_set
+from bench.evaluation import gain_interval
 from bench.inprocess import (References, available_runtimes, plan_variants, reference_key, repository_variants,
                               run_inprocess)
 from bench.machine import machine_info
@@ -101,10 +102,12 @@ def inprocess_stage(args, ctx: Context, runtimes: list[str], result: dict) -> No
     rows, timings = run_inprocess(ctx.job, runtimes, variants, ctx.refs, ctx.data, args.batches, args.budget_s,
                                   ctx.workdir)
     ctx.runtime = headline_runtime(rows) or ctx.runtime
+    predictions = {}
     for row in rows:
         logits = row.pop("logits", None)
         if logits is not None and "accuracy" in row and row["runtime"] == ctx.runtime:
             ctx.inprocess_logits[reference_key(row["experts"], row["precision"], row.get("early_exit_threshold"))] = logits
+            predictions[row["variant"]] = logits.argmax(1)
     result["inprocess"] = rows
     by_name = scored(rows, ctx.runtime)
     single = best_single(by_name)
@@ -113,7 +116,8 @@ def inprocess_stage(args, ctx: Context, runtimes: list[str], result: dict) -> No
     result["single"] = single
     result["ratios"] += inprocess_ratios(by_name, timings, ctx.runtime, single)
     result["points"] += cost_accuracy(by_name, timings, ctx.runtime, single)
-    result["decision"] = decision(result["points"], result["ratios"], single, args.batches)
+    result["decision"] = decision(result["points"], result["ratios"], single, args.batches,
+                                  lambda a, b: gain_interval(predictions[a], predictions[b], ctx.data))
     fastest = [r for r in result["ratios"] if r["ratio_name"] == "grouped / loop" and r["batch"] == min(args.batches)]
     ctx.fused_fusion = "grouped" if fastest and fastest[0]["ratio"] <= 1 else "loop"
 

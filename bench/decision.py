@@ -2,6 +2,8 @@
 with its 95% interval), the cost-accuracy points with their Pareto front, and the decision sentence."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from expertfuse.timing import Interleaved, describe_ratio, ratio
 from export.labelled import GROUPS
 
@@ -96,8 +98,10 @@ def mark_pareto(points: list[dict]) -> None:
                 p[f"pareto_{cost}_{acc}"] = p["name"] in front
 
 
-def decision(points: list[dict], ratios: list[dict], single: str, batches: list[int]) -> dict | None:
-    """The sentence the summary leads with: what the fused ensemble buys over the best expert, and for what cost."""
+def decision(points: list[dict], ratios: list[dict], single: str, batches: list[int],
+             gain_of: Callable[[str, str], dict] | None = None) -> dict | None:
+    """The sentence the summary leads with: what the fused ensemble buys over the best expert, and for what cost.
+    `gain_of(ensemble, single)` gives the accuracy gains with their intervals (bench.evaluation.gain_interval)."""
     by_name = {p["name"]: p for p in points}
     cost = {r["batch"]: r for r in ratios if r["ratio_name"] == "ensemble / single"}
     if single not in by_name or not cost:
@@ -105,14 +109,20 @@ def decision(points: list[dict], ratios: list[dict], single: str, batches: list[
     small, large = min(batches), max(batches)
     ensemble = cost[small]["numerator"].split("@")[0]
     gain = {acc: by_name[ensemble][acc] - by_name[single][acc] for acc in ("overall", "few")}
-    few = "" if gain["few"] != gain["few"] else f", {gain['few']:+.1f} on few-shot classes"
+    intervals = gain_of(ensemble, single) if gain_of else {}
+
+    def points(acc: str) -> str:
+        ci = intervals.get(acc, {}).get("ci95")
+        return f"{gain[acc]:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+    few = "" if gain["few"] != gain["few"] else f", {points('few')} on few-shot classes"
 
     def times(r: dict) -> str:
         """The ratio with its 95% interval, naming the fusion when it differs from the one at the smallest batch."""
         fusion = r["numerator"].split("@")[0]
         return describe_ratio(r) + ("" if fusion == ensemble else f" ({fusion})")
-    sentence = (f"The ensemble ({ensemble}) buys {gain['overall']:+.1f} points overall{few}, for {times(cost[small])} "
+    sentence = (f"The ensemble ({ensemble}) buys {points('overall')} points overall{few}, for {times(cost[small])} "
                 f"the cost at batch {small} and {times(cost[large])} at batch {large}, against the best single "
                 f"expert ({single}).")
-    return {"ensemble": ensemble, "single": single, "gain_points": gain, "cost": {small: cost[small], large: cost[large]},
+    return {"ensemble": ensemble, "single": single, "gain_points": gain,
+            "gain_ci95": {acc: v["ci95"] for acc, v in intervals.items()}, "cost": {small: cost[small], large: cost[large]},
             "reliable": cost[small]["reliable"] and cost[large]["reliable"], "sentence": sentence}

@@ -85,7 +85,9 @@ def training_check(result: dict) -> list[str]:
     best = max((acc["overall"] for name, acc in rows.items() if name.startswith("expert")), default=None)
     ensemble = rows.get("ensemble-loop", {}).get("overall")
     if best is not None and ensemble is not None and ensemble < best:
-        problems.append(f"the ensemble ({ensemble:.1f}%) is less accurate than its best expert ({best:.1f}%)")
+        ci = ((result.get("decision") or {}).get("gain_ci95") or {}).get("overall")
+        noise = f" (the gain's 95% interval over the evaluation images: [{ci[0]:+.1f}, {ci[1]:+.1f}])" if ci else ""
+        problems.append(f"the ensemble ({ensemble:.1f}%) is less accurate than its best expert ({best:.1f}%){noise}")
     return problems
 
 

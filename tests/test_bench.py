@@ -8,7 +8,7 @@ import csv
 from types import SimpleNamespace
 
 from bench.decision import best_single, cost_accuracy, decision, inprocess_ratios, mark_pareto
-from bench.evaluation import accuracy, collapsed
+from bench.evaluation import accuracy, collapsed, gain_interval
 from export.labelled import EvalSet, LabelledData, load_eval_set
 from bench.inprocess import References, Variant, gate_and_score, make_runner, reference_key
 from bench.machine import machine_info
@@ -58,6 +58,21 @@ def test_accuracy_through_onnxruntime_and_the_bundled_triton_are_equal(triton, t
         assert served["accuracy"] == local["accuracy"], protocol
 
 
+def test_accuracy_gain_interval_on_a_constructed_case():
+    counts = [300] * 5 + [10] * 5  # strict rule: classes 0-4 many, 5-9 few
+    labels = np.repeat(np.arange(10), 100)
+    data = EvalSet(np.zeros((1000, 2, 2, 3), np.uint8), labels, counts, "strict", "constructed")
+    baseline = np.where(np.random.default_rng(1).random(1000) < 0.7, labels, (labels + 1) % 10)
+    better = baseline.copy()
+    fixed = np.flatnonzero((better != labels) & (labels >= 5))[:50]  # 50 more right, all in few-shot classes
+    better[fixed] = labels[fixed]
+    gain = gain_interval(better, baseline, data)
+    assert gain["overall"]["points"] == pytest.approx(5.0) and gain["few"]["points"] == pytest.approx(10.0)
+    assert 3.0 < gain["overall"]["ci95"][0] < 5.0 < gain["overall"]["ci95"][1] < 7.0
+    same = gain_interval(baseline, baseline, data)
+    assert same["overall"]["ci95"] == [0.0, 0.0]  # identical predictions: no gain, whatever the resample
+
+
 def test_shot_group_accuracy_on_a_constructed_case():
     counts = [200, 150, 50, 30, 10, 5]  # strict rule: many 0,1; medium 2,3; few 4,5
     labels = np.repeat(np.arange(6), 10)
@@ -86,18 +101,19 @@ def test_cost_accuracy_report_is_well_formed(tmp_path):
                 "ensemble-grouped": {"experts": [0, 1], "precision": "fp32", "fusion": "grouped",
                                      "accuracy": acc(65.0, 45.0)}}
     single = best_single(variants)
+    gains = {"overall": {"points": 5.0, "ci95": [4.0, 6.0]}, "few": {"points": 25.0, "ci95": [15.0, 35.0]}}
     ratios = inprocess_ratios(variants, timings, "onnxruntime-cpu", single)
     points = cost_accuracy(variants, timings, "onnxruntime-cpu", single)
     mark_pareto(points)
     result = {"checkpoint": "c.pt", "machine": machine_info(), "single": single, "ratios": ratios, "points": points,
-              "decision": decision(points, ratios, single, [1, 64]), "inprocess": [], "served": {},
+              "decision": decision(points, ratios, single, [1, 64], lambda a, b: gains), "inprocess": [], "served": {},
               "evaluation": {"source": "constructed", "shot_rule": "strict"}}
     files = write_all(result, tmp_path)
     assert single == "expert0"
     summary = (tmp_path / "summary.md").read_text()
     lead = summary.splitlines()[2]
-    assert lead.startswith("**The ensemble (ensemble-grouped) buys +5.0 points overall, +25.0 on few-shot classes, "
-                           "for 2.") and lead.endswith("against the best single expert (expert0).**")
+    assert lead.startswith("**The ensemble (ensemble-grouped) buys +5.0 [+4.0, +6.0] points overall, +25.0 [+15.0, "
+                           "+35.0] on few-shot classes, for 2.") and lead.endswith("against the best single expert (expert0).**")
     saved = json.loads((tmp_path / "bench.json").read_text())
     ens = next(p for p in saved["points"] if p["name"] == "ensemble-grouped")
     assert ens["cost_b1"]["ratio"] == pytest.approx(2.5, rel=0.05) and ens["pareto_cost_small_overall"]
@@ -197,3 +213,17 @@ def test_asyncio_load_generator(triton, protocol):
     row = measure_concurrency(url, protocol, "ncl_expert0", 32, 1, 4, window_s=0.3, max_processes=1, client_kind="asyncio")
     assert row["client"] == "asyncio" and row["requests"] > 0 and row["throughput"] > 0
     assert row["server_exec_per_request"] <= 1.0
+
+
+def test_demo_training_check_names_a_collapsed_expert_and_an_ensemble_behind_its_best_expert():
+    from bench.demo import training_check
+    row = lambda name, overall, right: {"variant": name, "runtime": "onnxruntime-cpu",  # noqa: E731
+                                        "accuracy": {"overall": overall, "per_class": [50.0] * right + [0.0] * (10 - right)}}
+    result = {"inprocess": [row("expert0", 30.0, 3), row("expert1", 70.0, 9), row("ensemble-loop", 69.5, 9)],
+              "decision": {"gain_ci95": {"overall": [-1.2, 0.3]}}}
+    problems = training_check(result)
+    assert problems[0] == "expert0 collapsed: right on 3 of 10 classes"
+    assert problems[1] == ("the ensemble (69.5%) is less accurate than its best expert (70.0%) "
+                           "(the gain's 95% interval over the evaluation images: [-1.2, +0.3])")
+    result["inprocess"][2]["accuracy"]["overall"] = 70.0
+    assert training_check(result) == ["expert0 collapsed: right on 3 of 10 classes"]
