@@ -27,11 +27,11 @@ from bench.inprocess import (References, available_runtimes, plan_variants, refe
 from bench.machine import machine_info
 from bench.report import markdown, write_all
 from bench.served_stage import run_served
-from expertfuse.cli import int_list, run_cli
+from expertfuse.cli import choice_list, positive_int, positive_int_list, run_cli
 from expertfuse.errors import UserError
 from export.early_exit import expert_order
 from export.job import job_for
-from serve.server import ServerError
+from serve.server import SERVERS, ServerError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, required=True, help="training checkpoint")
     p.add_argument("--runtimes", help=f"comma-separated (default: all available here: {','.join(available_runtimes())})")
-    p.add_argument("--batches", type=int_list, default=[1, 8, 64], help="in-process batch sizes [1,8,64]")
+    p.add_argument("--batches", type=positive_int_list, default=[1, 8, 64],
+                   help="in-process batch sizes [1,8,64]")
     p.add_argument("--budget-s", type=float, default=8.0, help="seconds of interleaved timing per batch size [8]")
     p.add_argument("--window-s", type=float, default=1.0, help="length of one served measurement window [1.0]")
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process variants")
@@ -47,16 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
                    help="model repository: its INT8 and early-exit models are benched too; Triton is started on it "
                         "unless --http-url/--grpc-url are given")
-    p.add_argument("--server", default="auto", help="which Triton to start: auto|local|docker|bundled [auto]")
+    p.add_argument("--server", default="auto", choices=SERVERS, help="which Triton to start [auto]")
     p.add_argument("--http-url", help="a running Triton's HTTP endpoint host:port")
     p.add_argument("--grpc-url", help="a running Triton's gRPC endpoint host:port")
     p.add_argument("--model", help="served fused model name (default: the checkpoint's method, e.g. ncl)")
-    p.add_argument("--protocols", default="http,grpc")
-    p.add_argument("--concurrency", "--concurrency-range", type=int_list, default=[1, 2, 4, 8, 16],
+    p.add_argument("--protocols", type=choice_list(("http", "grpc")), default=["http", "grpc"],
+                   help="served protocols measured [http,grpc]")
+    p.add_argument("--concurrency", "--concurrency-range", type=positive_int_list, default=[1, 2, 4, 8, 16],
                    help="served concurrency levels, each one measured [1,2,4,8,16]")
-    p.add_argument("--served-batch", type=int, default=1, help="images per served request [1]")
+    p.add_argument("--served-batch", type=positive_int, default=1, help="images per served request [1]")
     p.add_argument("--load-generator", default="python", choices=["python", "perf_analyzer"])
-    p.add_argument("--client-processes", type=int, default=4, help="most client processes generating load [4]")
+    p.add_argument("--client-processes", type=positive_int, default=4, help="most client processes generating load [4]")
     p.add_argument("--client", default="threads", choices=["threads", "asyncio"],
                    help="inside each load process: threads with sync clients, or tritonclient asyncio coroutines")
     p.add_argument("--out", type=Path, default=Path("bench/results/latest"))
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_inprocess:
             inprocess_stage(args, ctx, runtimes, result)
         if args.served:
-            print(f"served: concurrency {args.concurrency}, batch {args.served_batch}, {args.protocols}")
+            print(f"served: concurrency {args.concurrency}, batch {args.served_batch}, {','.join(args.protocols)}")
             try:
                 result["served"] = run_served(args, ctx)
             except ServerError as exc:

@@ -115,7 +115,7 @@ def run_served(args, ctx, log=print) -> dict:
         log(f"starting Triton: {mode} ({why})")
         server = TritonServer(args.repository, mode).start()
         args.http_url, args.grpc_url = server.endpoints.http, server.endpoints.grpc
-    urls = {p: args.http_url if p == "http" else args.grpc_url for p in args.protocols.split(",")}
+    urls = {p: args.http_url if p == "http" else args.grpc_url for p in args.protocols}
     workdir = Path(tempfile.mkdtemp(prefix="expertfuse-bench-")) if perf_analyzer else None  # its CSV files
     result = {"models": [], "sweep": [], "ratios": [], "points": []}
     try:

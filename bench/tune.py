@@ -28,12 +28,12 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from bench.served import measure_concurrency
-from expertfuse.cli import int_list, run_cli
+from expertfuse.cli import int_list, positive_int, positive_int_list, run_cli
 from expertfuse.contract import INPUT, check_model_name
 from expertfuse.errors import UserError
 from expertfuse.files import atomic_path
 from serve.repository import LABELS_FILE, RepositoryError, read_config, staging, versions, write_model
-from serve.server import ServerError, TritonServer, choose_server
+from serve.server import SERVERS, ServerError, TritonServer, choose_server
 
 # torch (bench.machine) and matplotlib are imported where used: the load generator's spawned client processes
 # re-import this module, and on a busy 2-core machine torch's import alone outlasted a measured window.
@@ -283,16 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--model", required=True, help="the model to tune (e.g. ncl)")
     p.add_argument("--latency-budget-ms", type=float, default=20.0, help="p99 latency budget [20]")
-    p.add_argument("--instances", type=int_list, default=[1, 2], help="instance counts [1,2]")
-    p.add_argument("--max-batch-sizes", type=int_list, default=[8, 32], help="max_batch_size values [8,32]")
+    p.add_argument("--instances", type=positive_int_list, default=[1, 2], help="instance counts [1,2]")
+    p.add_argument("--max-batch-sizes", type=positive_int_list, default=[8, 32], help="max_batch_size values [8,32]")
     p.add_argument("--preferred-batch-sizes", default="none",
                    help="comma list of: none | max | sizes joined by + (e.g. none,max,4+8) [none]")
     p.add_argument("--queue-delays-us", type=int_list, default=[0, 1000], help="max queue delays in us [0,1000]")
-    p.add_argument("--concurrency", type=int_list, default=[2, 8, 32], help="client concurrency levels [2,8,32]")
+    p.add_argument("--concurrency", type=positive_int_list, default=[2, 8, 32], help="client concurrency levels [2,8,32]")
     p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
-    p.add_argument("--server", default="auto", help="which Triton to start: auto|local|docker|bundled [auto]")
+    p.add_argument("--server", default="auto", choices=SERVERS, help="which Triton to start [auto]")
     p.add_argument("--window-s", type=float, default=1.0, help="length of one measured window [1.0]")
-    p.add_argument("--client-processes", type=int, default=4, help="most client processes generating load [4]")
+    p.add_argument("--client-processes", type=positive_int, default=4, help="most client processes generating load [4]")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds for Triton to start [180]")
     p.add_argument("--load-timeout", type=float, default=180.0, help="seconds for one model reload [180]")
     p.add_argument("--variant", help="name of the tuned model written back [<model>_tuned]")
@@ -303,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     from bench.machine import machine_info
     args = build_parser().parse_args(argv)
-    if args.latency_budget_ms <= 0 or min(args.instances + args.concurrency, default=0) < 1:
-        raise UserError("--latency-budget-ms, --instances and --concurrency must be positive")
+    if args.latency_budget_ms <= 0:
+        raise UserError("--latency-budget-ms must be positive")
     variant = check_model_name(args.variant or f"{args.model}_tuned")
     if variant == args.model:
         raise UserError("--variant must differ from --model (the exported config stays as it was)")

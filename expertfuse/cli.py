@@ -27,3 +27,29 @@ def int_list(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size, a count of processes)."""
+    values = positive_int_list(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: '1,8,64' -> [1, 8, 64], at least one value and every value >= 1."""
+    values = int_list(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+def choice_list(choices: tuple[str, ...]):
+    """argparse type: 'a,b' -> ['a', 'b'], each one of `choices`."""
+    def parse(text: str) -> list[str]:
+        values = [v for v in text.split(",") if v]
+        if not values or set(values) - set(choices):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}, got {text!r}")
+        return values
+    return parse

@@ -227,3 +227,11 @@ def test_demo_training_check_names_a_collapsed_expert_and_an_ensemble_behind_its
                            "(the gain's 95% interval over the evaluation images: [-1.2, +0.3])")
     result["inprocess"][2]["accuracy"]["overall"] = 70.0
     assert training_check(result) == ["expert0 collapsed: right on 3 of 10 classes"]
+
+
+@pytest.mark.parametrize("flags", [["--batches", "0"], ["--batches", ""], ["--concurrency", "1,-2"],
+                                   ["--client-processes", "0"], ["--served-batch", "two"], ["--protocols", "http,ftp"],
+                                   ["--server", "cloud"]])
+def test_bench_refuses_bad_load_flags_in_one_line(flags, tiny_checkpoint):
+    proc = run_module("bench", "--ckpt", str(tiny_checkpoint), *flags, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("python -m bench: error: argument")
