@@ -34,11 +34,6 @@ def runs(epochs: int) -> dict[str, list[str]]:
                     "--moco-queue", "256", "--moco-dim", "32"]}
 
 
-def served_accuracy(metrics: dict, method: str) -> dict:
-    """What each method deploys: SSD its soft head, the others the ensemble."""
-    return metrics["experts"][1] if method == "ssd" else metrics["ensemble"]
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.compare_methods", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +51,7 @@ def main(argv=None) -> int:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         data = load_checkpoint(out / f"{method}.pt")
         m = data["metrics"]
-        acc = served_accuracy(m, method)
+        acc = m["ensemble"]  # what the method deploys: SSD its soft head, the others the ensemble
         rows.append({"method": method, "epochs": data["epoch"], "seconds": time.monotonic() - started, **acc,
                      "best_single": max(e["overall"] for e in m["experts"])})
         print(f"  {method}: {acc['overall']:.1f}% (many {acc['many']:.1f} / medium {acc['medium']:.1f} / "

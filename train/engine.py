@@ -178,8 +178,9 @@ def run_epoch(run: Run, phase: Phase, epoch: int, tests: DataLoader) -> tuple[di
     phase.scheduler.step()
     if (epoch + 1) % cfg.eval_every and epoch + 1 != run.total_epochs:
         return row, None
-    correct, total = evaluate(run.model, tests, run.spec.num_classes, env.device, env, run.channels_last)
-    metrics = summarize(correct, total, run.data.train_counts, cfg.shot_rule)
+    correct, total = evaluate(run.model, tests, run.spec.num_classes, env.device, env, run.channels_last,
+                              run.method.served_experts)
+    metrics = summarize(correct, total, run.data.train_counts, cfg.shot_rule, run.method.served_label)
     row.update(metrics_row(metrics))
     if env.main:
         print(f"epoch {epoch + 1}: loss {row['train_loss']:.4f}, {row['images_per_s']:.0f} img/s, "

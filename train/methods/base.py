@@ -14,6 +14,10 @@ class Method:
 
     name = ""
     views = 1
+    # What export serves by default, and so what the training log's "served" column evaluates: the mean logits of
+    # these experts (None: all of them, the ensemble).
+    served_experts: tuple[int, ...] | None = None
+    served_label = "ensemble"
 
     @staticmethod
     def adapt_spec(fields: dict) -> dict:

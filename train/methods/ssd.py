@@ -121,6 +121,8 @@ def ssd_stages(cfg) -> list[Stage]:
 
 class SSD(Method):
     name = "ssd"
+    served_experts = (SOFT,)  # export's default head; the two heads are never averaged
+    served_label = "soft head"
 
     @staticmethod
     def adapt_spec(fields: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Evaluation: per-class correct counts of every expert and the ensemble, and their many/medium/few summary."""
+"""Evaluation: per-class correct counts of every expert and of the served prediction (the ensemble, or the head a
+method serves), and their many/medium/few summary."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,10 @@ from train.training.distributed import Distributed
 
 
 @torch.no_grad()
-def evaluate(model, loader, num_classes: int, device, env: Distributed, channels_last: bool = False) -> tuple:
-    """Per-class correct counts of each expert and of the ensemble (mean of logits): ([K+1, C], [C])."""
+def evaluate(model, loader, num_classes: int, device, env: Distributed, channels_last: bool = False,
+             served: tuple[int, ...] | None = None) -> tuple:
+    """Per-class correct counts of each expert and of the served prediction (mean logits of the `served` experts,
+    default all): ([K+1, C], [C])."""
     model.eval()
     correct, total = None, torch.zeros(num_classes, dtype=torch.float64, device=device)
     for images, targets in loader:
@@ -18,7 +21,8 @@ def evaluate(model, loader, num_classes: int, device, env: Distributed, channels
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         logits = model(images).float()
-        preds = torch.cat([logits.argmax(2), logits.mean(1).argmax(1, keepdim=True)], dim=1)  # [B, K+1]
+        fused = (logits if served is None else logits[:, list(served)]).mean(1)
+        preds = torch.cat([logits.argmax(2), fused.argmax(1, keepdim=True)], dim=1)  # [B, K+1]
         if correct is None:
             correct = torch.zeros(preds.shape[1], num_classes, dtype=torch.float64, device=device)
         hits = (preds == targets[:, None]).double()
@@ -27,11 +31,13 @@ def evaluate(model, loader, num_classes: int, device, env: Distributed, channels
     return env.all_reduce(correct).cpu().numpy(), env.all_reduce(total).cpu().numpy()
 
 
-def summarize(correct: np.ndarray, total: np.ndarray, train_counts: list[int], rule: str) -> dict:
+def summarize(correct: np.ndarray, total: np.ndarray, train_counts: list[int], rule: str,
+              served_label: str = "ensemble") -> dict:
+    """'ensemble' holds the served prediction's accuracy, named by `served_label` (a method may serve one head)."""
     experts = [group_accuracy(correct[k], total, train_counts, rule) for k in range(len(correct) - 1)]
-    return {"ensemble": group_accuracy(correct[-1], total, train_counts, rule), "experts": experts,
-            "best_expert": int(np.argmax([e["overall"] for e in experts])), "test_images": int(total.sum()),
-            "shot_rule": rule}
+    return {"ensemble": group_accuracy(correct[-1], total, train_counts, rule), "served_label": served_label,
+            "experts": experts, "best_expert": int(np.argmax([e["overall"] for e in experts])),
+            "test_images": int(total.sum()), "shot_rule": rule}
 
 
 def metrics_row(metrics: dict) -> dict:
@@ -45,5 +51,5 @@ def format_metrics(m: dict) -> str:
     e = m["ensemble"]
     group = {name: "-" if np.isnan(e[name]) else f"{e[name]:.1f}" for name in ("many", "medium", "few")}
     experts = " ".join(f"{x['overall']:.1f}" for x in m["experts"])
-    return (f"ensemble {e['overall']:.2f} (many {group['many']} / medium {group['medium']} / few {group['few']})"
+    return (f"{m.get('served_label', 'ensemble')} {e['overall']:.2f} (many {group['many']} / medium {group['medium']} / few {group['few']})"
             f"  experts {experts}")
