@@ -31,11 +31,13 @@ def gain_interval(pred: np.ndarray, baseline_pred: np.ndarray, data: EvalSet, bo
     shows as an interval that holds 0. (A best expert picked on this same set is biased upwards by that noise.)"""
     rng = np.random.default_rng(seed)
     labels, n = data.labels, len(data.labels)
+    hits = [p == labels for p in (pred, baseline_pred)]
 
     def gain(idx: np.ndarray) -> tuple[float, float]:
-        total = np.bincount(labels[idx], minlength=data.num_classes)
-        acc = [group_accuracy(np.bincount(labels[idx], weights=(p[idx] == labels[idx]), minlength=data.num_classes),
-                              total, data.train_counts, data.shot_rule) for p in (pred, baseline_pred)]
+        drawn = labels[idx]
+        total = np.bincount(drawn, minlength=data.num_classes)
+        acc = [group_accuracy(np.bincount(drawn, weights=h[idx], minlength=data.num_classes), total,
+                              data.train_counts, data.shot_rule) for h in hits]
         return acc[0]["overall"] - acc[1]["overall"], acc[0]["few"] - acc[1]["few"]
     point = gain(np.arange(n))
     draws = np.array([gain(rng.integers(0, n, n)) for _ in range(boot)])

@@ -18,7 +18,6 @@ from expertfuse.timing import describe_ratio  # noqa: E402
 from export.labelled import GROUPS  # noqa: E402
 
 
-
 def _fmt(v, spec=".1f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 

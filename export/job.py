@@ -11,6 +11,7 @@ from export.graph import GraphOptions, parse_experts
 from export.naming import default_name
 from export.request import ExportRequest
 from train.checkpoint import load_model
+from train.methods import METHODS
 from train.models import MultiExpertNet
 
 
@@ -61,22 +62,26 @@ class ExportJob:
                              arch=s.arch, method=self.method, checkpoint_sha256=self.checkpoint.sha256, extra=extra or {})
 
 
-def chosen_experts(request: ExportRequest, model: MultiExpertNet) -> tuple[int, ...]:
-    """--experts, or one named head (--head; SSD's 'soft' head by default when every expert is asked for)."""
+def chosen_experts(request: ExportRequest, model: MultiExpertNet, method: str) -> tuple[int, ...]:
+    """--experts, or one named head (--head); when every expert is asked for, what the method serves
+    (Method.served_experts: SSD its soft head, the others all of them)."""
     names = model.spec.expert_names
-    head = request.head or ("soft" if "soft" in names and request.experts == "all" else None)
-    if not head:
-        return parse_experts(request.experts, model.num_experts)
-    if head not in names:
-        raise UserError(f"--head {head}: the checkpoint's heads are {', '.join(names) or 'unnamed (use --experts)'}")
-    return (names.index(head),)
+    if request.head:
+        if request.head not in names:
+            raise UserError(f"--head {request.head}: the checkpoint's heads are "
+                            f"{', '.join(names) or 'unnamed (use --experts)'}")
+        return (names.index(request.head),)
+    served = METHODS[method].served_experts if method in METHODS else None
+    if served is not None and request.experts == "all":
+        return served
+    return parse_experts(request.experts, model.num_experts)
 
 
 def build_job(request: ExportRequest, checkpoint: LoadedCheckpoint | None = None, suffix: str = "") -> ExportJob:
     """The job of a (validated) request; the checkpoint is loaded unless one is given."""
     checkpoint = checkpoint or LoadedCheckpoint.load(request.ckpt)
     model = checkpoint.model
-    experts = chosen_experts(request, model)
+    experts = chosen_experts(request, model, checkpoint.data["method"])
     name = request.name or default_name(checkpoint.data["method"], experts, model.num_experts, request.fp16, suffix,
                                         model.spec.expert_names)
     opts = GraphOptions(experts, request.fusion, request.input_layout, request.probs, request.expert_logits, request.fp16)
