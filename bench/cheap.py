@@ -23,9 +23,7 @@ from export.early_exit import expert_order, parse_threshold
 from export.job import job_for
 from export.labelled import DATA_FLAGS, LabelledData, expert_logits, load_eval_set
 from export.onnx import export_onnx
-from export.quantize import add_int8_args
-
-INT8_FLAGS = ("calib_images", "calib_method", "reduce_range", "max_overall_drop", "max_few_drop")
+from export.quantize import INT8_FLAGS, add_int8_args
 
 
 def parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,7 @@ class Int8Settings:
         """None without --int8; a UserError names a bad value before any work."""
         if not args.int8:
             return None
-        settings = cls(args.calib_images, args.calib_method, args.reduce_range, args.max_overall_drop, args.max_few_drop)
+        settings = cls(**{name: getattr(args, name) for name in INT8_FLAGS})
         if settings.calib_images < 1:
             raise UserError("--calib-images must be at least 1")
         if not (settings.max_overall_drop >= 0 and settings.max_few_drop >= 0):
@@ -65,15 +65,23 @@ class Int8Settings:
         return settings
 
 
+INT8_FLAGS = tuple(f.name for f in fields(Int8Settings))  # the INT8 flags' argparse names
+
+
 def add_int8_args(p: argparse.ArgumentParser) -> None:
+    default = Int8Settings()
     group = p.add_argument_group("INT8 (static quantization, QDQ)")
     group.add_argument("--int8", action="store_true", help="INT8 QDQ graph, calibrated and accuracy-gated")
-    group.add_argument("--calib-images", type=int, default=512, help="calibration images, class-balanced [512]")
-    group.add_argument("--calib-method", choices=sorted(CALIBRATION_METHODS), default="minmax", help="[minmax]")
-    group.add_argument("--reduce-range", choices=sorted(REDUCE_RANGE), default="auto",
-                       help="7-bit weights (no-VNNI CPUs); auto keeps the more accurate [auto]")
-    group.add_argument("--max-overall-drop", type=float, default=0.5, help="gate: top-1 points vs FP32 [0.5]")
-    group.add_argument("--max-few-drop", type=float, default=1.0, help="gate: few-shot top-1 points vs FP32 [1.0]")
+    group.add_argument("--calib-images", type=int, default=default.calib_images,
+                       help=f"calibration images, class-balanced [{default.calib_images}]")
+    group.add_argument("--calib-method", choices=sorted(CALIBRATION_METHODS), default=default.calib_method,
+                       help=f"[{default.calib_method}]")
+    group.add_argument("--reduce-range", choices=sorted(REDUCE_RANGE), default=default.reduce_range,
+                       help=f"7-bit weights (no-VNNI CPUs); auto keeps the more accurate [{default.reduce_range}]")
+    group.add_argument("--max-overall-drop", type=float, default=default.max_overall_drop,
+                       help=f"gate: top-1 points vs FP32 [{default.max_overall_drop}]")
+    group.add_argument("--max-few-drop", type=float, default=default.max_few_drop,
+                       help=f"gate: few-shot top-1 points vs FP32 [{default.max_few_drop}]")
     add_data_args(p)
 
 

@@ -89,6 +89,10 @@ class Profile:
     def covers(self, batch: int) -> bool:
         return self.min <= batch <= self.max
 
+    def ordered(self) -> bool:
+        """TensorRT's rule for an optimization profile: 1 <= MIN <= OPT <= MAX."""
+        return 1 <= self.min <= self.opt <= self.max
+
 
 def parse_profiles(text: str) -> list[Profile]:
     """argparse type: '1-8,32-256' or '1-4-8,32-128-256' (MIN-MAX with OPT = MAX, or MIN-OPT-MAX)."""
@@ -98,9 +102,10 @@ def parse_profiles(text: str) -> list[Profile]:
             values = [int(v) for v in part.split("-")]
         except ValueError:
             values = []
-        if len(values) not in (2, 3) or not 1 <= values[0] <= values[1] <= values[-1]:
+        profile = Profile(values[0], values[1], values[-1]) if len(values) in (2, 3) else None  # MIN-MAX: OPT is MAX
+        if profile is None or not profile.ordered():
             raise argparse.ArgumentTypeError(f"profile {part!r}: expected MIN-MAX or MIN-OPT-MAX with 1 <= MIN <= OPT <= MAX")
-        profiles.append(Profile(values[0], values[1], values[-1]))  # MIN-MAX: OPT is MAX
+        profiles.append(profile)
     if any(b.min <= a.max for a, b in zip(profiles, profiles[1:])):
         raise argparse.ArgumentTypeError(f"profiles {text!r} must be ascending batch ranges that do not overlap")
     return profiles
@@ -235,11 +240,11 @@ def profiles_of(args: argparse.Namespace) -> list[Profile]:
         if args.max_batch is not None and args.max_batch != args.profiles[-1].max:
             raise UserError(f"--max-batch {args.max_batch} differs from the largest profile's {args.profiles[-1].max}")
         return args.profiles
-    lo, hi = args.min_batch or 1, args.max_batch or 256
-    opt = args.opt_batch or min(32, hi)
-    if not 1 <= lo <= opt <= hi:
+    hi = args.max_batch or 256
+    profile = Profile(args.min_batch or 1, args.opt_batch or min(32, hi), hi)
+    if not profile.ordered():
         raise UserError("need 1 <= --min-batch <= --opt-batch <= --max-batch")
-    return [Profile(lo, opt, hi)]
+    return [profile]
 
 
 def prepare(argv: list[str] | None = None) -> tuple[ExportJob, PlanSettings]:
