@@ -31,6 +31,7 @@ from expertfuse.cli import choice_list, positive_int, positive_int_list, run_cli
 from expertfuse.errors import UserError
 from export.early_exit import expert_order
 from export.job import job_for
+from serve.protocols import PROTOCOLS
 from serve.server import SERVERS, ServerError
 
 
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-url", help="a running Triton's HTTP endpoint host:port")
     p.add_argument("--grpc-url", help="a running Triton's gRPC endpoint host:port")
     p.add_argument("--model", help="served fused model name (default: the checkpoint's method, e.g. ncl)")
-    p.add_argument("--protocols", type=choice_list(("http", "grpc")), default=["http", "grpc"],
+    p.add_argument("--protocols", type=choice_list(PROTOCOLS), default=list(PROTOCOLS),
                    help="served protocols measured [http,grpc]")
     p.add_argument("--concurrency", "--concurrency-range", type=positive_int_list, default=[1, 2, 4, 8, 16],
                    help="served concurrency levels, each one measured [1,2,4,8,16]")

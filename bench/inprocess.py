@@ -12,7 +12,7 @@ import torch
 
 from bench.evaluation import accuracy, batched_logits
 from export.labelled import EvalSet, expert_logits
-from bench.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner
+from bench.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner, cycling_calls
 from expertfuse.parity import bench_tolerance, compare
 from expertfuse.timing import Interleaved, interleave
 from export.early_exit import simulate
@@ -203,8 +203,7 @@ def timing_inputs(runner: Runner, size: int, batch: int, buffers: int = 4) -> li
 def time_interleaved(runners: dict[str, Runner], size: int, batch: int, budget_s: float) -> Interleaved:
     """All runners at one batch size, in randomized blocks so that load on the machine hits every one alike."""
     inputs = {key: timing_inputs(r, size, batch) for key, r in runners.items()}
-    calls = {key: (lambda i, r=r, x=inputs[key]: r.run(x[i % len(x)])) for key, r in runners.items()}
-    return interleave(calls, calls_per_block=3, warmup=2, min_rounds=10, budget_s=budget_s)
+    return interleave(cycling_calls(runners, inputs), calls_per_block=3, warmup=2, min_rounds=10, budget_s=budget_s)
 
 
 def key_of(variant: str, runtime: str) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from export.labelled import LabelledData, expert_logits, load_eval_set
 from bench.inprocess import Variant, make_runner, timing_inputs
 from bench.machine import machine_info
+from bench.runners import cycling_calls
 from expertfuse.cli import run_cli
 from expertfuse.files import write_text
 from expertfuse.timing import interleave, measure, ratio
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                             "grouped"), Path(tmp)),
                    "single": make_runner("onnxruntime-cpu", job, Variant("s", (best,)), Path(tmp))}
         inputs = {k: timing_inputs(r, job.spec.input_size, args.batch) for k, r in runners.items()}
-        calls = {k: (lambda i, r=r, x=inputs[k]: r.run(x[i % len(x)])) for k, r in runners.items()}
+        calls = cycling_calls(runners, inputs)
         results = {"interleaved_quiet": interleaved_ratio(calls, args.budget_s, None),
                    "interleaved_loaded": interleaved_ratio(calls, args.budget_s, Burner()),
                    "sequential_quiet": sequential_ratio(calls, args.window_s, None),

@@ -9,11 +9,19 @@ TensorRT plans (execute_async_v3 on CUDA buffers); Triton over HTTP or gRPC (opt
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+
+from serve.protocols import client_module
+
+
+def cycling_calls(runners: dict[str, "Runner"], inputs: dict[str, list]) -> dict[str, Callable[[int], object]]:
+    """Each runner as one of `interleave`'s variants: its call i runs its prepared input buffer i mod their number."""
+    return {key: (lambda i, r=r, x=inputs[key]: r.run(x[i % len(x)])) for key, r in runners.items()}
 
 
 class Runner:
@@ -130,9 +138,7 @@ class TritonRunner(Runner):
     """One synchronous client (HTTP or gRPC); optional system shared memory for input and output."""
 
     def __init__(self, url: str, protocol: str, model: str, shared_memory: bool = False):
-        import tritonclient.grpc as grpcclient
-        import tritonclient.http as httpclient
-        self.module = httpclient if protocol == "http" else grpcclient
+        self.module = client_module(protocol)
         self.client = self.module.InferenceServerClient(url)
         self.model, self.protocol, self.shared_memory = model, protocol, shared_memory
         self._regions: list[tuple[str, object]] = []

@@ -19,24 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from expertfuse.timing import windows_agree
-
-
-def _client_module(protocol: str):
-    if protocol == "http":
-        import tritonclient.http as module
-    else:
-        import tritonclient.grpc as module
-    return module
+from serve.protocols import client_module
 
 
 def _asyncio_loops(url: str, protocol: str, model: str, images: np.ndarray, clients: int, start_at: float,
                    stop_at: float, records: list, errors: list) -> None:
     """`clients` closed-loop coroutines on one tritonclient asyncio client (http.aio or grpc.aio)."""
     import asyncio
-    if protocol == "http":
-        import tritonclient.http.aio as aio
-    else:
-        import tritonclient.grpc.aio as aio
+    aio = client_module(protocol, asyncio=True)
 
     async def run() -> None:
         client = aio.InferenceServerClient(url)
@@ -65,7 +55,7 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
     """One client process: `threads` closed-loop clients (threads with sync clients, or asyncio coroutines)
     from start_at to stop_at; sends its (end time, latency) pairs and CPU time to the parent."""
     import threading
-    module = _client_module(protocol)
+    module = client_module(protocol)
     records, errors = [], []
     if client_kind == "asyncio":
         cpu0 = time.process_time()
@@ -102,7 +92,7 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
 
 
 def server_statistics(url: str, protocol: str, model: str) -> dict:
-    module = _client_module(protocol)
+    module = client_module(protocol)
     client = module.InferenceServerClient(url)
     try:
         stats = client.get_inference_statistics(model)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.decision import accuracy_columns, ratio_row
 from bench.inprocess import EarlyExit, Variant, cheap_role, gate_and_score, make_runner, reference_key, served_experts
-from bench.runners import TritonRunner
+from bench.runners import TritonRunner, cycling_calls
 from bench.served import find_perf_analyzer, measure_concurrency, run_perf_analyzer
 from expertfuse.errors import UserError
 from expertfuse.timing import interleave, ratio
@@ -76,8 +76,7 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
     batch = args.served_batch
     try:
         inputs = {k: [r.prepare(ctx.data.pixels[i * batch:(i + 1) * batch]) for i in range(4)] for k, r in runners.items()}
-        timing = interleave({k: (lambda i, r=r, x=inputs[k]: r.run(x[i % 4])) for k, r in runners.items()},
-                            calls_per_block=5, min_rounds=10, budget_s=args.budget_s)
+        timing = interleave(cycling_calls(runners, inputs), calls_per_block=5, min_rounds=10, budget_s=args.budget_s)
     finally:
         for r in runners.values():
             r.close()

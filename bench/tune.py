@@ -32,6 +32,7 @@ from expertfuse.cli import int_list, positive_int, positive_int_list, run_cli
 from expertfuse.contract import INPUT, check_model_name
 from expertfuse.errors import UserError
 from expertfuse.files import atomic_path
+from serve.protocols import PROTOCOLS
 from serve.repository import LABELS_FILE, RepositoryError, read_config, staging, versions, write_model
 from serve.server import SERVERS, ServerError, TritonServer, choose_server
 
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of: none | max | sizes joined by + (e.g. none,max,4+8) [none]")
     p.add_argument("--queue-delays-us", type=int_list, default=[0, 1000], help="max queue delays in us [0,1000]")
     p.add_argument("--concurrency", type=positive_int_list, default=[2, 8, 32], help="client concurrency levels [2,8,32]")
-    p.add_argument("--protocol", default="grpc", choices=["grpc", "http"])
+    p.add_argument("--protocol", default="grpc", choices=PROTOCOLS)
     p.add_argument("--server", default="auto", choices=SERVERS, help="which Triton to start [auto]")
     p.add_argument("--window-s", type=float, default=1.0, help="length of one measured window [1.0]")
     p.add_argument("--client-processes", type=positive_int, default=4, help="most client processes generating load [4]")

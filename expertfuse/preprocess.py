@@ -46,11 +46,12 @@ def folded_normalization(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
     return 1.0 / (255.0 * std_t), torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / std_t
 
 
-def to_model_input(pixels: torch.Tensor, layout: str) -> np.ndarray:
-    """uint8 [N,3,H,W] -> the graph's input: uint8 NHWC, or FP32 NCHW pixels 0..255 (numpy)."""
+def graph_input(pixels: np.ndarray, layout: str) -> np.ndarray:
+    """uint8 [N, H, W, 3] pixels in a graph's input layout: uint8 NHWC as they are, or FP32 NCHW 0..255.
+    `layout` is the contract's name (uint8-nhwc, float-nchw) or Triton's input format (NHWC, FORMAT_NHWC, ...)."""
     if layout in ("NHWC", "FORMAT_NHWC", "uint8-nhwc"):
-        return pixels.permute(0, 2, 3, 1).contiguous().numpy()
-    return pixels.float().numpy()
+        return np.ascontiguousarray(pixels)
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
 def load_rgb(path: str | Path) -> Image.Image:

@@ -9,6 +9,7 @@ import torch
 
 from expertfuse.errors import ParityError
 from expertfuse.parity import ParityResult, compare, require
+from expertfuse.preprocess import graph_input
 from export.graph import reference_logits
 from export.job import ExportJob
 from train.data.synthetic import synthesize
@@ -22,11 +23,7 @@ def test_images(job: ExportJob, count: int, seed: int = 0) -> dict[str, torch.Te
     rng = np.random.RandomState(seed)
     images = {"random": rng.randint(0, 256, (count, size, size, 3), dtype=np.uint8),
               "real-looking": synthesize([count], seed=seed, image_size=size)[0]}
-    out = {}
-    for kind, pixels in images.items():
-        t = torch.from_numpy(pixels)
-        out[kind] = t if job.opts.input_layout == "uint8-nhwc" else t.permute(0, 3, 1, 2).float().contiguous()
-    return out
+    return {kind: torch.from_numpy(graph_input(pixels, job.opts.input_layout)) for kind, pixels in images.items()}
 
 
 def _compare(job: ExportJob, run: Callable[[np.ndarray], np.ndarray], images: torch.Tensor, chunk: int) -> ParityResult:

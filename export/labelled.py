@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from expertfuse.errors import UserError
-from expertfuse.preprocess import normalize_pixels, pixel_transform
+from expertfuse.preprocess import graph_input, normalize_pixels, pixel_transform
 from train.config import TrainConfig
 from train.data.datasets import DataBundle, DataOptions, LabeledView, build_data
 from train.data.longtail import group_accuracy
@@ -51,12 +51,7 @@ class EvalSet:
         return len(self.train_counts)
 
     def inputs(self, layout: str) -> np.ndarray:
-        return model_input(self.pixels, layout)
-
-
-def model_input(pixels: np.ndarray, layout: str) -> np.ndarray:
-    """uint8 [N, H, W, 3] pixels in a graph's input layout: as they are, or FP32 NCHW 0..255."""
-    return pixels if layout == "uint8-nhwc" else np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+        return graph_input(self.pixels, layout)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:

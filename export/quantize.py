@@ -29,10 +29,11 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 
 from expertfuse.contract import INPUT, LOGITS, ModelMetadata
 from expertfuse.errors import ParityError, UserError
+from expertfuse.preprocess import graph_input
 from expertfuse.timing import describe_choice, pick_fastest
 from export.job import ExportJob
 from export.labelled import (EvalSet, LabelledData, accuracy_table, add_data_args, calibration_pixels, load_data,
-                             load_eval_set, model_input, shot_accuracy)
+                             load_eval_set, shot_accuracy)
 from export.triton import publish
 from serve.repository import ServingOptions, staging
 
@@ -98,7 +99,7 @@ class Calibration:
         data = load_eval_set(job.checkpoint.data, job.spec, labelled, bundle)
         pixels = calibration_pixels(bundle, job.spec, settings.calib_images)
         print(f"INT8: {len(pixels)} class-balanced calibration images ({settings.calib_method}), {data.source}")
-        return cls(data, model_input(pixels, job.opts.input_layout), job.opts.input_layout)
+        return cls(data, graph_input(pixels, job.opts.input_layout), job.opts.input_layout)
 
     def accuracy(self, logits: np.ndarray) -> dict[str, float]:
         return shot_accuracy(np.asarray(logits).argmax(1), self.data)

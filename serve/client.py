@@ -22,7 +22,8 @@ import torch
 from expertfuse.cli import run_cli
 from expertfuse.contract import KEY_PREFIX, ModelMetadata
 from expertfuse.errors import UserError
-from expertfuse.preprocess import load_rgb, pixel_transform, to_model_input
+from expertfuse.preprocess import graph_input, load_rgb, pixel_transform
+from serve.protocols import PROTOCOLS, client_module
 from serve.repository import string_parameters
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -35,13 +36,10 @@ class ClientError(UserError):
 
 
 def _client_module(protocol: str):
-    if protocol == "http":
-        import tritonclient.http as module
-    elif protocol == "grpc":
-        import tritonclient.grpc as module
-    else:
-        raise ClientError(f"--protocol must be http or grpc, not {protocol!r}")
-    return module
+    try:
+        return client_module(protocol)
+    except ValueError:
+        raise ClientError(f"--protocol must be http or grpc, not {protocol!r}") from None
 
 
 def server_address(url: str) -> str:
@@ -144,10 +142,10 @@ def collect_images(paths: list[str]) -> list[Path]:
     return files
 
 
-def load_pixels(files: list[Path], info: ModelInfo) -> torch.Tensor:
-    """The images as uint8 [N, 3, size, size] (load_rgb: 8-bit RGB, 16-bit scaled, non-images named)."""
+def load_pixels(files: list[Path], info: ModelInfo) -> np.ndarray:
+    """The images as uint8 [N, size, size, 3] (load_rgb: 8-bit RGB, 16-bit scaled, non-images named)."""
     transform = pixel_transform(info.resize, info.size)
-    return torch.stack([transform(load_rgb(f)) for f in files])
+    return torch.stack([transform(load_rgb(f)) for f in files]).permute(0, 2, 3, 1).numpy()
 
 
 def parse_classification(entries) -> list[dict]:
@@ -182,7 +180,7 @@ def classify(url: str, protocol: str, model: str, files: list[Path], topk: int =
         batch_size = min(batch_size, info.max_batch_size or batch_size)
         results = []
         for start in range(0, len(files), batch_size):
-            batch = to_model_input(pixels[start:start + batch_size], info.layout)
+            batch = graph_input(pixels[start:start + batch_size], info.layout)
             if info.datatype == "FP32":
                 batch = batch.astype(np.float32)
             request = module.InferInput(info.input_name, list(batch.shape), info.datatype)
@@ -204,7 +202,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-u", "--url", default="127.0.0.1:8000", help="host:port of Triton's HTTP or gRPC endpoint "
                    "(a pasted http://host:port/v2 is accepted)")
-    p.add_argument("-i", "--protocol", default="http", type=str.lower, choices=["http", "grpc"])
+    p.add_argument("-i", "--protocol", default="http", type=str.lower, choices=PROTOCOLS)
     p.add_argument("-m", "--model", required=True)
     p.add_argument("-x", "--model-version", default="", help="version to use (default: the server's choice)")
     p.add_argument("--topk", type=int, default=5)
