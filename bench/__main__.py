@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", "--concurrency-range", type=positive_int_list, default=[1, 2, 4, 8, 16],
                    help="served concurrency levels, each one measured [1,2,4,8,16]")
     p.add_argument("--served-batch", type=positive_int, default=1, help="images per served request [1]")
+    p.add_argument("--shared-memory", action="store_true",
+                   help="the interleaved served timing passes tensors through system shared memory, as perf_analyzer "
+                        "--shared-memory system: no serialization in the served / in-process ratio (Triton on this host)")
     p.add_argument("--load-generator", default="python", choices=["python", "perf_analyzer"])
     p.add_argument("--client-processes", type=positive_int, default=4, help="most client processes generating load [4]")
     p.add_argument("--client", default="threads", choices=["threads", "asyncio"],

@@ -9,13 +9,16 @@ TensorRT plans (execute_async_v3 on CUDA buffers); Triton over HTTP or gRPC (opt
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from tritonclient.utils import InferenceServerException
 
+from expertfuse.errors import UserError
 from serve.protocols import client_module
 
 
@@ -140,7 +143,7 @@ class TritonRunner(Runner):
     def __init__(self, url: str, protocol: str, model: str, shared_memory: bool = False):
         self.module = client_module(protocol)
         self.client = self.module.InferenceServerClient(url)
-        self.model, self.protocol, self.shared_memory = model, protocol, shared_memory
+        self.url, self.model, self.protocol, self.shared_memory = url, model, protocol, shared_memory
         self._regions: list[tuple[str, object]] = []
 
     def prepare(self, images):
@@ -150,14 +153,18 @@ class TritonRunner(Runner):
             request.set_data_from_numpy(images)
             return request, output, None
         import tritonclient.utils.shared_memory as shm
-        key = f"expertfuse_bench_{len(self._regions)}"
+        key = f"expertfuse_bench_{os.getpid()}_{id(self):x}_{len(self._regions)}"  # unique across runners
         in_bytes, out_bytes = images.nbytes, images.shape[0] * 4 * self._classes()
         region_in = shm.create_shared_memory_region(f"{key}_in", f"/{key}_in", in_bytes)
         region_out = shm.create_shared_memory_region(f"{key}_out", f"/{key}_out", out_bytes)
         shm.set_shared_memory_region(region_in, [images])
-        self.client.register_system_shared_memory(f"{key}_in", f"/{key}_in", in_bytes)
-        self.client.register_system_shared_memory(f"{key}_out", f"/{key}_out", out_bytes)
         self._regions += [(f"{key}_in", region_in), (f"{key}_out", region_out)]
+        try:
+            self.client.register_system_shared_memory(f"{key}_in", f"/{key}_in", in_bytes)
+            self.client.register_system_shared_memory(f"{key}_out", f"/{key}_out", out_bytes)
+        except InferenceServerException as exc:
+            raise UserError(f"Triton at {self.url} cannot map system shared memory ({exc.message()}): "
+                            "--shared-memory needs the server on this host") from None
         request.set_shared_memory(f"{key}_in", in_bytes)
         output.set_shared_memory(f"{key}_out", out_bytes)
         return request, output, (region_out, images.shape[0])

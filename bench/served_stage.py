@@ -67,8 +67,8 @@ def sweep_model(args, url: str, protocol: str, name: str, size: int, workdir: Pa
 def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tuple[list[dict], list[dict]]:
     """One interleaved run at concurrency 1: every timed served model on every protocol, plus the in-process fused
     ensemble. Returns (ratios, cost points relative to the served best expert)."""
-    runners = {f"{m['model_role']}/{m['protocol']}": TritonRunner(urls[m["protocol"]], m["protocol"], m["model"])
-               for m in timed}
+    runners = {f"{m['model_role']}/{m['protocol']}": TritonRunner(urls[m["protocol"]], m["protocol"], m["model"],
+                                                                  shared_memory=args.shared_memory) for m in timed}
     fused = next((m for m in timed if m["model_role"] == "fused"), None)
     if fused is not None and ctx.job is not None:
         variant = Variant("served-twin", tuple(fused["experts"]), ctx.fused_fusion)

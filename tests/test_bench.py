@@ -146,7 +146,7 @@ def test_served_bench_writes_json_csv_and_plots(triton, tiny_checkpoint, tmp_pat
     proc = run_module("bench", "--ckpt", str(tiny_checkpoint), "--runtimes", "onnxruntime-cpu", "--batches", "1,2",
                       "--budget-s", "0.5", "--eval-limit", "40", "--window-s", "0.1", "--served", "--http-url",
                       triton.endpoints.http, "--grpc-url", triton.endpoints.grpc, "--concurrency", "1,2",
-                      "--protocols", "grpc", "--client-processes", "2", "--out", str(out))
+                      "--protocols", "grpc", "--client-processes", "2", "--shared-memory", "--out", str(out))
     assert "The ensemble (ensemble-" in proc.stdout and "## Cost and accuracy" in proc.stdout
     result = json.loads((out / "bench.json").read_text())
     models = result["served"]["models"]
