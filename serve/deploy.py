@@ -19,7 +19,7 @@ from expertfuse.contract import check_model_name
 from expertfuse.errors import UserError
 from expertfuse.files import write_text
 from serve.repository import read_config
-from serve.server import DEFAULT_IMAGE
+from serve.server import DEFAULT_IMAGE, tritonserver_args
 
 KUBERNETES_VERSION = "1.30"  # the schemas the emitted manifests are validated against
 APP = "expertfuse-triton"
@@ -59,9 +59,8 @@ def repository_source(uri: str | None) -> str:
 
 def triton_command(source: str, ports: dict[str, int]) -> list[str]:
     """tritonserver as `python -m serve` runs it, listening on every interface inside the container."""
-    return ["tritonserver", f"--model-repository={source}", f"--http-port={ports['http']}",
-            f"--grpc-port={ports['grpc']}", "--allow-metrics=true", f"--metrics-port={ports['metrics']}",
-            "--disable-auto-complete-config", "--exit-timeout-secs=30"]
+    return ["tritonserver",
+            *tritonserver_args(source, ports["http"], ports["grpc"], ports["metrics"], exit_timeout_s=30)]
 
 
 def ready_probe_command(http_port: int) -> list[str]:

@@ -58,6 +58,15 @@ def docker_available() -> bool:
         return False
 
 
+def tritonserver_args(repository: str, http_port: int, grpc_port: int, metrics_port: int,
+                      exit_timeout_s: int) -> list[str]:
+    """The flags of every Triton we start or deploy: the repository, the three ports with metrics on, our configs
+    as written (no auto-complete), and how long a stop lets in-flight requests finish."""
+    return [f"--model-repository={repository}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
+            "--allow-metrics=true", f"--metrics-port={metrics_port}", "--disable-auto-complete-config",
+            f"--exit-timeout-secs={exit_timeout_s}"]
+
+
 def choose_server(requested: str) -> tuple[str, str]:
     """(mode, why). auto: a tritonserver on PATH, else a working Docker engine, else the bundled server."""
     if requested not in SERVERS:
@@ -121,10 +130,9 @@ class TritonServer:
 
     def _args(self, repository: str) -> list[str]:
         e = self.endpoints
-        return [f"--model-repository={repository}", f"--http-address={e.host}", f"--http-port={e.http_port}",
-                f"--grpc-address={e.host}", f"--grpc-port={e.grpc_port}", "--allow-metrics=true",
-                f"--metrics-address={e.host}", f"--metrics-port={e.metrics_port}", "--disable-auto-complete-config",
-                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}", "--exit-timeout-secs=5",
+        return [*tritonserver_args(repository, e.http_port, e.grpc_port, e.metrics_port, exit_timeout_s=5),
+                f"--http-address={e.host}", f"--grpc-address={e.host}", f"--metrics-address={e.host}",
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                 f"--log-verbose={1 if self.verbose else 0}"]
 
     def command(self) -> tuple[list[str], dict[str, str]]:
