@@ -13,6 +13,11 @@ PACKAGES = ("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "t
             "tensorrt", "numpy")
 
 
+def describe_machine(m: dict) -> str:
+    """A report's machine line from machine_info(): 'AMD EPYC (2 cores), GPU: none'."""
+    return f"{m['cpu']} ({m['cores']} cores), GPU: {m['gpu'] or 'none'}"
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from export.labelled import LabelledData, expert_logits, load_eval_set
 from bench.inprocess import Variant, make_runner, timing_inputs
-from bench.machine import machine_info
+from bench.machine import describe_machine, machine_info
 from bench.runners import cycling_calls
 from expertfuse.cli import run_cli
 from expertfuse.files import write_text
@@ -100,7 +100,7 @@ def readme(command: str, results: dict) -> str:
     return "\n".join([
         "# Noise check: t_ensemble / t_best-expert, interleaved vs sequential, with a CPU burner", "",
         "Command (from the repository root, PYTHONPATH set to it):", "", f"    {command}", "",
-        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores, load average "
+        f"Machine: {describe_machine(results['machine'])}, load average "
         f"{results['load_average']:.1f} when it started. Variants: {results['ensemble']} vs {results['single']} on ONNX Runtime CPU at batch "
         f"{results['batch']}. The burner is a second process spinning on one core.", "",
         "| measurement | ratio | 95% interval |", "|---|---|---|", *rows, "",

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bench.machine import describe_machine  # noqa: E402
 from expertfuse.files import atomic_path, write_text  # noqa: E402
 from expertfuse.timing import describe_ratio  # noqa: E402
 from export.labelled import GROUPS  # noqa: E402
@@ -56,12 +57,21 @@ def ratio_rows(ratios: list[dict]) -> list[dict]:
     return [{**{k: v for k, v in r.items() if k != "ci95"}, "low": r["ci95"][0], "high": r["ci95"][1]} for r in ratios]
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (list, dict))))
+def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) -> None:
+    """`columns` (default: every scalar key of the rows, in order of appearance) as a CSV, written atomically."""
+    keys = columns or list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (list, dict))))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def save_figure(fig, path: Path) -> None:
+    """A figure as PNG, laid out and written atomically, then closed."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
 
 
 def plot_cost_accuracy(points: list[dict], path: Path) -> None:
@@ -83,10 +93,7 @@ def plot_cost_accuracy(points: list[dict], path: Path) -> None:
                    ylabel=f"top-1 {acc} (%)")
             ax.grid(True, alpha=0.3)
     fig.suptitle("What each variant buys (accuracy) for what it costs")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_served_curves(sweep: list[dict], path: Path) -> None:
@@ -101,10 +108,7 @@ def plot_served_curves(sweep: list[dict], path: Path) -> None:
     ax.set(xlabel="throughput (images/s)", ylabel="p99 latency (ms)", title="Served: latency vs throughput")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def cost_accuracy_table(result: dict) -> list[str]:
@@ -174,7 +178,7 @@ def markdown(result: dict) -> str:
     ev = result["evaluation"]
     lines = [f"# expertfuse bench: {result['checkpoint']}", "", lead, "",
              f"Evaluation: {ev['source']}, shot rule {ev['shot_rule']}; 'single' = the best expert by top-1 on it: "
-             f"{result['single']}.", f"Machine: {m['cpu']} ({m['cores']} cores), GPU: {m['gpu'] or 'none'}; torch "
+             f"{result['single']}.", f"Machine: {describe_machine(m)}; torch "
              f"{m['packages'].get('torch')}, onnxruntime {m['packages'].get('onnxruntime') or m['packages'].get('onnxruntime-gpu')}", ""]
     lines += cost_accuracy_table(result) + ratios_table(result["ratios"]) + latency_table(result)
     lines += served_tables(result["served"])

@@ -16,7 +16,6 @@ as it was for comparison. Writes tune.csv, tune.md, tune.json and latency_throug
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from bench.served import measure_concurrency
 from expertfuse.cli import int_list, positive_int, positive_int_list, run_cli
 from expertfuse.contract import INPUT, check_model_name
 from expertfuse.errors import UserError
-from expertfuse.files import atomic_path
+from expertfuse.files import write_text
 from serve.protocols import PROTOCOLS
 from serve.repository import LABELS_FILE, RepositoryError, read_config, staging, versions, write_model
 from serve.server import SERVERS, ServerError, TritonServer, choose_server
@@ -220,9 +219,10 @@ def _cell(value) -> str:
 
 
 def markdown(result: dict) -> str:
+    from bench.machine import describe_machine
     m, best, budget = result["machine"], result["best"], result["latency_budget_ms"]
     lines = [f"# Triton config search: {result['model']}", "",
-             f"Machine: {m['cpu']} ({m['cores']} cores), GPU: {m['gpu'] or 'none'}; server: {result['server']}; "
+             f"Machine: {describe_machine(m)}; server: {result['server']}; "
              f"protocol {result['protocol']}, 1 image per request, windows of {result['window_s']} s. Load average "
              f"(1 min) {result['load_average_1_5_15min']['before'][0]:.1f} before the sweep, "
              f"{result['load_average_1_5_15min']['after'][0]:.1f} after.", "",
@@ -241,9 +241,9 @@ def markdown(result: dict) -> str:
 
 def plot(rows: list[dict], best: dict | None, budget: float, path: Path) -> None:
     """p99 latency against throughput, one line per config through its concurrency levels."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from bench.report import save_figure
     fig, ax = plt.subplots(figsize=(8, 5))
     measured = [r for r in rows if "p99_ms" in r]
     for label in dict.fromkeys(r["config"] for r in measured):
@@ -257,23 +257,16 @@ def plot(rows: list[dict], best: dict | None, budget: float, path: Path) -> None
            title="Triton config search: latency vs throughput (each line: one config, concurrency rising)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_results(result: dict, out: Path) -> list[Path]:
+    from bench.report import write_csv
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "tune.json", out / "tune.csv", out / "tune.md", out / "latency_throughput.png"]
-    with atomic_path(files[0]) as tmp:
-        tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    with atomic_path(files[1]) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(result["rows"])
-    with atomic_path(files[2]) as tmp:
-        tmp.write_text(markdown(result))
+    write_text(files[0], json.dumps(result, indent=2, default=str) + "\n")
+    write_csv(result["rows"], files[1], COLUMNS)
+    write_text(files[2], markdown(result))
     plot(result["rows"], result["best"], result["latency_budget_ms"], files[3])
     return files
 
