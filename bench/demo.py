@@ -1,6 +1,6 @@
 """python -m bench.demo: the whole product on the embedded synthetic data, with the real CLIs in sequence.
 
-  train NCL (3 x ResNet-32, a few CPU epochs) -> export ONNX (fused ensemble, and every expert alone
+  train NCL (3 x ResNet-8, 24 CPU epochs) -> export ONNX (fused ensemble, and every expert alone
   plus the naive Triton ensemble) -> start Triton -> classify images over HTTP and gRPC -> bench single
   vs ensemble in-process and served -> summary and plots -> stop the server.
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where everything goes [runs/demo]")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's 12; 1 with --quick)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's 24; 1 with --quick)")
     p.add_argument("--quick", action="store_true", help="reduced form: 1 epoch, tiny data, short measurements")
     p.add_argument("--bench-out", type=Path, help="bench results folder [<out>/bench]")
     a = p.parse_args(argv)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_args = ["--batches", "1,64", "--budget-s", "4", "--window-s", "0.5", "--concurrency", "1,4,16",
                   "--client-processes", "2"]
     if a.quick:
-        train_args += ["--arch", "resnet8", "--synthetic-max", "50", "--imb-factor", "10", "--synthetic-test", "10",
+        train_args += ["--synthetic-max", "50", "--imb-factor", "10", "--synthetic-test", "10",
                        "--epochs", str(a.epochs or 1)]
         bench_args = ["--batches", "1,4", "--budget-s", "0.5", "--window-s", "0.2", "--concurrency", "1,2",
                       "--client-processes", "2", "--eval-limit", "40"]

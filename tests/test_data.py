@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from train.data.datasets import DataOptions, build_data, read_image_list
-from train.data.synthetic import class_attributes, synthesize
+from train.data.synthetic import BOTH_VIEWS, _layout, badge_attributes, class_attributes, synthesize
 from train.data.transforms import eval_transform, train_transform
 from expertfuse.errors import UserError
 from train.models import ModelSpec
@@ -91,12 +91,23 @@ def test_synthetic_is_deterministic_and_long_tailed():
 
 @pytest.mark.parametrize("num_classes", [10, 20, 30])
 def test_synthetic_classes_are_confusable_combinations_of_shared_attributes(num_classes):
-    """No single attribute names a class (each colour and orientation is shared), but every combination is unique."""
+    """In each view no single attribute names a class (each colour, orientation, ring frequency is shared), but every
+    combination is unique, so a class can be told from either view alone."""
     rgb, angle, freq = class_attributes(num_classes)
-    combos = {(tuple(c.round(6)), round(a, 6), f) for c, a, f in zip(rgb, angle, freq)}
-    assert len(combos) == num_classes
-    for values in (rgb.round(6).tolist(), angle.round(6).tolist()):
+    badge_rgb, ring_freq = badge_attributes(num_classes)
+    stripes = {(tuple(c.round(6)), round(a, 6), f) for c, a, f in zip(rgb, angle, freq)}
+    badges = {(tuple(c.round(6)), round(f, 6)) for c, f in zip(badge_rgb, ring_freq)}
+    assert len(stripes) == len(badges) == num_classes
+    for values in (rgb.round(6).tolist(), angle.round(6).tolist(), badge_rgb.round(6).tolist()):
         assert min(values.count(v) for v in values) >= 2
+
+
+def test_synthetic_images_show_both_views_or_one():
+    show_stripes, show_badge, _, _ = _layout(np.random.RandomState(0), 20_000)
+    both, stripes_only, badge_only = (show_stripes & show_badge).mean(), (show_stripes & ~show_badge).mean(), \
+        (~show_stripes & show_badge).mean()
+    assert (show_stripes | show_badge).all() and abs(both - BOTH_VIEWS) < 0.02
+    assert abs(stripes_only - badge_only) < 0.02 and abs(stripes_only + badge_only + both - 1) < 1e-9
 
 
 @pytest.mark.parametrize("name", ["cifar", "cifar-basic", "imagenet", "none"])

@@ -96,7 +96,7 @@ def test_short_synthetic_run_learns_and_crt_freezes_the_trunk(tmp_path):
     run_module("train", *SHIKE_TINY, "--epochs", "3", "--crt-epochs", "1", "--out", str(tmp_path / "crt"))
     run_module("train", *SHIKE_TINY, "--epochs", "3", "--out", str(tmp_path / "plain"))
     crt, plain = load_checkpoint(tmp_path / "crt" / "shike.pt"), load_checkpoint(tmp_path / "plain" / "shike.pt")
-    assert crt["metrics"]["ensemble"]["overall"] > 30  # chance: 10 %
+    assert crt["metrics"]["ensemble"]["overall"] > 20  # chance: 10 % (3 epochs of the two-view synthetic set)
     a, b = crt["state_dict"], plain["state_dict"]
     assert torch.equal(a["trunk.conv1.weight"], b["trunk.conv1.weight"])  # frozen during cRT
     assert torch.equal(a["experts.2.fusion.units.0.0.weight"], b["experts.2.fusion.units.0.0.weight"])

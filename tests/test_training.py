@@ -13,11 +13,11 @@ from train.schedule import lr_factor, main_stage
 
 
 def test_cli_trains_ncl_on_synthetic_data_far_above_chance(tmp_path):
-    proc = run_module("train", "--preset", "ncl-synthetic", "--arch", "resnet8", "--epochs", "4", "--out", str(tmp_path))
+    proc = run_module("train", "--preset", "ncl-synthetic", "--epochs", "4", "--out", str(tmp_path))
     assert "train ncl on synthetic" in proc.stdout and "epoch 4:" in proc.stdout
     data = load_checkpoint(tmp_path / "ncl.pt")
     ensemble = data["metrics"]["ensemble"]
-    assert ensemble["overall"] > 40, ensemble  # chance is 5 % (the preset's 20 confusable classes)
+    assert ensemble["overall"] > 15, ensemble  # chance is 5 % (20 two-view classes; 4 of the preset's 24 epochs)
     assert set(ensemble) == {"overall", "many", "medium", "few"} and len(data["metrics"]["experts"]) == 3
     assert (tmp_path / "ncl_best.pt").is_file()
     with open(tmp_path / "log.csv") as f:
@@ -119,18 +119,19 @@ def test_dataset_defaults_and_method_settings_yield_to_presets_and_flags():
     official = config_from_args(["--preset", "ncl-cifar100-lt"])
     assert (official.lr, official.schedule, official.hcm_n) == (0.1, "multistep", 30)
     demo = config_from_args(["--preset", "ncl-synthetic"])
-    assert (demo.lr, demo.schedule, demo.epochs) == (0.02, "cosine", 12)
+    assert (demo.lr, demo.schedule, demo.epochs, demo.arch) == (0.02, "cosine", 24, "resnet8")
 
 
 @pytest.mark.parametrize("method", ["ncl", "shike"])
 def test_a_method_trains_on_synthetic_data_without_a_preset(tmp_path, method):
-    """The README's command with no preset (here smaller): finite loss, at least twice chance after 2 epochs."""
+    """The README's command with no preset (here smaller): a finite, falling loss, at least twice chance after 2 epochs."""
     cfg = config_from_args(["--method", method, "--epochs", "2", "--out", str(tmp_path), "--arch", "resnet8",
                             "--synthetic-max", "120", "--synthetic-test", "30", "--batch-size", "16"])
     payload = load_payload(train(cfg))
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.DictReader(f))
-    assert all(math.isfinite(float(r["train_loss"])) and float(r["train_loss"]) < 20 for r in rows), rows
+    losses = [float(r["train_loss"]) for r in rows]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], rows
     assert payload.metrics["ensemble"]["overall"] > 2 * 100 / len(payload.classes), payload.metrics["ensemble"]
 
 
