@@ -18,7 +18,8 @@ FP16_IMAGES = 400  # top-1 agreement of reduced precision is judged over this ma
 
 
 def test_images(job: ExportJob, count: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random pixels and real-looking images (the synthetic gratings) in the graph's input layout."""
+    """Random pixels and real-looking images (the synthetic set's striped patches and ringed badges) in the graph's
+    input layout."""
     size = job.spec.input_size
     rng = np.random.RandomState(seed)
     images = {"random": rng.randint(0, 256, (count, size, size, 3), dtype=np.uint8),
