@@ -154,20 +154,23 @@ class TritonRunner(Runner):
             return request, output, None
         import tritonclient.utils.shared_memory as shm
         key = f"expertfuse_bench_{os.getpid()}_{id(self):x}_{len(self._regions)}"  # unique across runners
-        in_bytes, out_bytes = images.nbytes, images.shape[0] * 4 * self._classes()
-        region_in = shm.create_shared_memory_region(f"{key}_in", f"/{key}_in", in_bytes)
-        region_out = shm.create_shared_memory_region(f"{key}_out", f"/{key}_out", out_bytes)
-        shm.set_shared_memory_region(region_in, [images])
-        self._regions += [(f"{key}_in", region_in), (f"{key}_out", region_out)]
-        try:
-            self.client.register_system_shared_memory(f"{key}_in", f"/{key}_in", in_bytes)
-            self.client.register_system_shared_memory(f"{key}_out", f"/{key}_out", out_bytes)
-        except InferenceServerException as exc:
-            raise UserError(f"Triton at {self.url} cannot map system shared memory ({exc.message()}): "
-                            "--shared-memory needs the server on this host") from None
+        out_shape = [images.shape[0], self._classes()]
+        in_bytes, out_bytes = images.nbytes, out_shape[0] * out_shape[1] * 4
+        regions = {}
+        for side, size in (("in", in_bytes), ("out", out_bytes)):
+            name = f"{key}_{side}"
+            regions[side] = shm.create_shared_memory_region(name, f"/{name}", size)
+            try:
+                self.client.register_system_shared_memory(name, f"/{name}", size)
+            except InferenceServerException as exc:
+                shm.destroy_shared_memory_region(regions[side])
+                raise UserError(f"Triton at {self.url} cannot map system shared memory ({exc.message()}): "
+                                "--shared-memory needs the server on this host") from None
+            self._regions.append((name, regions[side]))  # registered: close() unregisters it by name
+        shm.set_shared_memory_region(regions["in"], [images])
         request.set_shared_memory(f"{key}_in", in_bytes)
         output.set_shared_memory(f"{key}_out", out_bytes)
-        return request, output, (region_out, images.shape[0])
+        return request, output, (regions["out"], out_shape)
 
     def max_batch(self) -> int:
         """The served model's max_batch_size (the largest request it accepts)."""
@@ -186,12 +189,12 @@ class TritonRunner(Runner):
         if region is None:
             return result.as_numpy("logits")
         import tritonclient.utils.shared_memory as shm
-        return shm.get_contents_as_numpy(region[0], np.float32, [region[1], self._classes()]).copy()
+        return shm.get_contents_as_numpy(region[0], np.float32, region[1]).copy()  # no metadata call per request
 
     def close(self):
-        if self._regions:
-            import tritonclient.utils.shared_memory as shm
-            self.client.unregister_system_shared_memory()
-            for _, region in self._regions:
-                shm.destroy_shared_memory_region(region)
+        """Unregister and free this runner's own regions only: other runners on the same server keep theirs."""
+        import tritonclient.utils.shared_memory as shm
+        for name, region in self._regions:
+            self.client.unregister_system_shared_memory(name)
+            shm.destroy_shared_memory_region(region)
         self.client.close()
