@@ -45,6 +45,17 @@ def positive_int_list(text: str) -> list[int]:
     return values
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0 (seconds of a window or a budget)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def choice_list(choices: tuple[str, ...]):
     """argparse type: 'a,b' -> ['a', 'b'], each one of `choices`."""
     def parse(text: str) -> list[str]:

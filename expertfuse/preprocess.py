@@ -31,12 +31,14 @@ def eval_transform(resize: int, size: int, mean, std) -> v2.Compose:
     return v2.Compose([pixel_transform(resize, size), *normalize_ops(mean, std)])
 
 
-def normalize_pixels(pixels: torch.Tensor, mean, std, layout: str = "uint8-nhwc") -> torch.Tensor:
-    """A batch of graph inputs (uint8 NHWC, or float NCHW holding 0..255) -> normalized float NCHW."""
+def normalize_pixels(pixels: torch.Tensor, mean, std, layout: str = "uint8-nhwc",
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A batch of graph inputs (uint8 NHWC, or float NCHW holding 0..255) -> normalized float NCHW (float64 for
+    the export gate's reference)."""
     x = pixels.permute(0, 3, 1, 2) if layout == "uint8-nhwc" else pixels
-    x = x.to(torch.float32) / 255.0
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    x = x.to(dtype) / 255.0
+    m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1)
     return (x - m) / s
 
 

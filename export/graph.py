@@ -108,9 +108,17 @@ class InferenceGraph(nn.Module):
 
 
 @torch.no_grad()
+def expert_reference_logits(model: MultiExpertNet, experts: tuple[int, ...], images: torch.Tensor,
+                            layout: str) -> torch.Tensor:
+    """The chosen experts' logits [B, K, C] from the training network, with the test-time normalization of
+    expertfuse.preprocess applied to the same pixels, in the model's precision (float32, or float64 for a model
+    cast with .double(): the export gate's reference)."""
+    dtype = next(model.parameters()).dtype
+    x = normalize_pixels(images, model.spec.mean, model.spec.std, layout, dtype)
+    return model.eval()(x)[:, list(experts)]
+
+
 def reference_logits(model: MultiExpertNet, experts: tuple[int, ...], images: torch.Tensor,
                      layout: str) -> torch.Tensor:
-    """What every export must reproduce: the mean of the chosen experts' FP32 logits from the training network,
-    with the test-time normalization of expertfuse.preprocess applied to the same pixels."""
-    x = normalize_pixels(images, model.spec.mean, model.spec.std, layout)
-    return model.eval()(x)[:, list(experts)].mean(1)
+    """What every export must reproduce: the mean of the chosen experts' logits."""
+    return expert_reference_logits(model, experts, images, layout).mean(1)

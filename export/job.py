@@ -1,8 +1,10 @@
 """An export job: a loaded checkpoint plus a request, resolved into what to build (graph options, name)."""
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from expertfuse.contract import ModelMetadata
@@ -22,6 +24,11 @@ class LoadedCheckpoint:
     model: MultiExpertNet
     data: dict
     sha256: str
+
+    @cached_property
+    def model_float64(self) -> MultiExpertNet:
+        """The network in float64: the export gate's reference (made once per checkpoint, on first use)."""
+        return copy.deepcopy(self.model).double().eval()
 
     @classmethod
     def load(cls, path: Path) -> "LoadedCheckpoint":

@@ -26,8 +26,8 @@ from expertfuse.contract import INPUT, LOGITS
 from expertfuse.errors import UserError
 from expertfuse.timing import describe_choice, pick_fastest
 from export.early_exit import add_early_exit_args, export_early_exit
-from export.gate import check_parity, test_images
-from export.graph import InferenceGraph
+from export.gate import first_passing, test_images
+from export.graph import FUSIONS, InferenceGraph
 from export.job import ExportJob, build_job, with_experts
 from export.labelled import LabelledData
 from export.naming import naive_ensemble_names
@@ -99,14 +99,18 @@ def onnx_runner(path: Path):
     return run
 
 
-def choose_fusion(job: ExportJob, folder: Path, opset: int) -> tuple[str, dict]:
-    """Export both strategies and keep the one ONNX Runtime runs faster (batch 1 and a mid-size batch, interleaved)."""
+def fusion_candidates(job: ExportJob, folder: Path, opset: int) -> tuple[list[str], dict]:
+    """Export the asked fusion to folder/<fusion>/; for auto both, fastest first as ONNX Runtime runs them here
+    (batch 1 and a mid-size batch, interleaved). Returns (the fusions in the order to gate them, the timings)."""
+    if job.opts.fusion != "auto":
+        export_graph(job, job.opts.fusion, folder / job.opts.fusion, opset)
+        return [job.opts.fusion], {}
     images = test_images(job, min(job.request.max_batch, 32))["random"].numpy()
     inputs = {1: images[:1], len(images): images}
-    runners = {f: onnx_runner(onnx_file(export_graph(job, f, folder / f, opset))) for f in ("loop", "grouped")}
+    runners = {f: onnx_runner(onnx_file(export_graph(job, f, folder / f, opset))) for f in FUSIONS}
     best, timings = pick_fastest(runners, inputs)
     print(f"fusion auto on {providers()[0]}: {describe_choice(timings, best)}")
-    return best, timings
+    return [best] + [f for f in FUSIONS if f != best], timings
 
 
 @dataclass
@@ -141,18 +145,17 @@ def export_to_repository(job: ExportJob, settings: OnnxSettings) -> tuple[Path, 
           f"{job.model.num_experts} ({job.spec.describe()}), input {request.input_layout}, "
           f"{'FP16' if request.fp16 else 'FP32'}, opset {request.opset}")
     with staging(request.out) as work:
-        fusion, timings = choose_fusion(job, work, request.opset) if job.opts.fusion == "auto" else (job.opts.fusion, {})
-        artifact = work / fusion / "model.onnx"
-        if not timings:
-            export_graph(job, fusion, work / fusion, request.opset)
-        opset = written_opset(onnx_file(artifact))
+        order, timings = fusion_candidates(job, work, request.opset)
+        opset = written_opset(onnx_file(work / order[0] / "model.onnx"))
         print(f"onnx.checker passed (opset {opset}); running it in ONNX Runtime ({', '.join(providers())})")
-        parity = check_parity(job, onnx_runner(onnx_file(artifact)), [1, 2, 7, request.max_batch])
+        runners = {f: (lambda f=f: onnx_runner(onnx_file(work / f / "model.onnx"))) for f in order}
+        fusion, parity, fallbacks = first_passing(job, runners, [1, 2, 7, request.max_batch])
         report = write_report(work, {"parity": parity, "tolerance": request.tolerance().describe(), "fusion": fusion,
+                                     "fusion_order": order, "fusion_fallbacks": fallbacks,
                                      "fusion_timings_s": timings, "opset": opset, "providers": providers(),
                                      "checkpoint": str(request.ckpt)})
         return publish(job, "onnxruntime_onnx", settings.serving(request),
-                       {"model.onnx": artifact, "export_report.json": report}, fusion)
+                       {"model.onnx": work / fusion / "model.onnx", "export_report.json": report}, fusion)
 
 
 def export_naive_ensemble(job: ExportJob, settings: OnnxSettings) -> Path:

@@ -46,8 +46,7 @@ class ExportRequest:
     expert_logits: bool = False
     fp16: bool = False
     overwrite: bool = False
-    rtol: float | None = None  # None: the named tolerance's (expertfuse.parity.EXPORT_FP32)
-    atol: float | None = None
+    parity_factor: float | None = None  # None: the named tolerance's (expertfuse.parity.EXPORT_FP32)
     opset: int = DEFAULT_OPSET
     instance_kind: str | None = None  # cpu | gpu; None: gpu when CUDA is visible
     instance_count: int = 1
@@ -61,11 +60,10 @@ class ExportRequest:
         return self.instance_kind or ("gpu" if torch.cuda.is_available() else "cpu")
 
     def tolerance(self) -> Tolerance:
-        """The export gate: EXPORT_FP16 for FP16 graphs, else EXPORT_FP32 with --rtol/--atol overriding it."""
+        """The export gate: EXPORT_FP16 for FP16 graphs, else EXPORT_FP32 with --parity-factor overriding its factor."""
         if self.fp16:
             return EXPORT_FP16
-        overrides = {k: v for k, v in (("rtol", self.rtol), ("atol", self.atol)) if v is not None}
-        return replace(EXPORT_FP32, **overrides)
+        return EXPORT_FP32 if self.parity_factor is None else replace(EXPORT_FP32, factor=self.parity_factor)
 
 
 def add_request_args(p: argparse.ArgumentParser, default_max_batch: int | None) -> None:
@@ -85,8 +83,9 @@ def add_request_args(p: argparse.ArgumentParser, default_max_batch: int | None) 
     p.add_argument("--expert-logits", action="store_true", help="also output every expert's logits [B,K,C]")
     p.add_argument("--fp16", action="store_true", help="FP16 graph with FP32 inputs/outputs")
     p.add_argument("--overwrite", action="store_true", help="replace the model folder instead of adding a version")
-    p.add_argument("--rtol", type=float, help=f"FP32 parity: relative tolerance, like numpy.allclose [{EXPORT_FP32.rtol:g}]")
-    p.add_argument("--atol", type=float, help=f"FP32 parity: absolute tolerance, like numpy.allclose [{EXPORT_FP32.atol:g}]")
+    p.add_argument("--parity-factor", type=float,
+                   help="FP32 parity: how many times PyTorch float32's own error (against float64) the graph's error "
+                        f"may be [{EXPORT_FP32.factor:g}]")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, {MIN_OPSET} or later [{DEFAULT_OPSET}]")
     p.add_argument("--instance-kind", choices=["cpu", "gpu"], help="Triton instance kind (default: gpu if CUDA)")
     p.add_argument("--instance-count", type=int, default=1, help="Triton model instances [1]")
@@ -118,10 +117,10 @@ def validate(request: ExportRequest) -> ExportRequest:
         raise UserError("--gpus applies to GPU instances only; add --instance-kind gpu")
     if any(g < 0 for g in request.gpus):
         raise UserError(f"--gpus {request.gpus}: GPU ids are 0 or more")
-    if any(t is not None and not t >= 0 for t in (request.rtol, request.atol)):
-        raise UserError("--rtol and --atol must be 0 or more")
-    if request.fp16 and (request.rtol is not None or request.atol is not None):
-        raise UserError(f"--rtol/--atol judge FP32 exports; FP16 is judged by {EXPORT_FP16.describe()}")
+    if request.parity_factor is not None and not request.parity_factor >= 0:
+        raise UserError("--parity-factor must be 0 or more")
+    if request.fp16 and request.parity_factor is not None:
+        raise UserError(f"--parity-factor judges FP32 exports; FP16 is judged by {EXPORT_FP16.describe()}")
     check_opset(request.opset)
     if request.name is not None:
         check_model_name(request.name)

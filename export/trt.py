@@ -29,7 +29,8 @@ from expertfuse.contract import INPUT, LOGITS, ModelMetadata
 from expertfuse.errors import UserError
 from expertfuse.files import atomic_path
 from expertfuse.timing import describe_choice, pick_fastest
-from export.gate import check_parity, test_images
+from export.gate import first_passing, test_images
+from export.graph import FUSIONS
 from export.job import ExportJob, build_job
 from export.labelled import LabelledData
 from export.onnx import export_graph, onnx_file
@@ -54,6 +55,7 @@ TENSORRT_API = (
     "IExecutionContext.set_optimization_profile_async", "IExecutionContext.set_input_shape",
     "IExecutionContext.get_tensor_shape", "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3",
     "NetworkDefinitionCreationFlag.STRONGLY_TYPED",  # --int8 (TensorRT 11 keeps the flag; its networks always are)
+    "BuilderFlag.TF32",  # cleared for FP32 plans (both majors keep it)
 )
 # Names used only on one major (TensorRT 11 has no precision builder flags: its networks are strongly typed).
 TENSORRT_API_BY_MAJOR = {10: ("BuilderFlag.FP16",), 11: ()}
@@ -155,6 +157,10 @@ def build_plan(trt, onnx_path: Path, input_shape: tuple[int, ...], profiles: Seq
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if fp16 and trt_major(trt) < 11:
         config.set_flag(trt.BuilderFlag.FP16)
+    if not fp16 and not strongly_typed:
+        # TF32 is on by default for FP32 convolutions on Ampere and later: 10 mantissa bits, which the float32
+        # export gate (held to float32's own error) rightly refuses.
+        config.clear_flag(trt.BuilderFlag.TF32)
     if version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b"")
@@ -274,11 +280,11 @@ def publish_plan(job: ExportJob, settings: PlanSettings, plan: Path, build_info:
                    metadata)
 
 
-def build_fastest(trt, job: ExportJob, settings: PlanSettings, work: Path,
-                  int8: TensorRTInt8 | None = None) -> tuple[str, bytes]:
-    """Build a plan per fusion strategy asked for (both for auto; from the QDQ graph with --int8) and keep the
-    fastest on this GPU."""
-    fusions = ["loop", "grouped"] if job.opts.fusion == "auto" else [job.opts.fusion]
+def build_ranked(trt, job: ExportJob, settings: PlanSettings, work: Path,
+                 int8: TensorRTInt8 | None = None) -> tuple[list[str], dict[str, bytes]]:
+    """Build a plan per fusion strategy asked for (both for auto; from the QDQ graph with --int8). Returns the
+    fusions fastest first on this GPU, and their plans."""
+    fusions = list(FUSIONS) if job.opts.fusion == "auto" else [job.opts.fusion]
     shape = tuple(signature(job)[0][0].dims)
     # TensorRT 11 takes its precision from the graph: FP16 means an FP16 ONNX graph.
     graph_job = replace(job, opts=replace(job.opts, fp16=job.opts.fp16 and trt_major(trt) >= 11))
@@ -289,12 +295,12 @@ def build_fastest(trt, job: ExportJob, settings: PlanSettings, work: Path,
                                    job.opts.fp16, settings.workspace_gb, settings.timing_cache,
                                    settings.version_compatible, strongly_typed=int8 is not None)
     if len(fusions) == 1:
-        return fusions[0], plans[fusions[0]]
+        return fusions, plans
     batches = sorted({settings.profiles[0].min} | {p.opt for p in settings.profiles})
     images = test_images(job, batches[-1])["random"].numpy()
     best, timings = pick_fastest({f: PlanRunner(trt, plans[f]) for f in fusions}, {b: images[:b] for b in batches})
     print(f"fusion auto on TensorRT: {describe_choice(timings, best)}")
-    return best, plans[best]
+    return [best] + [f for f in fusions if f != best], plans
 
 
 def export_trt(argv: list[str] | None = None) -> Path:
@@ -305,13 +311,17 @@ def export_trt(argv: list[str] | None = None) -> Path:
     print(f"export {job.request.ckpt} -> {job.request.out}/{job.name}: TensorRT {trt.__version__} on "
           f"{torch.cuda.get_device_name()}, profiles (min/opt/max) {ranges}, {'FP16' if job.opts.fp16 else 'FP32'}")
     with staging(job.request.out) as work:
-        fusion, plan = build_fastest(trt, job, settings, work, int8)
+        order, plans = build_ranked(trt, job, settings, work, int8)
         if int8:
-            gate = int8.gate(PlanRunner(trt, plan), onnx_file(work / fusion / "model.onnx"), settings.profiles[-1].max)
+            fusion = order[0]
+            gate = int8.gate(PlanRunner(trt, plans[fusion]), onnx_file(work / fusion / "model.onnx"),
+                             settings.profiles[-1].max)
             parity, meta = gate.to_dict(), job.metadata(fusion, "int8", gate.metadata_extra())
         else:
-            parity, meta = check_parity(job, PlanRunner(trt, plan), settings.parity_batches()), None
-        (work / "model.plan").write_bytes(plan)
+            runners = {f: (lambda f=f: PlanRunner(trt, plans[f])) for f in order}
+            fusion, parity, _ = first_passing(job, runners, settings.parity_batches())
+            meta = None
+        (work / "model.plan").write_bytes(plans[fusion])
         major, minor = torch.cuda.get_device_capability()
         model_dir, _ = publish_plan(job, settings, work / "model.plan", {
             "tensorrt": trt.__version__, "compute_capability": f"{major}.{minor}", "gpu": torch.cuda.get_device_name(),

@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from expertfuse.parity import EXPORT_FP32, compare
+from expertfuse.parity import EXPORT_FP32, Tolerance, compare, float32_error
 from expertfuse.preprocess import normalize_pixels
-from export.graph import reference_logits
+from export.gate import expert_references
 from export.onnx import export_graph
 from train.checkpoint import CheckpointPayload, save_checkpoint
 from train.data.synthetic import synthesize
@@ -58,16 +58,19 @@ def ort_logits(path: Path, images: np.ndarray, output: str = "logits") -> np.nda
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run([output], {"image": images})[0]
 
 
+ALLCLOSE_1E4 = Tolerance("allclose-1e-4", rtol=1e-4, atol=1e-4)  # two float32 graphs of a small model
+
+
 def export_both_fusions(job, tmp_path: Path, outputs=("logits",), batch: int = 6) -> dict:
-    """Export `loop` and `grouped`, run both in ONNX Runtime and check: logits pass export's FP32 parity against the
-    PyTorch reference and every output agrees between the two strategies."""
+    """Export `loop` and `grouped`, run both in ONNX Runtime and check: logits pass export's FP32 gate against the
+    float64 reference and every output agrees between the two strategies."""
     images = np.random.RandomState(1).randint(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
-    ref = reference_logits(job.model, job.opts.experts, torch.from_numpy(images), "uint8-nhwc").numpy()
+    ref64, ref32 = (logits.mean(1) for logits in expert_references(job, torch.from_numpy(images), job.opts.experts, batch))
     results = {}
     for fusion in ("loop", "grouped"):
         path = export_graph(job, fusion, tmp_path / fusion, 18)
         results[fusion] = {name: ort_logits(path, images, name) for name in ("logits", *outputs)}
-        assert compare(results[fusion]["logits"], ref, EXPORT_FP32).ok
+        assert compare(results[fusion]["logits"], ref64, EXPORT_FP32, float32_error(ref32, ref64)).ok
     for name in results["loop"]:
-        assert compare(results["loop"][name], results["grouped"][name], EXPORT_FP32).ok, name
+        assert compare(results["loop"][name], results["grouped"][name], ALLCLOSE_1E4).ok, name
     return results["grouped"]

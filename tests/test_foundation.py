@@ -15,21 +15,42 @@ from expertfuse.errors import ParityError, UserError
 from tests.helpers import REPO
 
 
+ALLCLOSE = parity.Tolerance("allclose", rtol=1e-4, atol=1e-4)
+
+
 def test_parity_compares_like_allclose_so_large_logits_pass_on_relative_error():
     ref = np.array([[6.7e4, 1.0e4, -3.0e4], [1.0, 2.0, 3.0]])
     got = ref * (1 + 1e-7)
     assert np.abs(got - ref).max() > 1e-4  # an absolute 1e-4 bound would refuse this
-    result = parity.compare(got, ref, parity.EXPORT_FP32)
+    result = parity.compare(got, ref, ALLCLOSE)
     assert result.ok and result.top1_agreement == 1.0
-    assert not parity.compare(ref * 1.01, ref, parity.EXPORT_FP32).ok
+    assert not parity.compare(ref * 1.01, ref, ALLCLOSE).ok
 
 
 def test_parity_excuses_top1_flips_only_on_near_ties():
     ref = np.array([[1.0, 1.0 + 1e-6, 0.0], [5.0, 1.0, 0.0]])
     near_tie_flip = np.array([[1.0 + 1e-6, 1.0, 0.0], [5.0, 1.0, 0.0]])
-    assert parity.compare(near_tie_flip, ref, parity.EXPORT_FP32).ok
+    assert parity.compare(near_tie_flip, ref, ALLCLOSE).ok
     real_flip = np.array([[1.0, 1.0, 0.0], [1.0, 5.0, 0.0]])
-    assert parity.compare(real_flip, ref, parity.EXPORT_FP32).top1_disagreements == 1
+    assert parity.compare(real_flip, ref, ALLCLOSE).top1_disagreements == 1
+
+
+def test_export_gate_is_held_to_float32s_own_error_against_float64():
+    """The same graph error passes where PyTorch float32 itself strays that far (a deep net) and fails where it
+    does not (a shallow one): the bound scales with float32's error, not a fixed 1e-4."""
+    rng = np.random.default_rng(0)
+    ref64 = rng.normal(scale=300, size=(16, 100))  # logits of a deep random-weight ResNet-32
+    graph = ref64 + rng.normal(scale=4e-4 / 3, size=ref64.shape)  # a few 1e-4 off, as ONNX Runtime is there
+    deep = parity.compare(graph, ref64, parity.EXPORT_FP32, reference_error=2.5e-4)
+    assert deep.ok and 0.5 < deep.ratio < 4 and deep.bound == pytest.approx(8 * 2.5e-4 + parity.FLOAT32_EPS
+                                                                             * np.abs(ref64).max())
+    shallow = parity.compare(graph, ref64, parity.EXPORT_FP32, reference_error=1e-6)
+    assert not shallow.ok and shallow.ratio > 100
+    assert "PyTorch float32's own" in shallow.describe() and "bound" in shallow.describe()
+    tiny = np.full((2, 3), 1e-3) * [[1, 2, 3]]  # float32's own error 0: the floor (epsilons of the logits) judges
+    assert parity.compare(tiny * (1 + 0.5 * parity.FLOAT32_EPS), tiny, parity.EXPORT_FP32, 0.0).ok
+    with pytest.raises(ValueError, match="float32's own error"):
+        parity.compare(graph, ref64, parity.EXPORT_FP32)
 
 
 def test_reduced_precision_is_judged_by_top1_agreement_and_require_raises_parity_error():

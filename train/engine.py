@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from train.checkpoint import save_checkpoint
-from train.config import TrainConfig
-from train.data.datasets import DataBundle, DataOptions, build_data
+from expertfuse.errors import UserError
+from train.config import TrainConfig, load_preset, resolve_config
+from train.data.datasets import DATASET_GEOMETRY, DataBundle, DataOptions, Geometry, build_data
 from train.data.longtail import shot_groups
 from train.data.transforms import eval_transform, training_transform
 from train.methods import get_method
@@ -41,13 +42,25 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
 
 
-def build_spec(cfg: TrainConfig, data: DataBundle) -> ModelSpec:
+def build_spec(cfg: TrainConfig, data: DataBundle | Geometry) -> ModelSpec:
+    """The network a run trains: the config's architecture over the data's classes, input size and normalization."""
+    classes = len(data.classes) if isinstance(data, DataBundle) else data.num_classes
     size = cfg.input_size or data.input_size
-    fields = dict(arch=cfg.arch, num_classes=len(data.classes), num_experts=cfg.num_experts,
+    fields = dict(arch=cfg.arch, num_classes=classes, num_experts=cfg.num_experts,
                   shared_stages=cfg.shared_stages, shortcut=cfg.shortcut, fusion=cfg.fusion, head=cfg.head,
                   head_scale=cfg.head_scale, input_size=size, resize=cfg.resize or max(data.resize, size),
                   mean=list(data.mean), std=list(data.std))
     return ModelSpec(**get_method(cfg.method).adapt_spec(fields))
+
+
+def preset_spec(preset: str) -> ModelSpec:
+    """A preset's network at its dataset's real size (classes, input), without the data: what export and the
+    real-size bench build to measure it."""
+    cfg = resolve_config(load_preset(preset))
+    if cfg.dataset not in DATASET_GEOMETRY:
+        raise UserError(f"preset {preset} trains on {cfg.dataset}, whose size is set by its data; "
+                        f"presets of {', '.join(DATASET_GEOMETRY)} have a fixed size")
+    return build_spec(cfg, DATASET_GEOMETRY[cfg.dataset])
 
 
 @dataclass

@@ -28,6 +28,26 @@ DATASETS = ("synthetic", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt"
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 INAT_MEAN, INAT_STD = [0.466, 0.471, 0.380], [0.195, 0.194, 0.192]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a network for a dataset needs to know of it without reading it: classes, input size, test-time resize,
+    normalization (a preset's network at real size, for export and cost, before any data is there)."""
+    num_classes: int
+    input_size: int
+    resize: int
+    mean: list[float]
+    std: list[float]
+
+
+DATASET_GEOMETRY = {
+    "cifar10-lt": Geometry(10, 32, 32, CIFAR_MEAN, CIFAR_STD),
+    "cifar100-lt": Geometry(100, 32, 32, CIFAR_MEAN, CIFAR_STD),
+    "imagenet-lt": Geometry(1000, 224, 256, IMAGENET_MEAN, IMAGENET_STD),
+    "places-lt": Geometry(365, 224, 256, IMAGENET_MEAN, IMAGENET_STD),
+    "inat2018": Geometry(8142, 224, 256, INAT_MEAN, INAT_STD),
+}
 # OLTR list names per dataset: (train, val, test). iNaturalist's official val set is its test set.
 IMAGE_LISTS = {
     "imagenet-lt": ("ImageNet_LT_train", "ImageNet_LT_val", "ImageNet_LT_test"),
