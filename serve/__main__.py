@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(Docker Compose) or a cluster (Kubernetes) instead of serving")
     p.add_argument("--gpus", type=int, default=0, help="--emit: GPUs per Triton replica [0]")
     p.add_argument("--replicas", type=int, default=1, help="--emit: Triton replicas (k8s: the autoscaler's minimum) [1]")
-    p.add_argument("--max-replicas", type=int, default=0, help="--emit k8s: the autoscaler's maximum [4 x replicas]")
+    p.add_argument("--max-replicas", type=int, help="--emit k8s: the autoscaler's maximum, >= --replicas [4 x replicas]")
     p.add_argument("--repository-uri", help="--emit: Triton reads the repository from this s3://, gs:// or as:// URI "
                    "(a copy of --repository) instead of a mounted volume")
     p.add_argument("--out", type=Path, default=Path("deploy"), help="--emit: folder for the manifests [deploy]")

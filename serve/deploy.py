@@ -140,7 +140,7 @@ def autoscaler(replicas: int, max_replicas: int) -> dict:
     """Scale on CPU utilisation (what every cluster has); Triton's queue time needs a metrics adapter (README)."""
     return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": APP},
             "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": APP},
-                     "minReplicas": replicas, "maxReplicas": max(max_replicas, replicas),
+                     "minReplicas": replicas, "maxReplicas": max_replicas,
                      "metrics": [{"type": "Resource", "resource": {
                          "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}]}}
 
@@ -178,12 +178,24 @@ def write_yaml(path: Path, documents: list[dict]) -> Path:
     return write_text(path, yaml.dump_all(documents, Dumper=_PlainDumper, sort_keys=False))
 
 
+def replica_bounds(replicas: int, max_replicas: int | None) -> tuple[int, int]:
+    """The autoscaler's (minimum, maximum): the maximum defaults to 4 x replicas and is never below the minimum."""
+    if replicas < 1:
+        raise UserError(f"--replicas must be >= 1; got {replicas}")
+    if max_replicas is None:
+        return replicas, 4 * replicas
+    if max_replicas < replicas:
+        raise UserError(f"--max-replicas must be >= --replicas ({replicas}); got {max_replicas}")
+    return replicas, max_replicas
+
+
 def emit(kind: str, repository: Path, out: Path, image: str = DEFAULT_IMAGE, ports: dict[str, int] | None = None,
-         gpus: int = 0, replicas: int = 1, max_replicas: int = 0, uri: str | None = None) -> list[Path]:
+         gpus: int = 0, replicas: int = 1, max_replicas: int | None = None, uri: str | None = None) -> list[Path]:
     """Write the manifests of `kind` (compose | k8s) into `out`; returns the files written."""
     ports = ports or {"http": 8000, "grpc": 8001, "metrics": 8002}
-    if gpus < 0 or replicas < 1:
-        raise UserError("--gpus must be >= 0 and --replicas >= 1")
+    if gpus < 0:
+        raise UserError(f"--gpus must be >= 0; got {gpus}")
+    replicas, max_replicas = replica_bounds(replicas, max_replicas)
     if any(not 0 < p < 65536 for p in ports.values()) or len(set(ports.values())) != 3:
         raise UserError("--http-port, --grpc-port and --metrics-port must be three different ports in 1..65535")
     check_repository(repository, gpus)
@@ -191,8 +203,8 @@ def emit(kind: str, repository: Path, out: Path, image: str = DEFAULT_IMAGE, por
     if kind == "compose":
         return [write_yaml(out / "compose.yaml", [compose(repository, out, image, ports, gpus, replicas, uri)])]
     if kind == "k8s":
-        return [write_yaml(out / "triton.yaml", kubernetes(repository, image, ports, gpus, replicas,
-                                                          max_replicas or 4 * replicas, uri)),
+        return [write_yaml(out / "triton.yaml", kubernetes(repository, image, ports, gpus, replicas, max_replicas,
+                                                          uri)),
                 write_yaml(out / "servicemonitor.yaml", [service_monitor(ports)])]
     raise UserError(f"--emit must be compose or k8s; got {kind!r}")
 

@@ -154,3 +154,14 @@ def test_serve_cli_emits_and_refuses_what_could_not_serve(repository, tmp_path):
     proc = run_module("serve", "--emit", "k8s", "--repository", str(repository), "--gpus", "1",
                       "--repository-uri", "http://x/y", "--out", str(tmp_path / "u"), check=False)
     assert proc.returncode == 2 and "s3://" in proc.stderr
+
+
+def test_autoscaler_bounds_that_contradict_are_refused(repository, tmp_path):
+    for bounds in (["--replicas", "3", "--max-replicas", "2"], ["--max-replicas", "-1"], ["--max-replicas", "0"]):
+        proc = run_module("serve", "--emit", "k8s", "--repository", str(repository), *bounds,
+                          "--out", str(tmp_path / "k8s"), check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: --max-replicas"), proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "k8s").exists()
+    triton, _ = emit("k8s", repository, tmp_path / "k8s", replicas=3, max_replicas=3)
+    assert kubernetes_validate(triton).returncode == 0
+    assert documents(triton)["HorizontalPodAutoscaler"]["spec"]["maxReplicas"] == 3
