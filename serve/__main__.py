@@ -2,8 +2,8 @@
 
   python -m serve [--repository|--model-repository model_repository] [--server auto|local|docker|bundled]
       [--host 127.0.0.1] [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
-  python -m serve --emit compose|k8s --repository model_repository [--gpus N] [--replicas N]
-      [--max-replicas N] [--repository-uri s3://...] [--out deploy]
+  python -m serve --emit compose|k8s|kserve --repository model_repository [--gpus N] [--replicas N]
+      [--max-replicas N] [--repository-uri s3://...|gs://...|pvc://...] [--out deploy]
 
 Runs until Ctrl-C or SIGTERM (honoured at any moment, start-up included), then stops the server and
 removes what it created.
@@ -54,15 +54,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port [8001]")
     p.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port [8002]")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for readiness [120]")
-    p.add_argument("--image", default=DEFAULT_IMAGE, help=f"NGC image for --server docker [{DEFAULT_IMAGE}]")
+    p.add_argument("--image", default=DEFAULT_IMAGE, help=f"NGC image for --server docker and --emit; --emit kserve "
+                   f"takes its tag as runtimeVersion [{DEFAULT_IMAGE}]")
     p.add_argument("--log-file", type=Path, help="keep the server log here (default: a temporary file, removed)")
-    p.add_argument("--emit", choices=["compose", "k8s"], help="write deployment manifests for the NGC container "
-                   "(Docker Compose) or a cluster (Kubernetes) instead of serving")
+    p.add_argument("--emit", choices=["compose", "k8s", "kserve"], help="write deployment manifests for the NGC "
+                   "container (Docker Compose), a cluster (Kubernetes) or KServe's Triton runtime instead of serving")
     p.add_argument("--gpus", type=int, default=0, help="--emit: GPUs per Triton replica [0]")
-    p.add_argument("--replicas", type=int, default=1, help="--emit: Triton replicas (k8s: the autoscaler's minimum) [1]")
-    p.add_argument("--max-replicas", type=int, default=0, help="--emit k8s: the autoscaler's maximum [4 x replicas]")
-    p.add_argument("--repository-uri", help="--emit: Triton reads the repository from this s3://, gs:// or as:// URI "
-                   "(a copy of --repository) instead of a mounted volume")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="--emit: Triton replicas (k8s, kserve: the autoscaler's minimum) [1]")
+    p.add_argument("--max-replicas", type=int,
+                   help="--emit k8s, kserve: the autoscaler's maximum, >= --replicas [4 x replicas]")
+    p.add_argument("--repository-uri", help="--emit: read the repository (a copy of --repository) from this URI "
+                   "instead of a mounted volume: s3://, gs:// or as:// (Triton), s3://, gs:// or pvc:// (kserve, "
+                   "required)")
     p.add_argument("--out", type=Path, default=Path("deploy"), help="--emit: folder for the manifests [deploy]")
     return p.parse_args(argv)
 
