@@ -315,7 +315,9 @@ def _locked(repo: Path) -> Iterator[None]:
 def _tidy(repo: Path) -> None:
     """Before a writer stages: finish a publish a dead writer left, then remove dead writers' staging folders (the
     journal's folders among them, so in that order, under the lock). A clean repository is not touched."""
-    if _stale_staging(repo) or (repo / JOURNAL).exists():
+    if not repo.is_dir():  # never published: no journal
+        remove_stale_staging(repo)
+    elif _stale_staging(repo) or (repo / JOURNAL).exists():
         with _locked(repo):
             _roll_forward(repo)
             remove_stale_staging(repo)

@@ -148,8 +148,9 @@ def naive_export(ckpt: Path, repo: Path, name: str, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_checkpoints_side_by_side(tmp_path_factory):
-    """Two NCL checkpoints exported into one repository (max batch 16), then the first re-exported with --overwrite
-    --max-batch 8 and SIGKILLed mid-publish (one model renamed in, the others not); served by the real Triton."""
+    """Two NCL checkpoints exported into one repository (max batch 16; the second twice), then the first re-exported
+    with --overwrite --max-batch 8 and SIGKILLed mid-publish (one model renamed in, the others not); served by the
+    real Triton."""
     tmp = tmp_path_factory.mktemp("side-by-side")
     a = make_checkpoint(tmp / "a.pt")
     payload = torch.load(a, weights_only=True)
@@ -159,7 +160,8 @@ def two_checkpoints_side_by_side(tmp_path_factory):
     torch.save(payload, tmp / "b.pt")
     repo = tmp / "repo"
     run_module(*naive_export(a, repo, "tiny", "--max-batch", "16"))
-    run_module(*naive_export(tmp / "b.pt", repo, "other", "--max-batch", "16"))
+    for _ in range(2):  # a re-export adds version 2 of every model of the set
+        run_module(*naive_export(tmp / "b.pt", repo, "other", "--max-batch", "16"))
     killed = subprocess.run([sys.executable, "-c", KILL_AT_RENAME, str(repo), "3",
                              *naive_export(a, repo, "tiny", "--max-batch", "8", "--overwrite")],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -175,10 +177,10 @@ def test_each_ensemble_serves_its_own_checkpoint(two_checkpoints_side_by_side):
     images = np.random.RandomState(0).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     client = httpclient.InferenceServerClient(server.endpoints.http)
     try:
-        for name, ckpt in checkpoints.items():
+        for (name, ckpt), version in zip(checkpoints.items(), (1, 2)):
             steps = read_config(repo / f"{name}_naive").ensemble_scheduling.step
             assert [(s.model_name, s.model_version) for s in steps] == [
-                (f"{name}_expert0", 1), (f"{name}_expert1", 1), (f"{name}_naive_mean", 1)]
+                (f"{name}_expert0", version), (f"{name}_expert1", version), (f"{name}_naive_mean", version)]
             request = httpclient.InferInput("image", list(images.shape), "UINT8")
             request.set_data_from_numpy(images)
             served = client.infer(f"{name}_naive", [request]).as_numpy("logits")
