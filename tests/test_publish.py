@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,9 @@ def publish_in_child(repo: Path, kill_at: int | None) -> int:
                 return rename(src, dst)
             os.rename = rename_or_die
             publish_ensemble(repo, 32)
-            os._exit(min(count[0], 255))
+            os._exit(min(count[0], 254))
+        except BaseException:
+            traceback.print_exc()
         finally:
             os._exit(255)
     return os.waitpid(pid, 0)[1]
