@@ -1,12 +1,17 @@
 """Atomic files: a reader, or a crash halfway, never sees half a file. Every single-file write of the project that
-others read (checkpoints, config.pbtxt, logs, reports, manifests, run records) goes through `atomic_path`."""
+others read (checkpoints, config.pbtxt, logs, reports, manifests, run records) goes through `atomic_path`. And the
+one lock: `file_lock`, for writers that must not overlap (a repository's publishers, a training output folder)."""
 from __future__ import annotations
 
+import fcntl
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from expertfuse.errors import UserError
 
 
 @contextmanager
@@ -32,3 +37,38 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+class LockBusy(UserError):
+    """A lock another live process holds; `holder` names it (pid and command line)."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by {holder}")
+        self.holder = holder
+
+
+def this_process() -> str:
+    """'pid 123 (python -m train --out runs/ncl)': how a lock holder names itself."""
+    command = " ".join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]])
+    return f"pid {os.getpid()} ({command[:200]})"
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
+    """An exclusive flock on `path` (created if missing) for the block. The kernel releases it when the holder dies,
+    so a killed process leaves nothing stale (a lock file that is created and deleted would). `wait=False`: raise
+    LockBusy naming the holder instead of waiting; such holders write their name into the file for that."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 1000, 0).decode(errors="replace").strip()
+            raise LockBusy(path, holder or "another process") from None
+        if not wait:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, this_process().encode() + b"\n", 0)
+        yield
+    finally:
+        os.close(fd)

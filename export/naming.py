@@ -16,7 +16,8 @@ def default_name(method: str, experts: tuple[int, ...], total: int, fp16: bool =
     return check_model_name(f"{method}{part}{'_fp16' if fp16 else ''}{suffix}")
 
 
-def naive_ensemble_names(name: str, method: str, experts: tuple[int, ...], total: int, fp16: bool) -> list[str]:
-    """Every model the naive ensemble writes: one per expert, the ensemble and its mean step (all checked)."""
-    singles = [default_name(method, (k,), total, fp16) for k in experts]
-    return singles + [check_model_name(f"{name}_naive"), check_model_name(f"{name}_naive_mean")]
+def naive_ensemble_names(name: str, experts: tuple[int, ...]) -> list[str]:
+    """Every model the naive ensemble writes, all named after `name` (so two exports side by side never share a
+    member): one per expert (<name>_expert<k>), the ensemble (<name>_naive) and its mean step (all checked)."""
+    return [check_model_name(f"{name}{suffix}") for suffix in
+            [f"_expert{k}" for k in experts] + ["_naive", "_naive_mean"]]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,8 +35,8 @@ from export.labelled import LabelledData
 from export.naming import naive_ensemble_names
 from export.quantize import Int8Settings, add_int8_args, export_int8, write_report
 from export.request import DEFAULT_OPSET, ExportRequest, add_request_args, request_from_args, validate
-from export.triton import publish, serving_options, signature
-from serve.repository import ServingOptions, staging, write_naive_ensemble
+from export.triton import publish_set, serving_options, signature, staged_model
+from serve.repository import ServingOptions, StagedModel, naive_ensemble_models, staging
 
 __all__ = ["DEFAULT_OPSET", "export_graph", "onnx_file", "written_opset", "export_onnx"]
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with headroom
@@ -138,8 +140,9 @@ class OnnxSettings:
                                ort_tensorrt_fp16=self.ort_tensorrt_fp16, ort_tensorrt_cache=self.ort_tensorrt_cache)
 
 
-def export_to_repository(job: ExportJob, settings: OnnxSettings) -> tuple[Path, int]:
-    """Export, check parity and add the model to the repository (nothing is written if any step fails)."""
+@contextmanager
+def staged_export(job: ExportJob, settings: OnnxSettings) -> Iterator[StagedModel]:
+    """Export and check parity: the model to publish, staged until the block ends (nothing written if a step fails)."""
     request = job.request
     print(f"export {request.ckpt} -> {request.out}/{job.name}: experts {','.join(map(str, job.opts.experts))} of "
           f"{job.model.num_experts} ({job.spec.describe()}), input {request.input_layout}, "
@@ -154,20 +157,29 @@ def export_to_repository(job: ExportJob, settings: OnnxSettings) -> tuple[Path, 
                                      "fusion_order": order, "fusion_fallbacks": fallbacks,
                                      "fusion_timings_s": timings, "opset": opset, "providers": providers(),
                                      "checkpoint": str(request.ckpt)})
-        return publish(job, "onnxruntime_onnx", settings.serving(request),
-                       {"model.onnx": work / fusion / "model.onnx", "export_report.json": report}, fusion)
+        yield staged_model(job, "onnxruntime_onnx", settings.serving(request),
+                           {"model.onnx": work / fusion / "model.onnx", "export_report.json": report}, fusion)
+
+
+def export_to_repository(job: ExportJob, settings: OnnxSettings) -> tuple[Path, int]:
+    """Export, check parity and add the model to the repository."""
+    with staged_export(job, settings) as model:
+        return publish_set(job, [model])[0]
 
 
 def export_naive_ensemble(job: ExportJob, settings: OnnxSettings) -> Path:
-    """Each chosen expert as its own model plus Triton's ensemble scheduler and a mean step: the unfused baseline."""
-    *singles, ensemble, _ = naive_ensemble_names(job.name, job.method, job.opts.experts, job.model.num_experts,
-                                                 job.request.fp16)
-    for k, name in zip(job.opts.experts, singles):
-        export_to_repository(with_experts(job, (k,), "loop", name), settings)
+    """Each chosen expert as its own model plus Triton's ensemble scheduler and a mean step: the unfused baseline,
+    published together once every expert passed its checks."""
+    *singles, ensemble, _ = naive_ensemble_names(job.name, job.opts.experts)
     inputs, outputs = signature(job)
-    model_dir = write_naive_ensemble(job.request.out, ensemble, singles, inputs[0], outputs[0], job.classes,
-                                     settings.serving(job.request), overwrite=job.request.overwrite)
-    print(f"wrote {model_dir}/ (ensemble of {', '.join(singles)} + {ensemble}_mean)")
+    with ExitStack() as stack:
+        experts = [stack.enter_context(staged_export(with_experts(job, (k,), "loop", name), settings))
+                   for k, name in zip(job.opts.experts, singles)]
+        work = stack.enter_context(staging(job.request.out))
+        models = experts + naive_ensemble_models(ensemble, singles, inputs[0], outputs[0], job.classes,
+                                                 settings.serving(job.request), work)
+        model_dir, version = publish_set(job, models)[-1]
+    print(f"wrote {model_dir}/ version {version} (ensemble of {', '.join(singles)} + {ensemble}_mean)")
     return model_dir
 
 

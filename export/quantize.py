@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -138,14 +140,27 @@ def quantize_graph(fp32: Path, out: Path, calib: np.ndarray, method: str, reduce
     """fp32 ONNX -> INT8 QDQ ONNX at `out`. Symmetric INT8 activations are TensorRT's explicit-quantization form;
     ORT's CPU kernels prefer asymmetric UINT8 activations (U8S8)."""
     pre = out.with_name(out.stem + ".pre.onnx")
-    quant_pre_process(str(fp32), str(pre))
-    quantize_static(str(pre), str(out), PixelReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=reduce_range, weight_type=QuantType.QInt8,
-                    activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-                    calibrate_method=CALIBRATION_METHODS[method], nodes_to_exclude=fp32_nodes(onnx.load(str(pre))),
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric_activations})
+    with temporary_files_in(out.parent):
+        quant_pre_process(str(fp32), str(pre))
+        quantize_static(str(pre), str(out), PixelReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                        calibrate_method=CALIBRATION_METHODS[method], nodes_to_exclude=fp32_nodes(onnx.load(str(pre))),
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric_activations})
     pre.unlink()
     return out
+
+
+@contextmanager
+def temporary_files_in(folder: Path) -> Iterator[None]:
+    """ONNX Runtime's quantization makes its temporary folders (ort.quant.*, pre.quant.*) in the default temporary
+    directory and takes no other: point `tempfile` at `folder` (the export's staging folder), so a killed export's
+    are removed with its staging folder by the next export."""
+    saved, tempfile.tempdir = tempfile.tempdir, str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
 
 
 def cpu_session(model: Path | bytes) -> ort.InferenceSession:

@@ -1,14 +1,16 @@
-"""How an export enters the Triton model repository: its tensors, its serving settings and the write through
-serve.repository (the one config writer, whose pid-named staging folders a later writer cleans up)."""
+"""How an export enters the Triton model repository: its tensors, its serving settings and the publish through
+serve.repository (the one config writer): everything one export writes is published as one unit."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from expertfuse.contract import EXPERT_LOGITS, INPUT, LOGITS, PROBS, TRITON_INPUT, ModelMetadata
+from tritonclient.grpc import model_config_pb2 as pb
+
+from expertfuse.contract import EXPERT_LOGITS, INPUT, KEY_PREFIX, LOGITS, PROBS, TRITON_INPUT, ModelMetadata
 from export.job import ExportJob
 from export.request import ExportRequest
-from serve.repository import ServingOptions, TensorSpec, model_config, write_model
+from serve.repository import ServingOptions, StagedModel, TensorSpec, model_config, publish_models, string_parameters
 
 
 def signature(job: ExportJob) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -31,27 +33,39 @@ def serving_options(request: ExportRequest, **stage_settings) -> ServingOptions:
                           warmup_batch_sizes=[1, request.max_batch], versions=request.version_policy, **stage_settings)
 
 
+def staged_model(job: ExportJob, platform: str, serving: ServingOptions, artifacts: dict[str, Path], fusion: str,
+                 metadata: ModelMetadata | None = None, extra_outputs: Sequence[TensorSpec] = ()) -> StagedModel:
+    """The model's config (with its metadata as parameters; default the job's), labels and artifacts, ready to
+    publish. `extra_outputs` are outputs beyond the job's signature (early exit's experts_run)."""
+    inputs, outputs = signature(job)
+    meta = metadata or job.metadata(fusion)
+    cfg = model_config(job.name, platform, inputs, outputs + list(extra_outputs), serving, meta.triton_parameters())
+    return StagedModel(cfg, artifacts, job.classes)
+
+
 def publish(job: ExportJob, platform: str, serving: ServingOptions, artifacts: dict[str, Path], fusion: str,
             metadata: ModelMetadata | None = None, extra_outputs: Sequence[TensorSpec] = ()) -> tuple[Path, int]:
-    """Write the model's config (with its metadata as parameters; default the job's), labels and artifacts as a new
-    version. `extra_outputs` are outputs beyond the job's signature (early exit's experts_run)."""
-    inputs, outputs = signature(job)
-    outputs += list(extra_outputs)
-    meta = metadata or job.metadata(fusion)
-    cfg = model_config(job.name, platform, inputs, outputs, serving, meta.triton_parameters())
-    model_dir, version = write_model(job.request.out, cfg, artifacts, job.classes, overwrite=job.request.overwrite)
-    print_summary(model_dir, version, inputs, outputs, fusion)
-    return model_dir, version
+    """Publish one model (staged_model's arguments) as a new version."""
+    return publish_set(job, [staged_model(job, platform, serving, artifacts, fusion, metadata, extra_outputs)])[0]
 
 
-def print_summary(model_dir: Path, version: int, inputs: list[TensorSpec], outputs: list[TensorSpec], fusion: str) -> None:
+def publish_set(job: ExportJob, models: Sequence[StagedModel]) -> list[tuple[Path, int]]:
+    """Publish everything the export wrote as one unit (serve.repository.publish_models); prints what was written."""
+    written = publish_models(job.request.out, models, overwrite=job.request.overwrite)
+    for (model_dir, version), model in zip(written, models):
+        print_summary(model_dir, version, model.cfg)
+    return written
+
+
+def print_summary(model_dir: Path, version: int, cfg: pb.ModelConfig) -> None:
     files = sorted(p for p in (model_dir / str(version)).rglob("*") if p.is_file())
-    print(f"wrote {model_dir}/ version {version} (fusion {fusion}):")
+    fusion = string_parameters(cfg).get(KEY_PREFIX + "fusion")
+    print(f"wrote {model_dir}/ version {version}{f' (fusion {fusion})' if fusion else ''}:")
     for f in files + [model_dir / "config.pbtxt", model_dir / "labels.txt"]:
         print(f"  {f}  {f.stat().st_size / 1e6:.2f} MB")
-    for t in inputs:
-        print(f"  input  {t.name} {t.dtype} [-1, {', '.join(map(str, t.dims))}] ({t.format})")
-    for t in outputs:
-        print(f"  output {t.name} {t.dtype} [-1, {', '.join(map(str, t.dims))}]{' with labels' if t.labels else ''}")
-
-
+    dtype = lambda t: pb.DataType.Name(t.data_type).removeprefix("TYPE_")  # noqa: E731
+    for t in cfg.input:
+        layout = f" ({pb.ModelInput.Format.Name(t.format).removeprefix('FORMAT_')})" if t.format else ""
+        print(f"  input  {t.name} {dtype(t)} [-1, {', '.join(map(str, t.dims))}]{layout}")
+    for t in cfg.output:
+        print(f"  output {t.name} {dtype(t)} [-1, {', '.join(map(str, t.dims))}]{' with labels' if t.label_filename else ''}")

@@ -1,13 +1,14 @@
 """The Triton model repository writer: the one place config.pbtxt files are produced.
 
 Configs are built as `model_config_pb2.ModelConfig` messages and rendered with protobuf's text
-format, so everything written parses back (tests do exactly that). Writes are atomic: a model
-folder is staged next to the repository and swapped in with renames, so a failure leaves the
-repository as it was.
+format, so everything written parses back (tests do exactly that). Every export publishes its set of
+models as one unit through `publish_models` (staged beside the repository, renamed in under a lock
+after a journal's commit point), so a failure or a kill leaves the repository as it was or complete.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 from expertfuse.contract import check_model_name
 from expertfuse.errors import UserError
-from expertfuse.files import write_text
+from expertfuse.files import file_lock, write_text
 
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
@@ -213,12 +214,16 @@ def _staging_prefix(repo: Path) -> str:
 
 def remove_stale_staging(repo: Path) -> list[Path]:
     """Remove the staging folders beside `repo` left by writers that died (their pid is gone)."""
-    pattern = re.compile(re.escape(_staging_prefix(repo)) + r"(\d+)-")
-    stale = [p for p in repo.parent.glob(_staging_prefix(repo) + "*")
-             if (m := pattern.match(p.name)) and p.is_dir() and not _alive(int(m.group(1)))]
+    stale = _stale_staging(repo)
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
+
+
+def _stale_staging(repo: Path) -> list[Path]:
+    pattern = re.compile(re.escape(_staging_prefix(repo)) + r"(\d+)-")
+    return [p for p in repo.parent.glob(_staging_prefix(repo) + "*")
+            if (m := pattern.match(p.name)) and p.is_dir() and not _alive(int(m.group(1)))]
 
 
 @contextlib.contextmanager
@@ -228,7 +233,7 @@ def staging(repo: Path) -> Iterator[Path]:
     repo = Path(repo).absolute()
     try:
         repo.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(repo)
+        _tidy(repo)
         folder = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(repo)}{os.getpid()}-", dir=repo.parent))
     except OSError as exc:
         raise RepositoryError(f"cannot write the model repository {repo}: {exc.strerror or exc}") from None
@@ -238,59 +243,133 @@ def staging(repo: Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_model(repo: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], labels: Sequence[str] | None = None,
-                overwrite: bool = False) -> tuple[Path, int]:
-    """Add a version of model `cfg.name` holding `artifacts` (file name -> source file or folder, moved in).
+@dataclass
+class StagedModel:
+    """A model ready to publish: its config, its artifacts (file name -> staged file or folder, moved in at publish)
+    and its labels."""
+    cfg: pb.ModelConfig
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    labels: Sequence[str] | None = None
 
-    A re-export adds a version next to the existing ones; `overwrite` replaces the model folder.
-    Returns (model folder, version number).
+
+PUBLISH_LOCK = ".publish.lock"  # flock'ed around every publish into the repository
+JOURNAL = ".publish-journal.json"  # a publish past its commit point: the staged folders still to rename in
+
+
+def publish_models(repo: Path, models: Sequence[StagedModel], overwrite: bool = False) -> list[tuple[Path, int]]:
+    """Add a version of every model in `models` to `repo` as one unit; returns (model folder, version) of each.
+
+    One export writes a set that refers to itself (an ensemble names its members and must agree with their max
+    batch), so models renamed in one by one would leave a set Triton refuses if the writer died in between. Under
+    the repository's lock (flock on <repo>/.publish.lock: writers take turns, the kernel drops it if one dies), each
+    model's whole new folder is staged beside the repository (earlier versions hard-linked, unless `overwrite`), its
+    version number taken there, so never reused, and an ensemble's steps pinned to the versions of the members
+    published with it. Writing the journal that names these folders is the commit point; the renames follow. A
+    writer killed before it leaves the repository as it was; one killed after leaves the journal, which the next
+    writer, or serve, rolls forward under the lock (`finish_publish`): readers see the old set or the whole new one.
     """
-    repo = Path(repo)
+    repo = Path(repo).absolute()
     try:
         repo.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RepositoryError(f"cannot write the model repository {repo}: {exc.strerror or exc}") from None
-    final = repo / cfg.name
-    with staging(repo) as work:
-        return _swap_in(final, work, cfg, artifacts, labels, overwrite)
+    with staging(repo) as work, _locked(repo):
+        try:
+            _roll_forward(repo)
+            pinned = {m.cfg.name: 1 if overwrite else max(versions(repo / m.cfg.name), default=0) + 1 for m in models}
+            for model in models:
+                _stage_folder(repo / model.cfg.name, work / "new" / model.cfg.name, model, pinned, overwrite)
+            (work / "journal.json").write_text(json.dumps({"staging": work.name, "models": list(pinned)}))
+            os.rename(work / "journal.json", repo / JOURNAL)
+            _roll_forward(repo)
+        except OSError as exc:
+            raise RepositoryError(f"cannot write the model repository {repo}: {exc.strerror or exc}") from None
+    return [(repo / name, version) for name, version in pinned.items()]
 
 
-def _swap_in(final: Path, work: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], labels: Sequence[str] | None,
-             overwrite: bool) -> tuple[Path, int]:
-    """Stage the model folder in `work` (old versions hard-linked, the new one moved in), then rename it over `final`."""
-    try:
-        staged = work / cfg.name
-        staged.mkdir()
-        existing = [] if overwrite else versions(final)
-        for v in existing:  # hard links: no copy of the old artifacts, and the old folder stays intact
-            shutil.copytree(final / str(v), staged / str(v), copy_function=os.link)
-        version = (existing[-1] + 1) if existing else 1
-        (staged / str(version)).mkdir()
-        for name, source in artifacts.items():
-            shutil.move(str(source), staged / str(version) / name)
-        write_config(staged, cfg)
-        if labels is not None:
-            (staged / LABELS_FILE).write_text("".join(f"{label}\n" for label in labels))
-        if final.exists():
-            os.rename(final, work / "previous")
-        os.rename(staged, final)
-        return final, version
-    except OSError as exc:
-        raise RepositoryError(f"cannot write {final}: {exc.strerror or exc}") from None
+def write_model(repo: Path, cfg: pb.ModelConfig, artifacts: dict[str, Path], labels: Sequence[str] | None = None,
+                overwrite: bool = False) -> tuple[Path, int]:
+    """Publish one model (publish_models); a re-export adds a version, `overwrite` replaces the model folder."""
+    return publish_models(repo, [StagedModel(cfg, artifacts, labels)], overwrite)[0]
 
 
-def write_naive_ensemble(repo: Path, name: str, expert_models: Sequence[str], image: TensorSpec, logits: TensorSpec,
-                         labels: Sequence[str], opts: ServingOptions, overwrite: bool = False) -> Path:
-    """The unfused serving baseline: Triton's ensemble scheduler fans the image out to K single-expert
-    models and a python-backend step averages their logits (Triton has no built-in mean)."""
+def finish_publish(repo: Path) -> None:
+    """Complete a publish whose writer died past its commit point (serve calls this before reading `repo`)."""
+    repo = Path(repo).absolute()
+    if (repo / JOURNAL).exists():
+        with _locked(repo):
+            _roll_forward(repo)
+
+
+@contextlib.contextmanager
+def _locked(repo: Path) -> Iterator[None]:
+    """The repository's publish lock, waited for."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(repo / PUBLISH_LOCK))
+        except OSError as exc:
+            raise RepositoryError(f"cannot lock the model repository {repo}: {exc.strerror or exc}") from None
+        yield
+
+
+def _tidy(repo: Path) -> None:
+    """Before a writer stages: finish a publish a dead writer left, then remove dead writers' staging folders (the
+    journal's folders among them, so in that order, under the lock). A clean repository is not touched."""
+    if not repo.is_dir():  # never published: no journal
+        remove_stale_staging(repo)
+    elif _stale_staging(repo) or (repo / JOURNAL).exists():
+        with _locked(repo):
+            _roll_forward(repo)
+            remove_stale_staging(repo)
+
+
+def _roll_forward(repo: Path) -> None:
+    """Rename in every staged folder the journal names that is still staged (the old folder moved aside first);
+    each step can be redone, so a writer killed here leaves a journal that still completes. Caller holds the lock."""
+    journal = repo / JOURNAL
+    if not journal.exists():
+        return
+    record = json.loads(journal.read_text())
+    work = repo.parent / record["staging"]
+    (work / "old").mkdir(parents=True, exist_ok=True)
+    for name in record["models"]:
+        staged, final = work / "new" / name, repo / name
+        if staged.exists():
+            if final.exists():
+                os.rename(final, work / "old" / name)
+            os.rename(staged, final)
+    journal.unlink()
+
+
+def _stage_folder(final: Path, staged: Path, model: StagedModel, pinned: dict[str, int], overwrite: bool) -> None:
+    """The model's whole new folder: earlier versions hard-linked (no copy, the live folder stays intact), the new
+    version with its artifacts moved in, its config (ensemble steps on models of this publish pinned) and labels."""
+    staged.mkdir(parents=True)
+    for v in [] if overwrite else versions(final):
+        shutil.copytree(final / str(v), staged / str(v), copy_function=os.link)
+    (staged / str(pinned[model.cfg.name])).mkdir()
+    for name, source in model.artifacts.items():
+        shutil.move(str(source), staged / str(pinned[model.cfg.name]) / name)
+    cfg = pb.ModelConfig()
+    cfg.CopyFrom(model.cfg)
+    for step in cfg.ensemble_scheduling.step:
+        step.model_version = pinned.get(step.model_name, step.model_version)
+    write_config(staged, cfg)
+    if model.labels is not None:
+        (staged / LABELS_FILE).write_text("".join(f"{label}\n" for label in model.labels))
+
+
+def naive_ensemble_models(name: str, expert_models: Sequence[str], image: TensorSpec, logits: TensorSpec,
+                          labels: Sequence[str], opts: ServingOptions, work: Path) -> list[StagedModel]:
+    """The unfused serving baseline, to publish with its experts: Triton's ensemble scheduler fans the image out to
+    K single-expert models and a python-backend step (`<name>_mean`, Triton has no built-in mean) averages their
+    logits."""
     from serve.backends import MEAN_MODEL
 
     k = len(expert_models)
     mean_inputs = [TensorSpec(f"logits_{i}", "FP32", logits.dims) for i in range(k)]
     mean_cfg = model_config(f"{name}_mean", "python", mean_inputs, [logits], replace(opts, warmup_batch_sizes=[]))
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(MEAN_MODEL, Path(tmp) / "model.py")
-        write_model(repo, mean_cfg, {"model.py": Path(tmp) / "model.py"}, labels, overwrite=overwrite)
+    shutil.copy(MEAN_MODEL, work / "model.py")
     cfg = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=opts.max_batch_size)
     cfg.input.add(name=image.name, data_type=getattr(pb, f"TYPE_{image.dtype}"), dims=image.dims,
                   format=getattr(pb.ModelInput, f"FORMAT_{image.format}") if image.format else 0)
@@ -303,5 +382,4 @@ def write_naive_ensemble(repo: Path, name: str, expert_models: Sequence[str], im
     for i in range(k):
         step.input_map[f"logits_{i}"] = f"expert_logits_{i}"
     step.output_map["logits"] = logits.name
-    model_dir, _ = write_model(repo, cfg, {}, labels, overwrite=overwrite)
-    return model_dir
+    return [StagedModel(mean_cfg, {"model.py": work / "model.py"}, labels), StagedModel(cfg, {}, labels)]

@@ -27,7 +27,7 @@ from pathlib import Path
 from serve.bundled import backend_directory, bundled_root, gpu_visible, runtime_repository, server_environment
 from expertfuse.errors import UserError
 from serve.lifetime import RUN_PREFIX, clean_stale_runs, die_with_launcher, remove_shm, write_record
-from serve.repository import model_folders
+from serve.repository import finish_publish, model_folders
 
 SERVERS = ("auto", "local", "docker", "bundled")
 DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
@@ -136,6 +136,7 @@ class TritonServer:
                 f"--log-verbose={1 if self.verbose else 0}"]
 
     def command(self) -> tuple[list[str], dict[str, str]]:
+        finish_publish(self.repository)  # an export killed mid-publish: serve its whole set, never part of it
         if self.mode == "bundled":
             root = bundled_root()
             runtime = self.workdir / "repository"

@@ -1,5 +1,9 @@
 """INT8 export: a real QDQ graph that ONNX Runtime runs, and an accuracy gate that refuses a damaged calibration."""
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -10,7 +14,7 @@ import export.quantize as quantize
 from expertfuse.errors import ParityError
 from export.onnx import export_onnx
 from serve.repository import read_config
-from tests.helpers import run_module
+from tests.helpers import REPO, run_module
 
 SMALL = ["--calib-images", "64", "--max-batch", "8", "--fusion", "loop", "--reduce-range", "off"]
 
@@ -53,3 +57,26 @@ def test_bad_flags_are_one_line_errors(tiny_checkpoint, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     proc = run_module("export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path), "--early-exit", "2", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+# `python -m <module> <args>` SIGKILLed while ONNX Runtime calibrates (inside quantize_static's ort.quant.* folder).
+KILL_IN_CALIBRATION = """
+import os, runpy, signal, sys
+import export.quantize
+export.quantize.PixelReader.get_next = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_killed_int8_export_leaves_onnx_runtimes_temp_folders_to_the_next_export(tiny_checkpoint, tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    args = ["--ckpt", str(tiny_checkpoint), "--out", str(tmp_path / "repo")]
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_CALIBRATION, "export.onnx", *args, "--int8", *SMALL],
+                            cwd=REPO, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(temp)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not list(temp.glob("*quant*"))  # not in the system's temporary folder, where nothing removes them
+    assert list(tmp_path.glob(".repo-staging-*/**/ort.quant.*"))
+    run_module("export.onnx", *args, "--fusion", "loop", "--max-batch", "8")
+    assert not list(tmp_path.glob(".repo-staging-*"))

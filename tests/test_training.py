@@ -1,11 +1,14 @@
 import csv
 import math
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from expertfuse.errors import UserError
-from tests.helpers import TINY_TRAIN, run_module
+from tests.helpers import REPO, TINY_TRAIN, run_module
 from train.checkpoint import load_checkpoint, load_model, load_payload
 from train.config import TrainConfig, config_from_args
 from train.engine import train
@@ -143,3 +146,23 @@ def test_fp16_autocast_is_a_cuda_setting_and_full_precision_on_cpu():
     assert amp_dtype(config_from_args(["--preset", "shike-cifar100-lt"]), cpu) is None
     assert amp_dtype(config_from_args(["--amp", "bf16"]), cpu) is torch.bfloat16
     assert amp_dtype(config_from_args(["--amp", "fp16"]), torch.device("cuda")) is torch.float16
+
+
+def test_a_second_run_into_a_running_runs_folder_is_refused_naming_it(tmp_path):
+    """Issue 24.4: two runs into one --out overwrote each other silently; a killed run leaves no stale lock."""
+    first = subprocess.Popen([sys.executable, "-m", "train", *TINY_TRAIN, "--epochs", "500", "--out", str(tmp_path)],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        lock = tmp_path / ".train.lock"
+        while not (lock.is_file() and f"pid {first.pid} " in lock.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for extra in ([], ["--resume"]):
+            second = run_module("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path), *extra, check=False)
+            assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr
+            assert f"is in use by another training run, pid {first.pid} (python -m train " in second.stderr
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    assert "done:" in run_module("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path)).stdout

@@ -5,6 +5,9 @@ resume and the checkpoint payload (state.py), torchrun helpers (distributed.py),
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from expertfuse.errors import UserError
+from expertfuse.files import LockBusy, file_lock
 from train.checkpoint import save_checkpoint
 from expertfuse.errors import UserError
 from train.config import TrainConfig, load_preset, resolve_config
@@ -215,14 +220,39 @@ def save_epoch(run: Run, phase: Phase, progress: Progress, epoch: int, metrics: 
     save_checkpoint(payload, run.last_path)
 
 
+RUN_LOCK = ".train.lock"
+
+
+@contextmanager
+def output_folder_lock(cfg: TrainConfig) -> Iterator[None]:
+    """One run per output folder (a fresh one or --resume): a second run into it would overwrite the first's
+    checkpoints and log as they are written. A flock the kernel drops when the run dies; under torchrun rank 0
+    takes it (the other ranks write nothing there)."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    out = Path(cfg.out)
+    with ExitStack() as stack:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(file_lock(out / RUN_LOCK, wait=False))
+        except LockBusy as exc:
+            raise UserError(f"--out {out} is in use by another training run, {exc.holder}; wait for it to finish "
+                            "or choose another --out") from None
+        except OSError as exc:
+            raise UserError(f"--out {out}: {exc.strerror or exc}") from None
+        yield
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run training as configured; returns the path of the last checkpoint (<out>/<method>.pt)."""
     cfg.validate()
-    env = Distributed()
-    try:
-        return _train(cfg, env)
-    finally:
-        env.close()
+    with output_folder_lock(cfg):
+        env = Distributed()
+        try:
+            return _train(cfg, env)
+        finally:
+            env.close()
 
 
 def _train(cfg: TrainConfig, env: Distributed) -> Path:
