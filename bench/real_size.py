@@ -7,7 +7,7 @@ Networks of real size with random weights: a preset's architecture at its datase
 its BatchNorm running statistics drawn like trained ones (mean U(-0.1, 0.1), variance U(0.5, 1.5)), written as a
 checkpoint through the project's own API; costs only, never accuracy. For each: the default export and the naive
 ensemble (time, peak memory), one expert vs the fused ensemble (loop, grouped) in ONNX Runtime at each batch,
-interleaved (ratios with 95% intervals), each figure as GFLOP/s against a float32 GEMM measured in the same run
+interleaved (ratios with 95% intervals), each figure as GFLOP/s against a float32 GEMM timed in the same rounds
 (the roofline's ceiling), then Triton over HTTP and gRPC: fused vs one expert vs the naive ensemble.
 """
 from __future__ import annotations
@@ -23,7 +23,10 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.machine import describe_machine, machine_info
@@ -31,9 +34,10 @@ from bench.report import ratio_rows, write_csv
 from bench.runners import OrtRunner, TritonRunner, cycling_calls
 from bench.served import measure_concurrency
 from expertfuse.cli import choice_list, positive_float, positive_int_list, run_cli
+from expertfuse.contract import INPUT, LOGITS
 from expertfuse.errors import UserError
 from expertfuse.files import write_text
-from expertfuse.timing import describe_ratio, interleave, measure, ratio
+from expertfuse.timing import describe_ratio, interleave, ratio
 from export.gate import test_images
 from export.graph import FUSIONS, InferenceGraph
 from export.job import ExportJob, build_job
@@ -110,30 +114,44 @@ def flops_per_image(job: ExportJob, experts: tuple[int, ...]) -> float:
     return float(counter.get_total_flops())
 
 
-def gemm_peak_gflops(size: int = 2048, seconds: float = 3.0) -> float:
-    """This machine's float32 matrix-multiply rate with PyTorch's threads: the roofline's ceiling, measured now."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    timing = measure(lambda i: torch.mm(a, b), window_s=seconds / 3, min_calls=3, max_windows=3)
-    return 2 * size ** 3 / timing.median_s / 1e9
+GEMM_SIZE = 1024
+
+
+def gemm_model(path: Path, size: int = GEMM_SIZE) -> Path:
+    """A float32 size x size x size matrix product as an ONNX graph (the runners' tensor names): timed in ONNX
+    Runtime beside the models, with the same threads under the same load, it is the roofline's ceiling."""
+    weight = numpy_helper.from_array(np.random.RandomState(0).randn(size, size).astype(np.float32), "weight")
+    graph = helper.make_graph([helper.make_node("MatMul", [INPUT, "weight"], [LOGITS])], "gemm",
+                              [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [size, size])],
+                              [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, [size, size])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
 
 
 def inprocess_costs(job: ExportJob, repo: Path, work: Path, batches: list[int], budget_s: float,
-                    peak: float, flops: dict[str, float]) -> tuple[list[dict], list[dict]]:
-    """ONNX Runtime on this CPU, interleaved: one expert vs the fused ensemble (loop, grouped) at each batch.
-    Returns the rows (latency, throughput, GFLOP/s, share of the GEMM peak) and the ratios with their intervals."""
+                    flops: dict[str, float]) -> tuple[list[dict], list[dict]]:
+    """ONNX Runtime on this CPU, interleaved: one expert vs the fused ensemble (loop, grouped) at each batch, and
+    a float32 GEMM in the same rounds. Returns the rows (latency, throughput, GFLOP/s, share of the GEMM's rate)
+    and the ratios with their intervals."""
     paths = {"one expert": repo / f"{job.name}_expert{job.opts.experts[0]}" / "1" / "model.onnx"}
     paths |= {f"fused {f}": onnx_file(export_graph(job, f, work / f, job.request.opset)) for f in FUSIONS}
+    paths["GEMM"] = gemm_model(work / "gemm.onnx")
     runners = {name: OrtRunner(path) for name, path in paths.items()}
+    matrix = np.random.RandomState(1).randn(GEMM_SIZE, GEMM_SIZE).astype(np.float32)
     rows, ratios = [], []
     for batch in batches:
         images = test_images(job, batch)["random"].numpy()
-        timed = interleave(cycling_calls(runners, {n: [r.prepare(images)] for n, r in runners.items()}),
-                           budget_s=budget_s, min_rounds=5, calls_per_block=1 if batch > 8 else 2)
-        for name in runners:
+        inputs = {n: [r.prepare(matrix if n == "GEMM" else images)] for n, r in runners.items()}
+        timed = interleave(cycling_calls(runners, inputs), budget_s=budget_s, min_rounds=5,
+                           calls_per_block=1 if batch > 8 else 2)
+        peak = 2 * GEMM_SIZE ** 3 / timed.median_s("GEMM") / 1e9
+        for name in [n for n in paths if n != "GEMM"]:
             summary = timed.summary(name, batch)
             achieved = flops["one expert" if name == "one expert" else "ensemble"] * summary["items_per_s"] / 1e9
-            rows.append({"variant": name, "batch": batch, **summary, "gflops": achieved, "of_peak": achieved / peak})
+            rows.append({"variant": name, "batch": batch, **summary, "gflops": achieved, "gemm_gflops": peak,
+                         "of_peak": achieved / peak})
         for num, den in (("fused loop", "one expert"), ("fused grouped", "one expert"), ("fused grouped", "fused loop")):
             ratios.append({"ratio_name": f"{num} / {den}", "batch": batch, **ratio(timed, num, den).to_dict()})
     return rows, ratios
@@ -193,7 +211,7 @@ def measure_model(label: str, args) -> dict:
         job = build_job(ExportRequest(ckpt=ckpt, out=repo, fusion="loop", max_batch=max(batches)))
         flops = {"one expert": flops_per_image(job, job.opts.experts[:1]), "ensemble": flops_per_image(job, job.opts.experts)}
         print(f"{label}: {flops['one expert'] / 1e9:.2f} GFLOP per image per expert; timing in-process", flush=True)
-        rows, ratios = inprocess_costs(job, repo, work, batches, args.budget_s, args.peak_gflops, flops)
+        rows, ratios = inprocess_costs(job, repo, work, batches, args.budget_s, flops)
         served = served_costs(job, repo, args.concurrency, args.window_s, args.budget_s) if args.served else {}
         return {"model": label, "preset": preset, "spec": job.spec.describe(), "experts": len(job.opts.experts),
                 "gflop_per_image": {k: v / 1e9 for k, v in flops.items()}, "exports": exports,
@@ -218,10 +236,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parser().parse_args(argv)
-    args.peak_gflops = gemm_peak_gflops()
-    print(f"float32 GEMM peak here: {args.peak_gflops:.1f} GFLOP/s", flush=True)
-    result = {"machine": machine_info(), "load_average": os.getloadavg(), "gemm_peak_gflops": args.peak_gflops,
-              "weights": "random, trained-like BatchNorm statistics: costs only, no accuracy",
+    result = {"machine": machine_info(), "load_average": os.getloadavg(), "weights": "random, trained-like BatchNorm statistics: costs only, no accuracy",
               "models": [measure_model(label, args) for label in args.models]}
     result["load_average_after"] = os.getloadavg()
     write_real_size_report(result, args.out)
@@ -231,9 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
 def markdown_report(result: dict) -> str:
     lines = [f"# Real-size cost on {describe_machine(result['machine'])}", "",
              f"Weights: {result['weights']}. Load average {result['load_average'][0]:.1f} before, "
-             f"{result['load_average_after'][0]:.1f} after. Float32 GEMM peak measured in this run: "
-             f"{result['gemm_peak_gflops']:.1f} GFLOP/s (the roofline's ceiling below). Rerun: "
-             "`python -m bench.real_size`.", ""]
+             f"{result['load_average_after'][0]:.1f} after. The roofline's ceiling: a {GEMM_SIZE}^3 float32 matrix "
+             "product in ONNX Runtime, timed in the same interleaved rounds as the models (so under the same "
+             "threads and load). Rerun: `python -m bench.real_size`.", ""]
     for m in result["models"]:
         k = m["experts"]
         lines += [f"## {m['model']}: {m['spec']} (preset {m['preset']})", "",
@@ -241,10 +256,10 @@ def markdown_report(result: dict) -> str:
                   f"{m['gflop_per_image']['ensemble']:.2f}. Compute-bound, {k} experts cost at least {k}x one expert.",
                   "", "| export | wall s | peak RSS MiB |", "|---|---|---|"]
         lines += [f"| {name} | {e['wall_s']:.0f} | {e['peak_rss_mib']:.0f} |" for name, e in m["exports"].items()]
-        lines += ["", "| in-process (ONNX Runtime CPU) | batch | p50 ms | img/s | GFLOP/s | of GEMM peak |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| in-process (ONNX Runtime CPU) | batch | p50 ms | img/s | GFLOP/s | GEMM GFLOP/s | of GEMM |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['batch']} | {r['p50_ms']:.1f} | {r['items_per_s']:.1f} | {r['gflops']:.1f} | "
-                  f"{100 * r['of_peak']:.0f}% |" for r in m["inprocess"]]
+                  f"{r['gemm_gflops']:.1f} | {100 * r['of_peak']:.0f}% |" for r in m["inprocess"]]
         lines += ["", f"| ratio (latency, interleaved) | batch | value [95% interval] | vs the {k}x floor |",
                   "|---|---|---|---|"]
         lines += [f"| {r['ratio_name']}{' ' + r['protocol'] if 'protocol' in r else ''} | {r['batch']} | "
