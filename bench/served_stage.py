@@ -48,11 +48,11 @@ def ready_models(url: str, protocol: str) -> dict[str, dict[str, str]]:
 @dataclass
 class ServedTarget:
     """What the served stage measures: protocol -> URL, the READY models (name -> config parameters), the role of
-    each model of the checkpoint among them, and the Triton this run started (None: one given by URL)."""
+    each model of the checkpoint among them, and the perf_analyzer binary when it generates the load."""
     urls: dict[str, str]
     ready: dict[str, dict[str, str]]
     roles: dict[str, str]
-    server: TritonServer | None = None
+    perf_analyzer: str | None = None
 
 
 def given_urls(args) -> dict[str, str]:
@@ -73,10 +73,13 @@ def served_target(args, ctx, log=print):
     """The servers, models and load generator the served stage needs, checked before anything is measured: the
     Triton at --http-url/--grpc-url (reachable) or one started on --repository (stopped on leaving), and at least
     one model of the checkpoint among its READY ones."""
-    if args.load_generator == "perf_analyzer" and not find_perf_analyzer():
+    perf_analyzer = find_perf_analyzer() if args.load_generator == "perf_analyzer" else None
+    if args.load_generator == "perf_analyzer" and not perf_analyzer:
         raise UserError("--load-generator perf_analyzer: no working perf_analyzer binary on PATH (pip's perf-analyzer "
                         "0.1.0 is an empty placeholder; use the Triton SDK container)")
     urls, server = given_urls(args), None
+    for protocol, url in urls.items():
+        check_reachable(protocol, url)
     if not urls:
         mode, why = choose_server(args.server)
         log(f"starting Triton: {mode} ({why})")
@@ -85,8 +88,6 @@ def served_target(args, ctx, log=print):
         if server is not None:
             urls = {p: server.endpoints.http if p == "http" else server.endpoints.grpc
                     for p in args.protocols or PROTOCOLS}
-        for protocol, url in urls.items():
-            check_reachable(protocol, url)
         protocol, url = next(iter(urls.items()))
         ready = ready_models(url, protocol)
         cheap = {n: role for n, p in ready.items() if (role := cheap_role(p))}
@@ -95,7 +96,7 @@ def served_target(args, ctx, log=print):
             raise UserError(f"no model of {ctx.ckpt} to measure at {url}: looked for {ctx.fused_name}, "
                             f"{ctx.fused_name}_naive and {ctx.fused_name}_expert0..{ctx.num_experts - 1}; the server "
                             f"has {', '.join(sorted(ready)) or 'no READY model'} (--model NAME: the served fused model)")
-        yield ServedTarget(urls, ready, roles, server)
+        yield ServedTarget(urls, ready, roles, perf_analyzer)
     finally:
         if server is not None:
             server.stop()
@@ -183,8 +184,7 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
 
 def run_served(args, ctx, target: ServedTarget, log=print) -> dict:
     """Score every served model of the checkpoint, refuse the ones that disagree, then sweep and interleave the rest."""
-    perf_analyzer = find_perf_analyzer() if args.load_generator == "perf_analyzer" else None
-    urls = target.urls
+    urls, perf_analyzer = target.urls, target.perf_analyzer
     workdir = Path(tempfile.mkdtemp(prefix="expertfuse-bench-")) if perf_analyzer else None  # its CSV files
     result = {"models": [], "sweep": [], "ratios": [], "points": [], "server_models": sorted(target.ready)}
     try:

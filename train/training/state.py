@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
