@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,24 +27,26 @@ from bench.inprocess import (References, available_runtimes, plan_variants, refe
                               run_inprocess)
 from bench.machine import machine_info
 from bench.report import markdown, write_all
-from bench.served_stage import run_served
-from expertfuse.cli import choice_list, positive_int, positive_int_list, run_cli
-from expertfuse.errors import UserError
+from bench.served_stage import run_served, served_target
+from expertfuse.cli import (choice_list, name_list, positive_float, positive_int, positive_int_list, run_cli,
+                            unwind_on_signals)
+from expertfuse.errors import NothingMeasured, UserError
 from export.early_exit import expert_order
 from export.job import job_for
 from serve.protocols import PROTOCOLS
-from serve.server import SERVERS, ServerError
+from serve.server import SERVERS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, required=True, help="training checkpoint")
-    p.add_argument("--runtimes", help=f"comma-separated (default: all available here: {','.join(available_runtimes())})")
+    p.add_argument("--runtimes", type=name_list,
+                   help=f"comma-separated (default: all available here: {','.join(available_runtimes())})")
     p.add_argument("--batches", type=positive_int_list, default=[1, 8, 64],
                    help="in-process batch sizes [1,8,64]")
-    p.add_argument("--budget-s", type=float, default=8.0, help="seconds of interleaved timing per batch size [8]")
-    p.add_argument("--window-s", type=float, default=1.0, help="length of one served measurement window [1.0]")
+    p.add_argument("--budget-s", type=positive_float, default=8.0, help="seconds of interleaved timing per batch size [8]")
+    p.add_argument("--window-s", type=positive_float, default=1.0, help="length of one served measurement window [1.0]")
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process variants")
     p.add_argument("--served", action="store_true", help="also measure through Triton")
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
@@ -53,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-url", help="a running Triton's HTTP endpoint host:port")
     p.add_argument("--grpc-url", help="a running Triton's gRPC endpoint host:port")
     p.add_argument("--model", help="served fused model name (default: the checkpoint's method, e.g. ncl)")
-    p.add_argument("--protocols", type=choice_list(PROTOCOLS), default=list(PROTOCOLS),
-                   help="served protocols measured [http,grpc]")
+    p.add_argument("--protocols", type=choice_list(PROTOCOLS),
+                   help="served protocols measured [http,grpc; with only --http-url or --grpc-url: that one]")
     p.add_argument("--concurrency", "--concurrency-range", type=positive_int_list, default=[1, 2, 4, 8, 16],
                    help="served concurrency levels, each one measured [1,2,4,8,16]")
     p.add_argument("--served-batch", type=positive_int, default=1, help="images per served request [1]")
@@ -94,7 +97,7 @@ class Context:
 
 
 def runtimes_of(args) -> list[str]:
-    runtimes = args.runtimes.split(",") if args.runtimes else available_runtimes()
+    runtimes = args.runtimes or available_runtimes()
     unknown = set(runtimes) - set(available_runtimes())
     if unknown:
         raise UserError(f"runtime(s) not available here: {', '.join(sorted(unknown))} (available: "
@@ -130,6 +133,7 @@ def inprocess_stage(args, ctx: Context, runtimes: list[str], result: dict) -> No
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    unwind_on_signals()
     runtimes = runtimes_of(args)
     job = job_for(args.ckpt, "all", "loop")  # the checkpoint, loaded once; every variant is a view of this job
     data = load_eval_set(job.checkpoint.data, job.spec, LabelledData.from_args(args))
@@ -140,17 +144,15 @@ def main(argv: list[str] | None = None) -> dict:
               "evaluation": {"source": data.source, "images": len(data.labels), "shot_rule": data.shot_rule,
                              "train_counts": data.train_counts, "classes": job.classes},
               "inprocess": [], "served": {}, "ratios": [], "points": [], "single": f"expert{order[0]}", "decision": None}
-    with tempfile.TemporaryDirectory(prefix="expertfuse-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="expertfuse-bench-") as tmp, ExitStack() as served:
         ctx = Context(args.ckpt, job, data, refs, order, "onnxruntime-cpu", Path(tmp), {},
                       args.model or job.method)
+        target = served.enter_context(served_target(args, ctx)) if args.served else None  # checked before measuring
         if not args.no_inprocess:
             inprocess_stage(args, ctx, runtimes, result)
-        if args.served:
-            print(f"served: concurrency {args.concurrency}, batch {args.served_batch}, {','.join(args.protocols)}")
-            try:
-                result["served"] = run_served(args, ctx)
-            except ServerError as exc:
-                raise UserError(str(exc)) from None
+        if target is not None:
+            print(f"served: concurrency {args.concurrency}, batch {args.served_batch}, {','.join(target.urls)}")
+            result["served"] = run_served(args, ctx, target)
             result["ratios"] += result["served"]["ratios"]
             result["points"] += result["served"]["points"]
     mark_pareto(result["points"])
@@ -158,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(markdown(result))
     print("wrote " + ", ".join(str(f) for f in files))
+    if args.served and not result["served"]["sweep"]:
+        raise NothingMeasured(f"no served model was measured: every model of {args.ckpt} the server has was refused "
+                              f"(see {args.out / 'summary.md'})")
     return result
 
 

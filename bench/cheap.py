@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from bench.__main__ import main as bench_main
-from expertfuse.cli import positive_int_list, run_cli
+from expertfuse.cli import positive_float, positive_int_list, run_cli
 from expertfuse.errors import ParityError
 from export.early_exit import expert_order, parse_threshold
 from export.job import job_for
@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repository", type=Path, help="where the cheap variants are exported (default: a temporary one)")
     p.add_argument("--early-exit", type=parse_threshold, default="auto", metavar="THRESHOLD|auto", help="[auto]")
     p.add_argument("--batches", type=positive_int_list, default=[1, 64], help="[1,64]")
-    p.add_argument("--budget-s", type=float, default=8.0, help="seconds of interleaved timing per batch size [8]")
+    p.add_argument("--budget-s", type=positive_float, default=8.0, help="seconds of interleaved timing per batch size [8]")
     add_int8_args(p)  # --int8 itself is implied here
     return p
 

@@ -25,7 +25,7 @@ from export.labelled import LabelledData, expert_logits, load_eval_set
 from bench.inprocess import Variant, make_runner, timing_inputs
 from bench.machine import describe_machine, machine_info
 from bench.runners import cycling_calls
-from expertfuse.cli import run_cli
+from expertfuse.cli import positive_float, positive_int, run_cli
 from expertfuse.files import write_text
 from expertfuse.timing import interleave, measure, ratio
 from export.early_exit import expert_order
@@ -114,9 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.noise_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, required=True)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--budget-s", type=float, default=20.0, help="seconds per interleaved run [20]")
-    p.add_argument("--window-s", type=float, default=1.0, help="sequential measurement window [1.0]")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--budget-s", type=positive_float, default=20.0, help="seconds per interleaved run [20]")
+    p.add_argument("--window-s", type=positive_float, default=1.0, help="sequential measurement window [1.0]")
     p.add_argument("--out", type=Path, default=Path("bench/results/noise-check"))
     args = p.parse_args(argv)
     load_average = os.getloadavg()[0]

@@ -161,6 +161,8 @@ def served_tables(served: dict) -> list[str]:
     lines += [f"- refused to time served {m['model']} ({m['model_role']}) over {m['protocol']}: {m['refused']}"
               for m in served["models"] if "refused" in m]
     sweep = served["sweep"]
+    if not sweep:
+        lines.append(f"- **nothing served was measured**; the server has: {', '.join(served.get('server_models', []))}")
     if sweep:
         lines += ["", "| model | protocol | concurrency | img/s | p50 ms | p99 ms | server queue ms | server compute ms | "
                   "client-bound |", "|---|---|---|---|---|---|---|---|---|"]

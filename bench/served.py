@@ -12,8 +12,11 @@ import csv
 import io
 import multiprocessing as mp
 import shutil
+import signal
 import subprocess
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +57,6 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
                  stop_at: float, results, client_kind: str = "threads") -> None:
     """One client process: `threads` closed-loop clients (threads with sync clients, or asyncio coroutines)
     from start_at to stop_at; sends its (end time, latency) pairs and CPU time to the parent."""
-    import threading
     module = client_module(protocol)
     records, errors = [], []
     if client_kind == "asyncio":
@@ -89,6 +91,20 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
         w.join()
     cpu = time.process_time() - cpu0
     results.put({"records": records, "errors": errors, "cpu_s": cpu, "wall_s": stop_at - start_at})
+
+
+@contextmanager
+def terminal_signals_ignored():
+    """Processes started meanwhile inherit an ignored SIGINT (Python keeps it ignored): Ctrl-C at the terminal
+    reaches the whole process group, and only the parent should act on it (it stops the load processes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def server_statistics(url: str, protocol: str, model: str) -> dict:
@@ -126,11 +142,16 @@ def measure_concurrency(url: str, protocol: str, model: str, image_size: int, ba
     procs = [ctx.Process(target=_load_worker,
                          args=(url, protocol, model, images, n, start_at, stop_at, results, client_kind))
              for n in shares]
-    for p in procs:
-        p.start()
-    reports = [results.get(timeout=stop_at - time.time() + 120) for _ in procs]
-    for p in procs:
-        p.join()
+    try:
+        with terminal_signals_ignored():
+            for p in procs:
+                p.start()
+        reports = [results.get(timeout=stop_at - time.time() + 120) for _ in procs]
+    finally:  # Ctrl-C, SIGTERM or a failed point: no load process outlives the point
+        for p in procs:
+            if p.pid is not None:
+                p.terminate()
+                p.join()
     after = server_statistics(url, protocol, model)
     errors = [e for r in reports for e in r["errors"]]
     if errors:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.decision import accuracy_columns, ratio_row
@@ -13,6 +15,7 @@ from bench.runners import TritonRunner, cycling_calls
 from bench.served import find_perf_analyzer, measure_concurrency, run_perf_analyzer
 from expertfuse.errors import UserError
 from expertfuse.timing import interleave, ratio
+from serve.protocols import PROTOCOLS, client_module
 from serve.repository import string_parameters
 from serve.server import TritonServer, choose_server
 
@@ -27,15 +30,92 @@ def model_roles(ready: set[str], fused: str, best: int, num_experts: int, cheap:
     return {name: role for name, role in roles.items() if name in ready}
 
 
-def ready_models(http_url: str) -> dict[str, dict[str, str]]:
+def ready_models(url: str, protocol: str) -> dict[str, dict[str, str]]:
     """READY model name -> its config parameters."""
-    import tritonclient.http as httpclient
-    client = httpclient.InferenceServerClient(http_url)
+    module = client_module(protocol)
+    client = module.InferenceServerClient(url)
     try:
-        names = [m["name"] for m in client.get_model_repository_index() if m.get("state") == "READY"]
-        return {n: string_parameters(client.get_model_config(n)) for n in names}
+        index = client.get_model_repository_index()
+        entries = index.models if protocol == "grpc" else index
+        names = [m["name"] if isinstance(m, dict) else m.name for m in entries
+                 if (m.get("state") if isinstance(m, dict) else m.state) == "READY"]
+        configs = {n: client.get_model_config(n) for n in names}
+        return {n: string_parameters(c.config if protocol == "grpc" else c) for n, c in configs.items()}
     finally:
         client.close()
+
+
+@dataclass
+class ServedTarget:
+    """What the served stage measures: protocol -> URL, the READY models (name -> config parameters), the role of
+    each model of the checkpoint among them, and the perf_analyzer binary when it generates the load."""
+    urls: dict[str, str]
+    ready: dict[str, dict[str, str]]
+    roles: dict[str, str]
+    perf_analyzer: str | None = None
+
+
+def given_urls(args) -> dict[str, str]:
+    """protocol -> URL of the server given by flags ({} when none is): one URL alone serves its own protocol only."""
+    given = {p: url for p, url in (("http", args.http_url), ("grpc", args.grpc_url)) if url}
+    if not given:
+        return {}
+    protocols = args.protocols or list(given)
+    missing = [p for p in protocols if p not in given]
+    if missing:
+        raise UserError(f"--protocols {','.join(protocols)} with only --{next(iter(given))}-url: give "
+                        f"--{missing[0]}-url too, or --protocols {','.join(given)}")
+    return {p: given[p] for p in protocols}
+
+
+@contextmanager
+def served_target(args, ctx, log=print):
+    """The servers, models and load generator the served stage needs, checked before anything is measured: the
+    Triton at --http-url/--grpc-url (reachable) or one started on --repository (stopped on leaving), and at least
+    one model of the checkpoint among its READY ones."""
+    perf_analyzer = find_perf_analyzer() if args.load_generator == "perf_analyzer" else None
+    if args.load_generator == "perf_analyzer" and not perf_analyzer:
+        raise UserError("--load-generator perf_analyzer: no working perf_analyzer binary on PATH (pip's perf-analyzer "
+                        "0.1.0 is an empty placeholder; use the Triton SDK container)")
+    urls, server = given_urls(args), None
+    for protocol, url in urls.items():
+        check_reachable(protocol, url)
+    if not urls:
+        mode, why = choose_server(args.server)
+        log(f"starting Triton: {mode} ({why})")
+        server = TritonServer(args.repository, mode).start()
+    try:
+        if server is not None:
+            urls = {p: server.endpoints.http if p == "http" else server.endpoints.grpc
+                    for p in args.protocols or PROTOCOLS}
+        protocol, url = next(iter(urls.items()))
+        ready = ready_models(url, protocol)
+        cheap = {n: role for n, p in ready.items() if (role := cheap_role(p))}
+        roles = model_roles(set(ready), ctx.fused_name, ctx.best_expert, ctx.num_experts, cheap)
+        if not roles:
+            raise UserError(f"no model of {ctx.ckpt} to measure at {url}: looked for {ctx.fused_name}, "
+                            f"{ctx.fused_name}_naive and {ctx.fused_name}_expert0..{ctx.num_experts - 1}; the server "
+                            f"has {', '.join(sorted(ready)) or 'no READY model'} (--model NAME: the served fused model)")
+        yield ServedTarget(urls, ready, roles, perf_analyzer)
+    finally:
+        if server is not None:
+            server.stop()
+            server.cleanup()
+
+
+def check_reachable(protocol: str, url: str) -> None:
+    """UserError naming the flag when the server at `url` does not answer over `protocol`."""
+    module = client_module(protocol)
+    client = module.InferenceServerClient(url)
+    try:
+        ready = client.is_server_ready()
+    except Exception as exc:  # noqa: BLE001 - connection errors differ per protocol and library version
+        raise UserError(f"cannot reach Triton at {url} over {protocol} (--{protocol}-url): "
+                        f"{str(exc).splitlines()[0][:160]}") from None
+    finally:
+        client.close()
+    if not ready:
+        raise UserError(f"Triton at {url} (--{protocol}-url) is not ready; wait for it or restart it")
 
 
 def score_model(url: str, protocol: str, name: str, role: str, params: dict, ctx) -> dict:
@@ -102,28 +182,15 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
     return ratios, points
 
 
-def run_served(args, ctx, log=print) -> dict:
+def run_served(args, ctx, target: ServedTarget, log=print) -> dict:
     """Score every served model of the checkpoint, refuse the ones that disagree, then sweep and interleave the rest."""
-    perf_analyzer = find_perf_analyzer() if args.load_generator == "perf_analyzer" else None
-    if args.load_generator == "perf_analyzer" and not perf_analyzer:
-        raise UserError("--load-generator perf_analyzer: no working perf_analyzer binary on PATH (pip's perf-analyzer "
-                        "0.1.0 is an empty placeholder; use the Triton SDK container)")
-    server = None
-    if not (args.http_url and args.grpc_url):
-        mode, why = choose_server(args.server)
-        log(f"starting Triton: {mode} ({why})")
-        server = TritonServer(args.repository, mode).start()
-        args.http_url, args.grpc_url = server.endpoints.http, server.endpoints.grpc
-    urls = {p: args.http_url if p == "http" else args.grpc_url for p in args.protocols}
+    urls, perf_analyzer = target.urls, target.perf_analyzer
     workdir = Path(tempfile.mkdtemp(prefix="expertfuse-bench-")) if perf_analyzer else None  # its CSV files
-    result = {"models": [], "sweep": [], "ratios": [], "points": []}
+    result = {"models": [], "sweep": [], "ratios": [], "points": [], "server_models": sorted(target.ready)}
     try:
-        ready = ready_models(args.http_url)
-        cheap = {n: role for n, p in ready.items() if (role := cheap_role(p))}
-        roles = model_roles(set(ready), ctx.fused_name, ctx.best_expert, ctx.num_experts, cheap)
-        for name, role in roles.items():
+        for name, role in target.roles.items():
             for protocol, url in urls.items():
-                row = score_model(url, protocol, name, role, ready[name], ctx)
+                row = score_model(url, protocol, name, role, target.ready[name], ctx)
                 result["models"].append(row)
                 if "refused" in row:
                     log(f"  {role:>7} {name:<16} {protocol:<4} REFUSED: {row['refused']} disagree with {ctx.ckpt}")
@@ -141,9 +208,6 @@ def run_served(args, ctx, log=print) -> dict:
         if timed:
             result["ratios"], result["points"] = served_interleave(args, urls, timed, ctx)
     finally:
-        if server is not None:
-            server.stop()
-            server.cleanup()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
     return result

@@ -15,7 +15,7 @@ import torch
 
 from bench.machine import machine_info
 from expertfuse.timing import measure
-from expertfuse.cli import run_cli
+from expertfuse.cli import positive_float, positive_int, run_cli
 from train.config import TrainConfig
 from train.engine import amp_dtype
 from train.methods import get_method
@@ -54,11 +54,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__)
     p.add_argument("--method", default="ncl")
     p.add_argument("--arch", default="resnet32")
-    p.add_argument("--experts", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--classes", type=int, default=100)
+    p.add_argument("--experts", type=positive_int, default=3)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--classes", type=positive_int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--window-s", type=float, default=2.0, help="length of one timed window")
+    p.add_argument("--window-s", type=positive_float, default=2.0, help="length of one timed window")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     a = p.parse_args(argv)
     result = train_step_throughput(a.method, a.arch, a.experts, a.batch_size, a.classes, torch.device(a.device), a.window_s)

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,13 +28,14 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from bench.served import measure_concurrency
-from expertfuse.cli import int_list, positive_int, positive_int_list, run_cli
+from expertfuse.cli import (non_negative_int_list, positive_float, positive_int, positive_int_list, run_cli,
+                            unwind_on_signals)
 from expertfuse.contract import INPUT, check_model_name
-from expertfuse.errors import UserError
+from expertfuse.errors import NothingMeasured, UserError
 from expertfuse.files import write_text
 from serve.protocols import PROTOCOLS
 from serve.repository import LABELS_FILE, RepositoryError, read_config, staging, versions, write_model
-from serve.server import SERVERS, ServerError, TritonServer, choose_server
+from serve.server import SERVERS, ServerError, TritonServer, choose_server, describe_exit
 
 # torch (bench.machine) and matplotlib are imported where used: the load generator's spawned client processes
 # re-import this module, and on a busy 2-core machine torch's import alone outlasted a measured window.
@@ -144,6 +146,16 @@ def served_config(server: TritonServer, model: str) -> pb.ModelConfig:
         client.close()
 
 
+def check_running(server: TritonServer, doing: str) -> None:
+    """ServerError naming what was under way and the server's last words when the server is gone (a request can
+    fail a moment before its server is reaped: it gets a second to exit)."""
+    try:
+        code = server.process.wait(timeout=1.0)
+    except subprocess.TimeoutExpired:
+        return
+    raise ServerError(f"Triton {describe_exit(code)} while {doing}: {server.failure_reason()}")
+
+
 def sweep(server: TritonServer, args, points: list[Point], image_size: int, log=print) -> list[dict]:
     """Every point at every concurrency; a point whose load or requests fail is recorded, not fatal."""
     base, rows = served_config(server, args.model), []
@@ -153,8 +165,7 @@ def sweep(server: TritonServer, args, points: list[Point], image_size: int, log=
         try:
             load(server, args.model, apply(base, point), args.load_timeout)
         except Exception as exc:  # noqa: BLE001 - tritonclient raises its own exception types
-            if server.process is None or server.process.poll() is not None:
-                raise UserError(f"Triton stopped while loading {point.label}; server log:\n{server.log_tail()}") from None
+            check_running(server, f"loading config {point.label}")
             rows.append({**fields, "error": str(exc).splitlines()[0]})
             log(f"[{n}/{len(points)}] {point.label}: load failed: {rows[-1]['error']}", flush=True)
             continue
@@ -162,8 +173,9 @@ def sweep(server: TritonServer, args, points: list[Point], image_size: int, log=
             try:
                 row = measure_concurrency(url, args.protocol, args.model, image_size, 1, c, args.window_s,
                                           max_processes=args.client_processes)
-            except RuntimeError as exc:
-                row = {"error": str(exc)}
+            except Exception as exc:  # noqa: BLE001 - failed requests, or tritonclient's errors on statistics
+                check_running(server, f"measuring config {point.label} at concurrency {c}")
+                row = {"error": str(exc).splitlines()[0]}
             if not row.get("requests"):
                 row = {"error": "no request completed in the measured windows (clients started too late?)", **row}
             rows.append({**fields, "concurrency": c, **{k: v for k, v in row.items() if k != "window_throughputs"}})
@@ -276,19 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--model", required=True, help="the model to tune (e.g. ncl)")
-    p.add_argument("--latency-budget-ms", type=float, default=20.0, help="p99 latency budget [20]")
+    p.add_argument("--latency-budget-ms", type=positive_float, default=20.0, help="p99 latency budget [20]")
     p.add_argument("--instances", type=positive_int_list, default=[1, 2], help="instance counts [1,2]")
     p.add_argument("--max-batch-sizes", type=positive_int_list, default=[8, 32], help="max_batch_size values [8,32]")
     p.add_argument("--preferred-batch-sizes", default="none",
                    help="comma list of: none | max | sizes joined by + (e.g. none,max,4+8) [none]")
-    p.add_argument("--queue-delays-us", type=int_list, default=[0, 1000], help="max queue delays in us [0,1000]")
+    p.add_argument("--queue-delays-us", type=non_negative_int_list, default=[0, 1000], help="max queue delays in us [0,1000]")
     p.add_argument("--concurrency", type=positive_int_list, default=[2, 8, 32], help="client concurrency levels [2,8,32]")
     p.add_argument("--protocol", default="grpc", choices=PROTOCOLS)
     p.add_argument("--server", default="auto", choices=SERVERS, help="which Triton to start [auto]")
-    p.add_argument("--window-s", type=float, default=1.0, help="length of one measured window [1.0]")
+    p.add_argument("--window-s", type=positive_float, default=1.0, help="length of one measured window [1.0]")
     p.add_argument("--client-processes", type=positive_int, default=4, help="most client processes generating load [4]")
-    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds for Triton to start [180]")
-    p.add_argument("--load-timeout", type=float, default=180.0, help="seconds for one model reload [180]")
+    p.add_argument("--ready-timeout", type=positive_float, default=180.0, help="seconds for Triton to start [180]")
+    p.add_argument("--load-timeout", type=positive_float, default=180.0, help="seconds for one model reload [180]")
     p.add_argument("--variant", help="name of the tuned model written back [<model>_tuned]")
     p.add_argument("--out", type=Path, default=Path("bench/results/tune-latest"))
     return p
@@ -297,8 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     from bench.machine import machine_info
     args = build_parser().parse_args(argv)
-    if args.latency_budget_ms <= 0:
-        raise UserError("--latency-budget-ms must be positive")
+    unwind_on_signals()
     variant = check_model_name(args.variant or f"{args.model}_tuned")
     if variant == args.model:
         raise UserError("--variant must differ from --model (the exported config stays as it was)")
@@ -328,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     files = write_results(result, args.out)
     print(markdown(result))
     print("wrote " + ", ".join(str(f) for f in files))
+    if all("error" in row for row in rows):
+        raise NothingMeasured(f"every point failed (first: {rows[0]['config']}: {rows[0]['error']}); see {files[2]}")
     return result
 
 

@@ -11,3 +11,9 @@ class ParityError(UserError):
     """An artifact disagrees with its PyTorch reference beyond the tolerance of its use: exit code 1."""
 
     exit_code = 1
+
+
+class NothingMeasured(UserError):
+    """A measurement run that measured nothing (every point failed or was refused); its report says why: exit code 1."""
+
+    exit_code = 1

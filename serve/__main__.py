@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tritonclient.http as httpclient
 
-from expertfuse.cli import run_cli
+from expertfuse.cli import positive_float, run_cli
 from serve.deploy import emit_manifests
 from serve.server import DEFAULT_IMAGE, SERVERS, ServerError, StartCancelled, TritonServer, choose_server, describe_exit
 
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=8000, help="0 picks a free port [8000]")
     p.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port [8001]")
     p.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port [8002]")
-    p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for readiness [120]")
+    p.add_argument("--ready-timeout", type=positive_float, default=120.0, help="seconds to wait for readiness [120]")
     p.add_argument("--image", default=DEFAULT_IMAGE, help=f"NGC image for --server docker and --emit; --emit kserve "
                    f"takes its tag as runtimeVersion [{DEFAULT_IMAGE}]")
     p.add_argument("--log-file", type=Path, help="keep the server log here (default: a temporary file, removed)")

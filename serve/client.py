@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from expertfuse.cli import run_cli
+from expertfuse.cli import positive_int, run_cli
 from expertfuse.contract import KEY_PREFIX, ModelMetadata
 from expertfuse.errors import UserError
 from expertfuse.preprocess import graph_input, load_rgb, pixel_transform
@@ -108,9 +108,28 @@ def preprocessing_sizes(params: dict[str, str], model: str, input_size: int) -> 
     return int(meta.resize), int(meta.input_size)
 
 
+def takes_images(cfg: dict) -> bool:
+    """One UINT8 or FP32 input shaped as an image (HWC or CHW, 3 channels): what this client sends."""
+    inputs = cfg.get("input", [])
+    dims = [int(d) for d in inputs[0].get("dims", [])] if len(inputs) == 1 else []
+    return len(dims) == 3 and 3 in (dims[0], dims[2]) and inputs[0].get("data_type") in ("TYPE_UINT8", "TYPE_FP32")
+
+
+def image_models(client, protocol: str) -> list[str]:
+    """The READY models that take images."""
+    ready = [m for m in _index(client, protocol) if (m.get("state") if isinstance(m, dict) else m.state) == "READY"]
+    names = [m["name"] if isinstance(m, dict) else m.name for m in ready]
+    return [n for n in names if takes_images(_model_config(client, protocol, n, "", ""))]
+
+
 def model_info(client, protocol: str, model: str, url: str, version: str = "") -> ModelInfo:
     _reachable(client, protocol, url)
     cfg = _model_config(client, protocol, model, version, url)
+    if not takes_images(cfg):
+        inputs = ", ".join(f"{i['name']} {i.get('data_type', '?').removeprefix('TYPE_')} {list(map(int, i['dims']))}"
+                           for i in cfg.get("input", []))
+        raise ClientError(f"model {model!r} does not take images (its inputs: {inputs or 'none'}); models at {url} "
+                          f"that do: {', '.join(image_models(client, protocol)) or 'none'}")
     image = cfg["input"][0]
     dims = [int(d) for d in image["dims"]]
     layout = image.get("format", "FORMAT_NCHW" if dims[0] == 3 else "FORMAT_NHWC").removeprefix("FORMAT_")
@@ -142,10 +161,19 @@ def collect_images(paths: list[str]) -> list[Path]:
     return files
 
 
-def load_pixels(files: list[Path], info: ModelInfo) -> np.ndarray:
-    """The images as uint8 [N, size, size, 3] (load_rgb: 8-bit RGB, 16-bit scaled, non-images named)."""
+def read_images(files: list[Path], info: ModelInfo) -> tuple[list[Path], np.ndarray | None, list[str]]:
+    """(the files read, their pixels as uint8 [N, size, size, 3], why each other file was not read): one bad file
+    does not stop the rest (load_rgb: 8-bit RGB, 16-bit scaled, non-images named)."""
     transform = pixel_transform(info.resize, info.size)
-    return torch.stack([transform(load_rgb(f)) for f in files]).permute(0, 2, 3, 1).numpy()
+    read, tensors, failures = [], [], []
+    for f in files:
+        try:
+            tensors.append(transform(load_rgb(f)))
+        except UserError as exc:
+            failures.append(str(exc))
+            continue
+        read.append(f)
+    return read, torch.stack(tensors).permute(0, 2, 3, 1).numpy() if tensors else None, failures
 
 
 def parse_classification(entries) -> list[dict]:
@@ -167,16 +195,15 @@ def cap_topk(topk: int, info: ModelInfo) -> int:
 
 
 def classify(url: str, protocol: str, model: str, files: list[Path], topk: int = 5, batch_size: int = 8,
-             version: str = "") -> list[dict]:
+             version: str = "") -> tuple[list[dict], list[str]]:
+    """(top-k of every readable file, why each other file was not read)."""
     module = _client_module(protocol)
-    if topk < 1 or batch_size < 1:
-        raise ClientError(f"--topk and --batch-size must be at least 1, got {topk} and {batch_size}")
     url = server_address(url)
     client = module.InferenceServerClient(url)
     try:
         info = model_info(client, protocol, model, url, version)
         topk = cap_topk(topk, info)
-        pixels = load_pixels(files, info)
+        files, pixels, failures = read_images(files, info)
         batch_size = min(batch_size, info.max_batch_size or batch_size)
         results = []
         for start in range(0, len(files), batch_size):
@@ -192,7 +219,7 @@ def classify(url: str, protocol: str, model: str, files: list[Path], topk: int =
                 raise ClientError(f"inference on {model!r} failed: {exc.message()[:200]}") from None
             for f, row in zip(files[start:start + batch_size], response.as_numpy(info.output)):
                 results.append({"file": str(f), "predictions": parse_classification(row)})
-        return results
+        return results, failures
     finally:
         client.close()
 
@@ -205,8 +232,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-i", "--protocol", default="http", type=str.lower, choices=PROTOCOLS)
     p.add_argument("-m", "--model", required=True)
     p.add_argument("-x", "--model-version", default="", help="version to use (default: the server's choice)")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--topk", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--json", action="store_true", help="print JSON instead of 'file  label  score' lines")
     p.add_argument("images", nargs="+", help="image files or folders")
     return p.parse_args(argv)
@@ -214,13 +241,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    results = classify(a.url, a.protocol, a.model, collect_images(a.images), a.topk, a.batch_size, a.model_version)
+    files = collect_images(a.images)
+    results, failures = classify(a.url, a.protocol, a.model, files, a.topk, a.batch_size, a.model_version)
     if a.json:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
             for pred in r["predictions"]:
                 print(f"{r['file']}  {pred['label']}  {pred['score']:.4f}")
+    for failure in failures:
+        print(f"skipped: {failure}", file=sys.stderr)
+    if failures:
+        raise ClientError(f"{len(failures)} of {len(files)} images could not be read (each named above); "
+                          f"the other {len(results)} were classified")
 
 
 if __name__ == "__main__":

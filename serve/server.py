@@ -268,18 +268,20 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-_LOAD_FAILURE = re.compile(r"failed to load '([^']+)' version (\d+): (.*)")
+# A version that failed to load, and a model refused before any version loads (its config, its version folders).
+_LOAD_FAILURE = re.compile(r"failed to load '(?P<name>[^']+)' version (?P<version>\d+): (?P<reason>.*)")
+_MODEL_FAILURE = re.compile(r"(?:Poll failed for model directory|failed to load model) '(?P<name>[^']+)': (?P<reason>.*)")
 _NOISE = ("CudaDriverHelper", "CUDA driver version", "cudaGetDeviceCount")
 
 
 def load_failures(log: str) -> str:
     """'model 'x' version 1 failed to load: <Triton's first line of reason>; ...' from a server log."""
     failures = {}
-    for match in _LOAD_FAILURE.finditer(log):
-        reason = match.group(3).split("\\n")[0].rstrip('"').strip()
-        failures[(match.group(1), match.group(2))] = reason
-    return "; ".join(f"model {name!r} version {version} failed to load: {reason}"
-                     for (name, version), reason in failures.items())
+    for pattern in (_LOAD_FAILURE, _MODEL_FAILURE):
+        for match in pattern.finditer(log):
+            version = f" version {match['version']}" if "version" in pattern.groupindex else ""
+            failures[f"model {match['name']!r}{version}"] = match["reason"].split("\\n")[0].rstrip('"').strip()
+    return "; ".join(f"{model} failed to load: {reason}" for model, reason in failures.items())
 
 
 def last_error(log: str) -> str:

@@ -1,4 +1,11 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +27,9 @@ from expertfuse.timing import Interleaved
 from export.job import job_for
 from export.graph import reference_logits
 from bench.served import parse_perf_analyzer_csv
-from tests.helpers import run_module
+from tests.helpers import REPO, run_module
+from tests.test_serve_faults import assert_nothing_left, one_line, runs_of, slow_repository
+from tests.test_tune import load_processes
 from train.checkpoint import load_checkpoint, save_checkpoint
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
@@ -176,12 +185,15 @@ def test_served_bench_refuses_a_server_running_another_model(triton, tiny_checkp
     out = tmp_path / "bench"
     proc = run_module("bench", "--ckpt", str(tmp_path / "retrained.pt"), "--no-inprocess", "--served", "--eval-limit",
                       "20", "--http-url", triton.endpoints.http, "--grpc-url", triton.endpoints.grpc,
-                      "--concurrency", "1", "--window-s", "0.1", "--out", str(out))
+                      "--concurrency", "1", "--window-s", "0.1", "--out", str(out), check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: no served model was measured: every model of")
     assert proc.stdout.count("REFUSED") == 10  # fused, naive and the 3 experts over HTTP and gRPC
     served = json.loads((out / "bench.json").read_text())["served"]
     assert len(served["models"]) == 10 and all(m["refused"] == "parity on random images" for m in served["models"])
     assert served["sweep"] == [] and served["ratios"] == []
-    assert "refused to time served ncl_naive (naive) over grpc: parity on random images" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "refused to time served ncl_naive (naive) over grpc: parity on random images" in summary
+    assert "**nothing served was measured**; the server has: ncl, ncl_expert0, ncl_expert1, ncl_expert2, " in summary
 
 
 def test_perf_analyzer_csv_is_parsed_in_ms_and_sorted_by_concurrency():
@@ -231,7 +243,69 @@ def test_demo_training_check_names_a_collapsed_expert_and_an_ensemble_behind_its
 
 @pytest.mark.parametrize("flags", [["--batches", "0"], ["--batches", ""], ["--concurrency", "1,-2"],
                                    ["--client-processes", "0"], ["--served-batch", "two"], ["--protocols", "http,ftp"],
-                                   ["--server", "cloud"]])
+                                   ["--server", "cloud"], ["--window-s", "0"], ["--budget-s", "-1"],
+                                   ["--runtimes", ""], ["--window-s", "nan"]])
 def test_bench_refuses_bad_load_flags_in_one_line(flags, tiny_checkpoint):
     proc = run_module("bench", "--ckpt", str(tiny_checkpoint), *flags, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("python -m bench: error: argument")
+
+
+def test_served_bench_checks_every_server_before_measuring_anything(tiny_checkpoint, tmp_path):
+    proc = run_module("bench", "--ckpt", str(tiny_checkpoint), "--eval-limit", "20", "--served", "--http-url",
+                      "127.0.0.1:1", "--grpc-url", "127.0.0.1:2", "--out", str(tmp_path / "bench"), check=False)
+    assert proc.returncode == 2 and "in-process:" not in proc.stdout and not (tmp_path / "bench").exists()
+    assert one_line(proc.stderr).startswith("error: cannot reach Triton at 127.0.0.1:1 over http (--http-url): ")
+
+
+def test_served_bench_uses_the_one_server_given_and_names_its_models_when_none_is_the_checkpoints(
+        triton, tiny_checkpoint, tmp_path):
+    common = ["bench", "--ckpt", str(tiny_checkpoint), "--eval-limit", "20", "--served", "--http-url",
+              triton.endpoints.http, "--out", str(tmp_path / "bench")]
+    proc = run_module(*common, "--protocols", "http,grpc", check=False)
+    assert proc.returncode == 2 and "in-process:" not in proc.stdout
+    assert one_line(proc.stderr) == "error: --protocols http,grpc with only --http-url: give --grpc-url too, or " \
+                                    "--protocols http"
+    proc = run_module(*common, "--model", "m", check=False)  # an export named m; --model defaults to the method
+    assert proc.returncode == 2 and "in-process:" not in proc.stdout and "starting Triton" not in proc.stdout
+    line = one_line(proc.stderr)
+    assert f"no model of {tiny_checkpoint} to measure at {triton.endpoints.http}: looked for m, m_naive" in line
+    assert "the server has ncl, ncl_expert0, ncl_expert1, ncl_expert2, ncl_naive, ncl_naive_mean" in line
+
+
+def test_sigterm_stops_a_served_bench_its_triton_and_load_processes_and_removes_its_folders(
+        tiny_checkpoint, exported_repository, tmp_path):
+    before = set(Path(tempfile.gettempdir()).glob("expertfuse-bench-*"))
+    bench = subprocess.Popen([sys.executable, "-m", "bench", "--ckpt", str(tiny_checkpoint), "--no-inprocess",
+                              "--eval-limit", "20", "--served", "--repository", str(exported_repository), "--server",
+                              "bundled", "--protocols", "grpc", "--concurrency", "2", "--window-s", "20", "--out",
+                              str(tmp_path / "bench")], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(load_processes(bench.pid)) < 2:
+        assert bench.poll() is None, bench.communicate()
+        time.sleep(0.2)
+    clients, record = load_processes(bench.pid), next(record for _, record in runs_of(bench.pid))
+    assert len(clients) == 2
+    bench.send_signal(signal.SIGTERM)
+    _, err = bench.communicate(timeout=60)
+    assert bench.returncode == 143 and err.strip() == "stopped by SIGTERM"
+    assert not [pid for pid in clients if os.path.exists(f"/proc/{pid}")]
+    assert_nothing_left(bench.pid, record)
+    assert set(Path(tempfile.gettempdir()).glob("expertfuse-bench-*")) <= before
+
+
+def test_sigterm_during_the_served_benchs_triton_start_up_stops_it_at_once(tiny_checkpoint, tmp_path):
+    bench = subprocess.Popen([sys.executable, "-m", "bench", "--ckpt", str(tiny_checkpoint), "--eval-limit", "20",
+                              "--served", "--repository", str(slow_repository(tmp_path / "repo")), "--server", "bundled",
+                              "--out", str(tmp_path / "bench")], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not [r for _, r in runs_of(bench.pid) if r.get("server_pid")]:
+        assert bench.poll() is None, bench.communicate()
+        time.sleep(0.1)
+    record = next(r for _, r in runs_of(bench.pid) if r.get("server_pid"))
+    time.sleep(1.0)  # Triton is loading the slow model now
+    bench.send_signal(signal.SIGTERM)
+    out, err = bench.communicate(timeout=30)
+    assert bench.returncode == 143 and err.strip() == "stopped by SIGTERM" and "in-process:" not in out
+    assert_nothing_left(bench.pid, record, within=2)

@@ -136,14 +136,30 @@ def test_client_cli_classifies_a_real_image_file(triton, tmp_path):
     proc = run_module("serve.client", "-u", f"http://{triton.endpoints.grpc}/v2", "-i", "grpc", "-m", "ncl", "-x", "1",
                       str(tmp_path / "cat.jpg"))  # image_client's flags; a URL pasted with scheme and path
     assert proc.stdout.startswith(lines[0]) and not proc.stderr
-    (tmp_path / "broken.jpg").write_text("not an image")
-    proc = run_module("serve.client", "--url", triton.endpoints.http, "--model", "ncl", str(tmp_path / "broken.jpg"),
-                      check=False)
-    assert proc.returncode == 2
-    assert _one_line(proc.stderr).startswith(f"error: {tmp_path / 'broken.jpg'} is not a readable image (cannot identify")
     proc = run_module("serve.client", "--url", triton.endpoints.grpc, "--protocol", "grpc", "--model", "nope",
                       str(tmp_path / "cat.jpg"), check=False)
     assert proc.returncode == 2 and "is not served" in _one_line(proc.stderr) and "ncl_naive" in proc.stderr
+
+
+def test_client_classifies_the_readable_images_of_a_folder_and_names_each_unreadable_one(triton, tmp_path):
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    (tmp_path / "broken.jpg").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    proc = run_module("serve.client", "--url", triton.endpoints.http, "--model", "ncl", "--topk", "1", str(tmp_path),
+                      check=False)
+    assert proc.returncode == 2 and proc.stdout.startswith(f"{tmp_path / 'grey.png'}  ")
+    skipped, error = proc.stderr.strip().splitlines()[:-1], proc.stderr.strip().splitlines()[-1]
+    assert [line.split(" is not")[0] for line in skipped] == [f"skipped: {tmp_path / n}" for n in ("broken.jpg", "empty.png")]
+    assert error == "error: 2 of 3 images could not be read (each named above); the other 1 were classified"
+
+
+def test_client_names_the_models_that_take_images_when_asked_for_one_that_does_not(triton, tmp_path):
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "grey.png")
+    proc = run_module("serve.client", "--url", triton.endpoints.http, "--model", "ncl_naive_mean",
+                      str(tmp_path / "grey.png"), check=False)
+    line = _one_line(proc.stderr)
+    assert proc.returncode == 2 and "model 'ncl_naive_mean' does not take images (its inputs: " in line
+    assert line.endswith("that do: ncl, ncl_expert0, ncl_expert1, ncl_expert2, ncl_naive")
 
 
 def _one_line(stderr: str) -> str:
@@ -156,25 +172,27 @@ def test_client_refuses_bad_flags_in_one_line_and_says_when_it_caps_topk(triton,
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "grey.png")
     (tmp_path / "empty").mkdir()
     http = triton.endpoints.http
-    cases = [(["--topk", "0", str(tmp_path)], "--topk and --batch-size must be at least 1, got 0 and 8"),
-             (["--url", "https://127.0.0.1:1/v2", str(tmp_path)], "is not a Triton address: give host:port"),
+    cases = [(["--url", "https://127.0.0.1:1/v2", str(tmp_path)], "is not a Triton address: give host:port"),
              ([str(tmp_path / "empty")], f"no images found in {tmp_path / 'empty'} (looked for")]
     for args, message in cases:
         proc = run_module("serve.client", "--url", http, "--model", "ncl", *args, check=False)
         assert proc.returncode == 2 and message in _one_line(proc.stderr)
+    for flag in ("--topk", "--batch-size"):
+        proc = run_module("serve.client", "--url", http, "--model", "ncl", flag, "0", str(tmp_path), check=False)
+        assert proc.returncode == 2 and f"argument {flag}: expected one positive integer, got '0'" in proc.stderr
     proc = run_module("serve.client", "--url", http, "--model", "ncl", "--topk", "1000", str(tmp_path / "grey.png"))
     assert len(proc.stdout.strip().splitlines()) == 10
     assert _one_line(proc.stderr) == "note: --topk 1000 is more than model 'ncl''s 10 classes; showing all 10"
 
 
 def test_client_scales_16_bit_grayscale_pngs_and_classifies_them_like_their_8_bit_version(triton, tmp_path):
-    from serve.client import ModelInfo, load_pixels
+    from serve.client import ModelInfo, read_images
     gray8 = np.random.RandomState(3).randint(0, 256, (40, 40), dtype=np.uint8)
     Image.fromarray(gray8, mode="L").save(tmp_path / "gray8.png")
     Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gray16.png")  # full 16-bit range
     assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
     info = ModelInfo("ncl", "", "image", "UINT8", "NHWC", 32, 36, "logits", 10, 16)
-    pixels8, pixels16 = load_pixels([tmp_path / "gray8.png", tmp_path / "gray16.png"], info)
+    pixels8, pixels16 = read_images([tmp_path / "gray8.png", tmp_path / "gray16.png"], info)[1]
     assert np.array_equal(pixels8, pixels16) and (pixels16 == 255).mean() < 0.05
     proc = run_module("serve.client", "--url", triton.endpoints.http, "--model", "ncl", "--topk", "10", "--json",
                       str(tmp_path / "gray8.png"), str(tmp_path / "gray16.png"))

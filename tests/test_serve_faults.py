@@ -175,6 +175,27 @@ def test_failed_models_are_named_with_tritons_reason(tmp_path):
     assert_nothing_left(launcher.proc.pid)
 
 
+def test_models_refused_before_loading_are_named_with_tritons_reason(tmp_path):
+    """A config Triton rejects and a model without a version folder: Triton's own last line says only 'failed to load
+    all models'."""
+    repo = tmp_path / "repo"
+    for name in ("batching", "unversioned"):
+        (repo / name).mkdir(parents=True)
+        write_config(repo / name, model_config(name, "onnxruntime_onnx", [TensorSpec("image", "UINT8", [32, 32, 3], "NHWC")],
+                                               [TensorSpec("logits", "FP32", [10])], ServingOptions(max_batch_size=4)))
+    config = repo / "batching" / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_queue_delay_microseconds", "preferred_batch_size: 16\n  "
+                                                                                "max_queue_delay_microseconds"))
+    (repo / "batching" / "1").mkdir()
+    (repo / "batching" / "1" / "model.onnx").write_bytes(b"never read")
+    launcher = Launcher(repo)
+    line = one_line(launcher.finish()[1])
+    assert launcher.proc.returncode == 1 and "failed to load all models" not in line
+    assert "model 'batching' failed to load: dynamic batching preferred size must be <= max batch size" in line
+    assert "model 'unversioned' failed to load: at least one version must be available" in line
+    assert_nothing_left(launcher.proc.pid)
+
+
 def test_triton_killed_while_serving_is_reported_with_its_signal(exported_repository):
     launcher = Launcher(exported_repository)
     launcher.wait_for("serving")

@@ -45,6 +45,19 @@ def test_resume_continues_exactly(tmp_path):
     assert a["training"]["optimizer"]["state"][0]["momentum_buffer"].equal(b["training"]["optimizer"]["state"][0]["momentum_buffer"])
 
 
+def test_resume_refuses_another_model_and_a_finished_run_in_one_line(tmp_path):
+    run_module("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path))
+    cases = [(["--arch", "resnet20"], "holds a model with arch resnet8, the flags ask for arch resnet20: resume with "
+                                      "the checkpoint's settings, or train the new model into another --out"),
+             (["--num-experts", "2"], "holds a model with num_experts 3, the flags ask for num_experts 2"),
+             ([], "has trained all 1 epochs already; nothing to train (raise --epochs to train further)")]
+    for flags, message in cases:
+        proc = run_module("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path), "--resume", *flags, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"error: --resume: {tmp_path / 'ncl.pt'} {message}"), lines[0]
+
+
 def test_ncl_contrastive_branch_and_ce_baseline_train(tmp_path):
     path = train(_tiny(tmp_path / "moco", "--epochs", "1", "--ncl-moco", "--moco-queue", "64", "--moco-dim", "16",
                        "--tensorboard"))

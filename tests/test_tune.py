@@ -3,16 +3,23 @@ explicit model control, the best config written back as a variant that the serve
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
 from bench.tune import Point, apply, best_under, grid
-from serve.repository import read_config
+from serve.repository import ServingOptions, TensorSpec, model_config, read_config, write_config
 from serve.server import TritonServer
 from tests.conftest import run_module
+from tests.helpers import REPO
+from tests.test_serve_faults import assert_nothing_left, one_line, runs_of
 
 
 @pytest.fixture
@@ -78,3 +85,92 @@ def test_tune_refuses_what_it_cannot_tune(repository, tmp_path):
     assert proc.returncode == 2 and "1..16" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_module("bench.tune", "--repository", str(repository), "--model", "nope", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "nope" in proc.stderr
+
+
+@pytest.mark.parametrize("flags", [["--queue-delays-us", ""], ["--queue-delays-us", "-5"], ["--window-s", "0"],
+                                   ["--ready-timeout", "-5"], ["--load-timeout", "0"], ["--latency-budget-ms", "-1"],
+                                   ["--preferred-batch-sizes", ""]])
+def test_tune_refuses_an_empty_or_invalid_grid_before_anything_starts(flags, repository, tmp_path):
+    proc = run_module("bench.tune", "--repository", str(repository), "--model", "ncl", "--max-batch-sizes", "8",
+                      *flags, "--out", str(tmp_path / "tune"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith(("python -m bench.tune: error: argument", "error: "))
+    assert not (tmp_path / "tune").exists()
+
+
+def failing_repository(root) -> object:
+    """A python-backend model the load generator can drive whose every request fails."""
+    model = root / "broken"
+    (model / "1").mkdir(parents=True)
+    write_config(model, model_config("broken", "python", [TensorSpec("image", "UINT8", [32, 32, 3], "NHWC")],
+                                     [TensorSpec("logits", "FP32", [10])], ServingOptions(max_batch_size=8, warmup_batch_sizes=[])))
+    (model / "1" / "model.py").write_text("class TritonPythonModel:\n    def execute(self, requests):\n"
+                                          "        raise RuntimeError('broken on purpose')\n")
+    return root
+
+
+def test_tune_where_every_point_failed_writes_its_results_and_exits_non_zero(tmp_path):
+    out = tmp_path / "tune"
+    proc = run_module("bench.tune", "--repository", str(failing_repository(tmp_path / "repo")), "--model", "broken",
+                      "--server", "bundled", "--instances", "1", "--max-batch-sizes", "8", "--queue-delays-us", "0",
+                      "--concurrency", "1", "--window-s", "0.1", "--out", str(out), check=False)
+    assert proc.returncode == 1 and "every point failed (first: i1 b8 p- d0: " in one_line(proc.stderr)
+    assert list(csv.DictReader((out / "tune.csv").open()))[0]["error"]
+    assert not (tmp_path / "repo" / "broken_tuned").exists()
+
+
+def load_processes(parent: int) -> list[int]:
+    """The bench's load-generating client processes (multiprocessing spawn children of `parent`)."""
+    ps = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
+    return [int(line.split()[0]) for line in ps if line.split()[1] == str(parent) and "multiprocessing.spawn" in line]
+
+
+class Tune:
+    """bench.tune in its own process group (as a terminal runs it), measuring one slow point."""
+
+    def __init__(self, repository, out):
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.tune", "--repository", str(repository), "--model",
+                                      "ncl", "--server", "bundled", "--instances", "1", "--max-batch-sizes", "8",
+                                      "--queue-delays-us", "0", "--concurrency", "2", "--window-s", "20", "--out",
+                                      str(out)], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def load_processes(self) -> list[int]:
+        return load_processes(self.proc.pid)
+
+    def wait_measuring(self, timeout: float = 120) -> dict:
+        """The launcher record of its Triton, once load processes are sending requests."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and len(self.load_processes()) < 2:
+            assert self.proc.poll() is None, self.proc.communicate()
+            time.sleep(0.2)
+        assert len(self.load_processes()) == 2
+        time.sleep(3)  # the load processes have imported and started sending
+        return next(record for _, record in runs_of(self.proc.pid))
+
+
+@pytest.mark.parametrize("sig, code, message", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "stopped by SIGTERM")])
+def test_signal_during_a_tune_measurement_stops_everything_in_one_line(sig, code, message, repository, tmp_path):
+    tune = Tune(repository, tmp_path / "tune")
+    record = tune.wait_measuring()
+    clients = tune.load_processes()
+    if sig == signal.SIGINT:
+        os.killpg(tune.proc.pid, sig)  # Ctrl-C at a terminal reaches the whole foreground group
+    else:
+        tune.proc.send_signal(sig)
+    _, err = tune.proc.communicate(timeout=60)
+    assert tune.proc.returncode == code and err.strip() == message
+    assert not [pid for pid in clients if os.path.exists(f"/proc/{pid}")]
+    assert_nothing_left(tune.proc.pid, record)
+
+
+def test_triton_killed_during_a_tune_names_the_point_and_the_servers_last_words(repository, tmp_path):
+    tune = Tune(repository, tmp_path / "tune")
+    record = tune.wait_measuring()
+    os.kill(record["server_pid"], signal.SIGKILL)
+    _, err = tune.proc.communicate(timeout=60)
+    line = one_line(err)
+    assert tune.proc.returncode != 0
+    assert "Triton was killed by signal SIGKILL while measuring config i1 b8 p- d0 at concurrency 2: " in line
+    assert_nothing_left(tune.proc.pid, record)

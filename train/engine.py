@@ -260,7 +260,7 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
     run = build_run(cfg, env)
     progress = Progress()
     if cfg.resume:
-        saved = read_resume_state(cfg, run.last_path, env)
+        saved = read_resume_state(run)
         progress = restore(saved, run.model, run.method, run.stages, run.scaler, env)
     phase, tests = enter_phase(run, progress), build_test_loader(run)
     logs = None

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,16 +50,27 @@ class Progress:
     scheduler_state: dict | None = None
 
 
-def read_resume_state(cfg, path: Path, env: Distributed) -> dict:
-    """The checkpoint --resume continues from, refusing one without training state."""
+def read_resume_state(run) -> dict:
+    """The checkpoint --resume continues from, refusing one without training state, one of another model than the
+    flags build, and one that has trained all its epochs already."""
+    path, cfg = run.last_path, run.cfg
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}")
     state = load_checkpoint(path)
     if "training" not in state:
         raise UserError(f"--resume: {path} holds no training state")
+    saved, asked = state["spec"], run.spec.to_dict()
+    differ = [k for k in asked if k in saved and saved[k] != asked[k]]
+    if differ:
+        describe = lambda spec: ", ".join(f"{k} {spec[k]}" for k in differ)  # noqa: E731
+        raise UserError(f"--resume: {path} holds a model with {describe(saved)}, the flags ask for {describe(asked)}: "
+                        f"resume with the checkpoint's settings, or train the new model into another --out")
+    if state["epoch"] >= run.total_epochs:
+        raise UserError(f"--resume: {path} has trained all {run.total_epochs} epochs already; nothing to train "
+                        f"(raise --epochs to train further)")
     changed = sorted(k for k, v in state["config"].items()
                      if k not in ("epochs", "resume") and asdict(cfg).get(k) != v)
-    if changed and env.main:
+    if changed and run.env.main:
         print(f"resume: settings differ from the checkpoint's: {', '.join(changed)}")
     return state
 
