@@ -272,11 +272,17 @@ def markdown_report(result: dict) -> str:
                       f"model processes: {m['served']['server_peak_rss_mib']:.0f} MiB.", "",
                       "| served | protocol | concurrency | img/s | p50 ms | p99 ms | windows agree | client-bound |",
                       "|---|---|---|---|---|---|---|---|"]
-            lines += [f"| {p['variant']} | {p['protocol']} | {p['concurrency']} | {p['throughput']:.1f} | "
-                      f"{p.get('p50_ms', float('nan')):.1f} | {p.get('p99_ms', float('nan')):.1f} | {p['stable']} | "
-                      f"{p['client_bound']} |" for p in m["served"]["sweep"]]
+            lines += [served_row(p) for p in m["served"]["sweep"]]
         lines.append("")
     return "\n".join(lines)
+
+
+def served_row(p: dict) -> str:
+    head = f"| {p['variant']} | {p['protocol']} | {p['concurrency']} |"
+    if not p["measured"]:
+        return f"{head} not measured: {p['not_measured']} | | | | |"
+    return (f"{head} {p['throughput']:.1f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['stable']} | "
+            f"{p['client_bound']} |")
 
 
 def write_real_size_report(result: dict, out: Path) -> None:

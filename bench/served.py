@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import multiprocessing as mp
+import queue
 import shutil
 import signal
 import subprocess
@@ -53,18 +54,24 @@ def _asyncio_loops(url: str, protocol: str, model: str, images: np.ndarray, clie
     asyncio.run(run())
 
 
-def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, threads: int, start_at: float,
-                 stop_at: float, results, client_kind: str = "threads") -> None:
-    """One client process: `threads` closed-loop clients (threads with sync clients, or asyncio coroutines)
-    from start_at to stop_at; sends its (end time, latency) pairs and CPU time to the parent."""
+def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, threads: int, schedule, ready, go,
+                 results, client_kind: str = "threads") -> None:
+    """One client process: `threads` closed-loop clients (threads with sync clients, or asyncio coroutines). Each
+    connects and sends one warm-up request, then the process reports ready and waits for the parent's `go`; the
+    clients then run from schedule[0] to schedule[1] and the process sends its (end time, latency) pairs and CPU
+    time to the parent. Start-up (imports, connections) thus never falls inside a measurement window."""
     module = client_module(protocol)
     records, errors = [], []
     if client_kind == "asyncio":
+        ready.put(True)
+        go.wait()
+        start_at, stop_at = schedule[:]
         cpu0 = time.process_time()
         _asyncio_loops(url, protocol, model, images, threads, start_at, stop_at, records, errors)
         results.put({"records": records, "errors": errors, "cpu_s": time.process_time() - cpu0,
                      "wall_s": stop_at - start_at})
         return
+    warmed, released = threading.Barrier(threads + 1), threading.Event()
 
     def loop() -> None:
         client = module.InferenceServerClient(url)
@@ -72,6 +79,12 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
         request.set_data_from_numpy(images)
         outputs = [module.InferRequestedOutput("logits")]
         try:
+            try:
+                client.infer(model, [request], outputs=outputs)  # connected and warm before any window opens
+            finally:
+                warmed.wait()
+            released.wait()
+            start_at, stop_at = schedule[:]
             while time.time() < start_at:
                 time.sleep(0.001)
             while time.time() < stop_at:
@@ -84,12 +97,17 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
             client.close()
 
     workers = [threading.Thread(target=loop) for _ in range(threads)]
-    cpu0 = time.process_time()
     for w in workers:
         w.start()
+    warmed.wait()
+    ready.put(True)
+    go.wait()
+    cpu0 = time.process_time()
+    released.set()
     for w in workers:
         w.join()
     cpu = time.process_time() - cpu0
+    start_at, stop_at = schedule[:]
     results.put({"records": records, "errors": errors, "cpu_s": cpu, "wall_s": stop_at - start_at})
 
 
@@ -126,6 +144,10 @@ def server_statistics(url: str, protocol: str, model: str) -> dict:
             "compute_infer_ns": ns("compute_infer"), "compute_output_ns": ns("compute_output")}
 
 
+READY_TIMEOUT_S = 120  # for every load process to import tritonclient, connect and complete a warm-up request
+MIN_WINDOW_REQUESTS = 5  # a window with fewer completed requests measured nothing worth a throughput
+
+
 def measure_concurrency(url: str, protocol: str, model: str, image_size: int, batch: int, concurrency: int,
                         window_s: float = 1.0, windows: int = 3, warmup_s: float = 0.5, max_processes: int = 4,
                         tolerance: float = 0.1, client_kind: str = "threads") -> dict:
@@ -134,18 +156,26 @@ def measure_concurrency(url: str, protocol: str, model: str, image_size: int, ba
     processes = max(1, min(concurrency, max_processes))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    before = server_statistics(url, protocol, model)
-    start_at = time.time() + 2.0  # time for the spawned clients to import and connect
-    measured_from = start_at + warmup_s
-    stop_at = measured_from + windows * window_s
+    results, ready, go, schedule = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Array("d", 2)
     procs = [ctx.Process(target=_load_worker,
-                         args=(url, protocol, model, images, n, start_at, stop_at, results, client_kind))
+                         args=(url, protocol, model, images, n, schedule, ready, go, results, client_kind))
              for n in shares]
     try:
         with terminal_signals_ignored():
             for p in procs:
                 p.start()
+        try:
+            for _ in procs:  # every client imported, connected and warmed up: only then the clock starts
+                ready.get(timeout=READY_TIMEOUT_S)
+        except queue.Empty:
+            raise RuntimeError(f"{model} over {protocol}: the load processes were not ready (imported, connected, "
+                               f"one request answered) within {READY_TIMEOUT_S} s") from None
+        before = server_statistics(url, protocol, model)
+        start_at = time.time() + 0.1
+        measured_from = start_at + warmup_s
+        stop_at = measured_from + windows * window_s
+        schedule[:] = [start_at, stop_at]
+        go.set()
         reports = [results.get(timeout=stop_at - time.time() + 120) for _ in procs]
     finally:  # Ctrl-C, SIGTERM or a failed point: no load process outlives the point
         for p in procs:
@@ -163,10 +193,13 @@ def measure_concurrency(url: str, protocol: str, model: str, image_size: int, ba
     delta = {k: after[k] - before[k] for k in after}
     requests = max(delta["success_count"], 1)
     cpu_share = [r["cpu_s"] / r["wall_s"] for r in reports]
+    measured = min(counts) >= MIN_WINDOW_REQUESTS
     return {"model": model, "protocol": protocol, "concurrency": concurrency, "batch": batch, "client": client_kind,
             "throughput": sum(counts) * batch / (windows * window_s),
             "window_throughputs": [c * batch / window_s for c in counts],
-            "stable": windows_agree([float(c) for c in counts], tolerance),
+            "measured": measured, "stable": measured and windows_agree([float(c) for c in counts], tolerance),
+            **({} if measured else {"not_measured": f"a {window_s:g} s window completed {min(counts)} requests "
+                                                    f"(at least {MIN_WINDOW_REQUESTS} needed): lengthen --window-s"}),
             **({f"p{q}_ms": float(np.percentile(latencies, q)) for q in (50, 90, 95, 99)} if len(latencies) else {}),
             "requests": len(records), "client_processes": processes,
             "client_cpu_share": cpu_share, "client_bound": max(cpu_share) > 0.9,
