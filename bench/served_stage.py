@@ -95,8 +95,9 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
             if m["protocol"] == protocol and single in runners:
                 cost = ratio(timing, key, single).to_dict()
                 points.append({"name": f"{m['model']} over {protocol}", "where": f"triton-{protocol}",
-                               "experts": len(m["experts"]), "precision": m["precision"],
-                               **accuracy_columns(m["accuracy"]),
+                               "experts": len(m["experts"]),
+                               "experts_run": m["accuracy"].get("experts_run", float(len(m["experts"]))),
+                               "precision": m["precision"], **accuracy_columns(m["accuracy"]),
                                f"cost_b{batch}": cost, "cost_small": cost["ratio"], "cost_large": None,
                                "summary": timing.summary(key, batch)})
     return ratios, points

@@ -8,8 +8,8 @@ format, per-channel symmetric INT8 weights), calibrated on training images sampl
 the tail classes shape the activation ranges. The stem convolutions (3 input channels: under 1% of
 the FLOPs, and they see the raw image) and the linear heads (tiny, and they write the logits whose
 small margins decide the tail classes) stay FP32. Without VNNI, ORT's U8S8 kernels can saturate, so
-`--reduce-range auto` quantizes with 7-bit weights and without and keeps the more accurate. The
-gate runs on the labelled evaluation set before anything is written: overall top-1 may drop at most
+`--reduce-range auto` quantizes with 7-bit weights and without and keeps the more accurate on the
+calibration split. The gate runs on the labelled evaluation split before anything is written: overall top-1 may drop at most
 --max-overall-drop points and few-shot top-1 at most --max-few-drop points against FP32, else the
 export exits 1 (ParityError) and the repository stays as it was.
 """
@@ -32,8 +32,8 @@ from expertfuse.errors import ParityError, UserError
 from expertfuse.preprocess import graph_input
 from expertfuse.timing import describe_choice, pick_fastest
 from export.job import ExportJob
-from export.labelled import (EvalSet, LabelledData, accuracy_table, add_data_args, calibration_pixels, load_data,
-                             load_eval_set, shot_accuracy)
+from export.labelled import (EvalSet, LabelledData, accuracy_table, add_data_args, calibration_pixels, load_splits,
+                             shot_accuracy, splits_record)
 from export.triton import publish
 from serve.repository import ServingOptions, staging
 
@@ -88,24 +88,32 @@ def add_int8_args(p: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Calibration:
-    """What INT8 reads once per export: the labelled evaluation set and the class-balanced calibration inputs."""
+    """What INT8 reads once per export: the calibration split (the reduce-range choice, and the class-balanced
+    calibration inputs drawn from it) and the evaluation split (the gate), disjoint."""
+    choice: EvalSet
     data: EvalSet
     inputs: np.ndarray  # in the graph's input layout
     layout: str
 
     @classmethod
     def load(cls, job: ExportJob, settings: Int8Settings, labelled: LabelledData) -> "Calibration":
-        bundle = load_data(job.checkpoint.data, job.spec, labelled)
-        data = load_eval_set(job.checkpoint.data, job.spec, labelled, bundle)
-        pixels = calibration_pixels(bundle, job.spec, settings.calib_images)
-        print(f"INT8: {len(pixels)} class-balanced calibration images ({settings.calib_method}), {data.source}")
-        return cls(data, graph_input(pixels, job.opts.input_layout), job.opts.input_layout)
+        choice, data = load_splits(job.checkpoint.data, job.spec, labelled)
+        pixels = calibration_pixels(choice, settings.calib_images)
+        print(f"INT8: {len(pixels)} class-balanced calibration images ({settings.calib_method}) of the {choice.source}; "
+              f"gate on the {data.source}")
+        return cls(choice, data, graph_input(pixels, job.opts.input_layout), job.opts.input_layout)
 
-    def accuracy(self, logits: np.ndarray) -> dict[str, float]:
-        return shot_accuracy(np.asarray(logits).argmax(1), self.data)
+    @property
+    def splits(self) -> dict[str, str]:
+        return splits_record(self.choice, self.data)
 
-    def accuracy_of(self, model: Path) -> dict[str, float]:
-        return self.accuracy(run_logits(cpu_session(model), self.data.inputs(self.layout)))
+    def accuracy(self, logits: np.ndarray, split: EvalSet | None = None) -> dict[str, float]:
+        """Top-1 by shot group on `split` (default: the evaluation split)."""
+        return shot_accuracy(np.asarray(logits).argmax(1), split or self.data)
+
+    def accuracy_of(self, model: Path, split: EvalSet | None = None) -> dict[str, float]:
+        split = split or self.data
+        return self.accuracy(run_logits(cpu_session(model), split.inputs(self.layout)), split)
 
 
 class PixelReader(CalibrationDataReader):
@@ -157,14 +165,15 @@ def run_logits(sess: ort.InferenceSession, inputs: np.ndarray, batch: int = 256)
 
 
 def quantize_most_accurate(fp32: Path, calibration: Calibration, settings: Int8Settings) -> tuple[Path, dict]:
-    """Quantize with each reduce-range choice and keep the most accurate (overall, then few-shot)."""
+    """Quantize with each reduce-range choice and keep the most accurate (overall, then few-shot) on the calibration
+    split."""
     tried = {}
     for rr in REDUCE_RANGE[settings.reduce_range]:
         path = quantize_graph(fp32, fp32.with_name(f"int8-rr{int(rr)}.onnx"), calibration.inputs,
                               settings.calib_method, rr)
-        tried[rr] = (path, calibration.accuracy_of(path))
+        tried[rr] = (path, calibration.accuracy_of(path, calibration.choice))
     best = max(tried, key=lambda rr: (tried[rr][1]["overall"], np.nan_to_num(tried[rr][1]["few"])))
-    return tried[best][0], {"reduce_range": best,
+    return tried[best][0], {"reduce_range": best, "reduce_range_chosen_on": calibration.choice.source,
                             "accuracy_by_reduce_range": {("on" if rr else "off"): acc for rr, (_, acc) in tried.items()}}
 
 
@@ -255,6 +264,7 @@ def export_int8(job: ExportJob, settings: Int8Settings, labelled: LabelledData, 
         report = write_report(work, {
             "precision": "int8", "fusion": fusion, "fusion_timings_s": timings, "gate": gate.to_dict(), **choices[fusion],
             "calibration": {"method": settings.calib_method, "images": len(calibration.inputs), "class_balanced": True},
+            "splits": calibration.splits,
             "fp32_nodes": fp32_nodes(onnx.load(str(fp32[fusion]))), "checkpoint": str(job.request.ckpt)})
         return publish(job, "onnxruntime_onnx", serving, {"model.onnx": int8[fusion], "export_report.json": report},
                        fusion, meta)[0]

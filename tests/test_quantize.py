@@ -39,7 +39,7 @@ def test_gate_refuses_constant_calibration_and_writes_nothing(tiny_checkpoint, t
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "keep.txt").write_text("untouched")
-    constant = lambda bundle, spec, count, seed=0: np.zeros((count, 32, 32, 3), dtype=np.uint8)
+    constant = lambda data, count, seed=0: np.zeros((count, 32, 32, 3), dtype=np.uint8)
     monkeypatch.setattr(quantize, "calibration_pixels", constant)  # damaged calibration: black images
     with pytest.raises(ParityError, match="INT8 refused"):
         export_onnx(["--ckpt", str(tiny_checkpoint), "--out", str(repo), "--int8", *SMALL])
