@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +183,7 @@ class GateResult:
     int8: dict[str, float]
     max_overall_drop: float
     max_few_drop: float
+    splits: dict[str, str] = field(default_factory=dict)  # the split that chose (calibration) and the one that scored
 
     @property
     def overall_drop(self) -> float:
@@ -200,7 +201,7 @@ class GateResult:
     def to_dict(self) -> dict:
         return {"passed": self.passed, "overall_drop": self.overall_drop, "few_drop": self.few_drop,
                 "max_overall_drop": self.max_overall_drop, "max_few_drop": self.max_few_drop,
-                "fp32": self.fp32, "int8": self.int8}
+                "fp32": self.fp32, "int8": self.int8, "splits": self.splits}
 
     def metadata_extra(self) -> dict[str, str]:
         """What ModelMetadata.extra carries (expertfuse_int8_gate, ...)."""
@@ -208,10 +209,11 @@ class GateResult:
                 "int8_few_top1_drop": f"{self.few_drop:.3f}", "int8_top1": f"{self.int8['overall']:.3f}"}
 
 
-def accuracy_gate(fp32: dict, int8: dict, settings: Int8Settings, what: str = "INT8") -> GateResult:
+def accuracy_gate(fp32: dict, int8: dict, settings: Int8Settings, what: str = "INT8",
+                  splits: dict[str, str] | None = None) -> GateResult:
     """Print the per-shot-group table; raise ParityError when the INT8 graph loses more than the flags allow."""
-    gate = GateResult(fp32, int8, settings.max_overall_drop, settings.max_few_drop)
-    print("accuracy gate on the labelled evaluation set (top-1 %):\n" + accuracy_table({"fp32": fp32, what.lower(): int8}))
+    gate = GateResult(fp32, int8, settings.max_overall_drop, settings.max_few_drop, splits or {})
+    print(f"accuracy gate on the {gate.splits.get('scored_on', 'labelled evaluation split')} (top-1 %):\n" + accuracy_table({"fp32": fp32, what.lower(): int8}))
     if not gate.passed:
         raise ParityError(f"{what} refused: top-1 drops {gate.overall_drop:.2f} points (limit {gate.max_overall_drop:g}), "
                           f"few-shot {gate.few_drop:.2f} points (limit {gate.max_few_drop:g}); nothing written")
@@ -257,7 +259,8 @@ def export_int8(job: ExportJob, settings: Int8Settings, labelled: LabelledData, 
             fp32[fusion] = write_graph(job, fusion, work / fusion)
             int8[fusion], choices[fusion] = quantize_most_accurate(fp32[fusion], calibration, settings)
         fusion, timings = pick_int8_fusion(int8, calibration.inputs)
-        gate = accuracy_gate(calibration.accuracy_of(fp32[fusion]), calibration.accuracy_of(int8[fusion]), settings)
+        gate = accuracy_gate(calibration.accuracy_of(fp32[fusion]), calibration.accuracy_of(int8[fusion]), settings,
+                             splits=calibration.splits)
         meta = job.metadata(fusion, "int8", {**gate.metadata_extra(), "int8_reduce_range": str(choices[fusion]["reduce_range"]),
                                              "int8_calibration": f"{settings.calib_method}:{len(calibration.inputs)}"})
         stamp_metadata(int8[fusion], meta)
@@ -287,4 +290,5 @@ class TensorRTInt8:
     def gate(self, run: Callable[[np.ndarray], np.ndarray], fp32: Path, batch: int) -> GateResult:
         inputs = self.calibration.data.inputs(self.calibration.layout)
         logits = np.concatenate([run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
-        return accuracy_gate(self.calibration.accuracy_of(fp32), self.calibration.accuracy(logits), self.settings)
+        return accuracy_gate(self.calibration.accuracy_of(fp32), self.calibration.accuracy(logits), self.settings,
+                             splits=self.calibration.splits)
