@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench.decision import (best_single, cost_accuracy, decision, headline_runtime, inprocess_ratios, mark_pareto,
                             scored)
-from export.labelled import EvalSet, LabelledData, add_data_args, load_eval_set
+from export.labelled import EvalSet, LabelledData, add_data_args, expert_logits, load_splits
 from bench.evaluation import gain_interval
 from bench.inprocess import (References, available_runtimes, plan_variants, reference_key, repository_variants,
                               run_inprocess)
@@ -119,7 +119,7 @@ def inprocess_stage(args, ctx: Context, runtimes: list[str], result: dict) -> No
             predictions[row["variant"]] = logits.argmax(1)
     result["inprocess"] = rows
     by_name = scored(rows, ctx.runtime)
-    single = best_single(by_name)
+    single = best_single(by_name, ctx.expert_order)
     if single is None:
         return
     result["single"] = single
@@ -136,12 +136,14 @@ def main(argv: list[str] | None = None) -> dict:
     unwind_on_signals()
     runtimes = runtimes_of(args)
     job = job_for(args.ckpt, "all", "loop")  # the checkpoint, loaded once; every variant is a view of this job
-    data = load_eval_set(job.checkpoint.data, job.spec, LabelledData.from_args(args))
-    print(f"evaluation set: {data.source}; shot rule {data.shot_rule}")
+    calibration, data = load_splits(job.checkpoint.data, job.spec, LabelledData.from_args(args))
+    print(f"scored on the {data.source}; chosen on the {calibration.source}; shot rule {data.shot_rule}")
     refs = References.build(job.model, data)
-    order = expert_order(refs.labelled, data.labels, tuple(range(job.model.num_experts)))
+    order = expert_order(expert_logits(job.model, calibration.pixels), calibration.labels,
+                         tuple(range(job.model.num_experts)))
     result = {"checkpoint": str(args.ckpt), "machine": machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
-              "evaluation": {"source": data.source, "images": len(data.labels), "shot_rule": data.shot_rule,
+              "evaluation": {"source": data.source, "chosen_on": calibration.source, "images": len(data.labels),
+                             "calibration_images": len(calibration.labels), "shot_rule": data.shot_rule,
                              "train_counts": data.train_counts, "classes": job.classes},
               "inprocess": [], "served": {}, "ratios": [], "points": [], "single": f"expert{order[0]}", "decision": None}
     with tempfile.TemporaryDirectory(prefix="expertfuse-bench-") as tmp, ExitStack() as served:

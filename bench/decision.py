@@ -22,10 +22,13 @@ def headline_runtime(rows: list[dict]) -> str | None:
     return (preferred or runtimes or [None])[0]
 
 
-def best_single(variants: dict[str, dict]) -> str | None:
-    """The single expert with the highest top-1 on the evaluation set: 'single' in every headline."""
-    singles = [name for name, r in variants.items() if len(r["experts"]) == 1 and r["precision"] == "fp32"]
-    return max(singles, key=lambda n: variants[n]["accuracy"]["overall"], default=None)
+def best_single(variants: dict[str, dict], ranking: list[int]) -> str | None:
+    """The FP32 single expert ranked first on the calibration split (`ranking`: experts best first there) among
+    those measured: 'single' in every headline. Never picked on the evaluation split, which would score the pick
+    above its true accuracy."""
+    singles = {r["experts"][0]: name for name, r in variants.items() if len(r["experts"]) == 1 and r["precision"] == "fp32"
+               and r["fusion"] != "early-exit"}
+    return next((singles[k] for k in ranking if k in singles), None)
 
 
 def fused_ensemble(variants: dict[str, dict], timing: Interleaved, runtime: str) -> str | None:
@@ -82,7 +85,9 @@ def cost_accuracy(variants: dict[str, dict], timings: dict[int, Interleaved], ru
     points = []
     for name, row in variants.items():
         costs = {f"cost_b{b}": ratio(timings[b], f"{name}@{runtime}", f"{single}@{runtime}").to_dict() for b in (small, large)}
-        points.append({"name": name, "where": runtime, "experts": len(row["experts"]), "precision": row["precision"],
+        points.append({"name": name, "where": runtime, "experts": len(row["experts"]),
+                       "experts_run": row["accuracy"].get("experts_run", float(len(row["experts"]))),
+                       "precision": row["precision"],
                        **accuracy_columns(row["accuracy"]),
                        **costs, "cost_small": costs[f"cost_b{small}"]["ratio"],
                        "cost_large": costs[f"cost_b{large}"]["ratio"]})

@@ -25,19 +25,23 @@ EVAL_BATCH = 256
 
 @dataclass(frozen=True)
 class EarlyExit:
-    """An early-exit model's expert order and threshold (its parameters); its reference is export.early_exit.simulate."""
+    """An early-exit model's expert order and thresholds (its parameters: the rule as written, e.g. '0.9' or
+    '0.9,0.95,1' per shot group, and the threshold of every class); its reference is export.early_exit.simulate."""
     order: tuple[int, ...]
-    threshold: float
+    threshold: str
+    class_thresholds: tuple[float, ...]
 
     @classmethod
     def of(cls, params: dict[str, str]) -> "EarlyExit | None":
         if "expertfuse_early_exit_threshold" not in params:
             return None
         order = tuple(int(k) for k in params["expertfuse_early_exit_order"].split(","))
-        return cls(order, float(params["expertfuse_early_exit_threshold"]))
+        rule = params["expertfuse_early_exit_threshold"]
+        per_class = params.get("expertfuse_early_exit_class_thresholds", rule)  # a model exported before 2026-12-05
+        return cls(order, rule, tuple(float(t) for t in per_class.split(",")))
 
 
-def reference_key(experts, precision: str, early_exit_threshold: float | None) -> tuple:
+def reference_key(experts, precision: str, early_exit_threshold: str | None) -> tuple:
     """Which in-process logits a served model is checked against: same experts, precision and early exit."""
     return tuple(experts), precision, early_exit_threshold
 
@@ -166,11 +170,17 @@ class References:
         images = parity_images(model.spec.input_size, gate_images)
         return cls(images, expert_logits(model, images), expert_logits(model, data.pixels))
 
+    def experts_run(self, experts: tuple[int, ...], early_exit: EarlyExit | None = None) -> float:
+        """Experts run per image on the labelled set: all of them, or as many as an early-exit model's exits let."""
+        if early_exit is None:
+            return float(len(experts))
+        return float(simulate(self.labelled, list(early_exit.order), np.array(early_exit.class_thresholds))[1].mean())
+
     def of(self, experts: tuple[int, ...], labelled: bool = True, early_exit: EarlyExit | None = None) -> np.ndarray:
         """The PyTorch logits of the experts' mean, or of an early-exit model's per-sample exits."""
         logits = self.labelled if labelled else self.random
         if early_exit is not None:
-            return simulate(logits, list(early_exit.order), early_exit.threshold)[0]
+            return simulate(logits, list(early_exit.order), np.array(early_exit.class_thresholds))[0]
         return logits[:, list(experts)].mean(1)
 
 
@@ -192,7 +202,8 @@ def gate_and_score(runner: Runner, experts: tuple[int, ...], precision: str, ref
     row.update(parity_labelled={**labelled.to_dict(), "against": against}, logits=logits)
     if not labelled.ok:
         return {**row, "refused": "predictions on the labelled set"}
-    return {**row, "accuracy": accuracy(logits, data, refs.ensemble_pred)}
+    return {**row, "accuracy": {**accuracy(logits, data, refs.ensemble_pred),
+                                "experts_run": refs.experts_run(experts, early_exit)}}
 
 
 def timing_inputs(runner: Runner, size: int, batch: int, buffers: int = 4) -> list:

@@ -96,6 +96,33 @@ def plot_cost_accuracy(points: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_early_exit_curve(record: dict, path: Path) -> None:
+    """Experts run per image (x) against top-1 overall and on the tail group (y) for every global threshold, on the
+    calibration split (where auto chose) and on the evaluation split (where it is scored), with the full ensemble's
+    accuracy, the tolerance band and the chosen setting marked."""
+    auto = record["auto"]
+    tail = auto.get("tail_group")
+    fig, axes = plt.subplots(1, 2 if tail else 1, figsize=(11 if tail else 6, 4.5), squeeze=False)
+    curve = sorted(auto["global_curve"], key=lambda r: r["calibration_mean_experts"])
+    for ax, group in zip(axes[0], ["overall"] + ([tail] if tail else [])):
+        for split, colour, full in (("calibration", "tab:blue", auto["full_ensemble"]),
+                                    ("evaluation", "tab:orange", auto["full_ensemble_evaluation"])):
+            ax.plot([r[f"{split}_mean_experts"] for r in curve], [r[split][group] for r in curve], color=colour,
+                    marker=".", markersize=3, linewidth=1, label=f"one global threshold, {split} split")
+            ax.axhline(full[group], color=colour, linestyle=":", linewidth=1, label=f"full ensemble, {split}")
+            chosen = auto["chosen"]
+            ax.plot(chosen[f"{split}_mean_experts"], chosen[split][group], marker="*", markersize=13, color=colour,
+                    markeredgecolor="black", linestyle="none", label=f"chosen {chosen['threshold']}, {split}")
+        band = auto["full_ensemble"][group] - auto["tolerance_points"]
+        ax.axhline(band, color="tab:blue", linestyle="--", linewidth=0.8, label=f"tolerance ({auto['tolerance_points']:g})")
+        ax.set(xlabel="experts run per image", ylabel=f"top-1 {group} (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"Early exit: chosen on {record['splits']['chosen_on']}\nscored on {record['splits']['scored_on']}",
+                 fontsize=8)
+    save_figure(fig, path)
+
+
 def plot_served_curves(sweep: list[dict], path: Path) -> None:
     """Throughput (x) against p99 latency (y) over the concurrency sweep, one line per model and protocol."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -119,12 +146,14 @@ def cost_accuracy_table(result: dict) -> list[str]:
     lines = ["## Cost and accuracy", "", f"Cost is latency relative to the best single expert ({result['single']}) in "
              "the same interleaved run (at the largest batch: 1 / throughput); * marks the Pareto front "
              "(cost at batch 1 against overall top-1).", "",
-             "| variant | where | experts | precision | top-1 | many | medium | few | agrees with PyTorch ensemble | "
-             + " | ".join(f"cost at batch {c[6:]}" for c in cols) + " |", "|" + "---|" * (9 + len(cols))]
+             "| variant | where | experts (run per image) | precision | top-1 | many | medium | few | agrees with PyTorch "
+             "ensemble | " + " | ".join(f"cost at batch {c[6:]}" for c in cols) + " |", "|" + "---|" * (9 + len(cols))]
     for p in points:
         costs = [describe_ratio(p[c]) if c in p else "-" for c in cols]
         star = " *" if p.get("pareto_cost_small_overall") else ""
-        lines.append(f"| {p['name']}{star} | {p['where']} | {p['experts']} | {p['precision']} | "
+        run = p.get("experts_run", p["experts"])
+        experts = f"{p['experts']}" + (f" ({run:.2f})" if abs(run - p["experts"]) > 1e-9 else "")
+        lines.append(f"| {p['name']}{star} | {p['where']} | {experts} | {p['precision']} | "
                      + " | ".join(_fmt(p[g]) for g in GROUPS) + f" | {_fmt(p['agreement'])}% | " + " | ".join(costs) + " |")
     return lines + [""]
 
@@ -179,8 +208,9 @@ def markdown(result: dict) -> str:
             "wider than +-10%)") if d else "No decision: the in-process ensemble and single expert were not both measured."
     ev = result["evaluation"]
     lines = [f"# expertfuse bench: {result['checkpoint']}", "", lead, "",
-             f"Evaluation: {ev['source']}, shot rule {ev['shot_rule']}; 'single' = the best expert by top-1 on it: "
-             f"{result['single']}.", f"Machine: {describe_machine(m)}; torch "
+             f"Scored on the {ev['source']}, shot rule {ev['shot_rule']}. Chosen on the {ev['chosen_on']} (disjoint): "
+             f"'single' = the best expert by top-1 there, {result['single']}; the best-k subsets, and every "
+             f"early-exit and INT8 model's choices.", f"Machine: {describe_machine(m)}; torch "
              f"{m['packages'].get('torch')}, onnxruntime {m['packages'].get('onnxruntime') or m['packages'].get('onnxruntime-gpu')}", ""]
     lines += cost_accuracy_table(result) + ratios_table(result["ratios"]) + latency_table(result)
     lines += served_tables(result["served"])

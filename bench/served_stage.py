@@ -144,10 +144,29 @@ def sweep_model(args, url: str, protocol: str, name: str, size: int, workdir: Pa
                                 max_processes=args.client_processes, client_kind=args.client) for c in args.concurrency]
 
 
+def timing_key(m: dict) -> str:
+    """A served model's name in the interleaved timing: its role, or for the cheaper roles, which can hold several
+    models (INT8 single and ensemble, FP32 and INT8 early exit), its role and name."""
+    role = m["model_role"]
+    return f"{role}:{m['model']}" if role in ("int8", "early-exit") else role
+
+
+def cheap_pairs(timed: list[dict], protocol: str) -> list[tuple[str, str, str]]:
+    """(title, model, baseline) of every cheaper model: INT8 against its FP32 twin (the best expert or the fused
+    ensemble), early exit against the fused ensemble."""
+    pairs = []
+    for m in timed:
+        if m["protocol"] == protocol and m["model_role"] == "int8":
+            pairs.append((f"int8 / fp32 ({m['model']})", timing_key(m), "single" if len(m["experts"]) == 1 else "fused"))
+        elif m["protocol"] == protocol and m["model_role"] == "early-exit":
+            pairs.append((f"early exit / ensemble ({m['model']})", timing_key(m), "fused"))
+    return pairs
+
+
 def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tuple[list[dict], list[dict]]:
     """One interleaved run at concurrency 1: every timed served model on every protocol, plus the in-process fused
     ensemble. Returns (ratios, cost points relative to the served best expert)."""
-    runners = {f"{m['model_role']}/{m['protocol']}": TritonRunner(urls[m["protocol"]], m["protocol"], m["model"],
+    runners = {f"{timing_key(m)}/{m['protocol']}": TritonRunner(urls[m["protocol"]], m["protocol"], m["model"],
                                                                   shared_memory=args.shared_memory) for m in timed}
     fused = next((m for m in timed if m["model_role"] == "fused"), None)
     if fused is not None and ctx.job is not None:
@@ -163,20 +182,20 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
     ratios, points = [], []
     for protocol in urls:
         pairs = [("fused / naive", "fused", "naive"), ("served / in-process", "fused", "fused/in-process"),
-                 ("ensemble / single", "fused", "single"), ("int8 / fp32", "int8", "fused"),
-                 ("early exit / ensemble", "early-exit", "fused")]
+                 ("ensemble / single", "fused", "single"), *cheap_pairs(timed, protocol)]
         for title, a, b in pairs:
             a_key, b_key = f"{a}/{protocol}", b if "/" in b else f"{b}/{protocol}"
             if a_key in runners and b_key in runners:
                 name = title if title.startswith("served") else f"{title} (served)"
                 ratios.append(ratio_row(name, timing, a_key, b_key, protocol=protocol, batch=batch))
         for m in timed:
-            key, single = f"{m['model_role']}/{protocol}", f"single/{protocol}"
+            key, single = f"{timing_key(m)}/{protocol}", f"single/{protocol}"
             if m["protocol"] == protocol and single in runners:
                 cost = ratio(timing, key, single).to_dict()
                 points.append({"name": f"{m['model']} over {protocol}", "where": f"triton-{protocol}",
-                               "experts": len(m["experts"]), "precision": m["precision"],
-                               **accuracy_columns(m["accuracy"]),
+                               "experts": len(m["experts"]),
+                               "experts_run": m["accuracy"].get("experts_run", float(len(m["experts"]))),
+                               "precision": m["precision"], **accuracy_columns(m["accuracy"]),
                                f"cost_b{batch}": cost, "cost_small": cost["ratio"], "cost_large": None,
                                "summary": timing.summary(key, batch)})
     return ratios, points

@@ -1,8 +1,11 @@
-"""The labelled evaluation set, measured the way a served model sees images (bench's accuracy, INT8 calibration
-and gate, the early-exit threshold all read it from here).
+"""The labelled sets, measured the way a served model sees images: the evaluation split, which only scores
+(bench's accuracy, the INT8 gate), and the calibration split, disjoint from it, on which every choice is made
+(early-exit thresholds and expert order, INT8 calibration images and reduce range, bench's best single expert):
+a choice made on the scored images would be scored above its true accuracy.
 
-The default set is the checkpoint's own evaluation split, rebuilt from the data settings training
-recorded; any dataset the training CLI reads can replace it with the same flags. Every image goes
+The default sets are the checkpoint's own, rebuilt from the data settings training recorded (the calibration
+split per dataset: train.data.datasets.build_calibration); any dataset the training CLI reads can replace them
+with the same flags. Every image goes
 through the served input path (uint8 pixels after the model's resize and center crop) and is scored
 the way training scores: top-1 overall and many/medium/few by the checkpoint's training counts and
 shot rule (train.data.longtail.group_accuracy).
@@ -18,7 +21,7 @@ import torch
 from expertfuse.errors import UserError
 from expertfuse.preprocess import graph_input, normalize_pixels, pixel_transform
 from train.config import TrainConfig
-from train.data.datasets import DataBundle, DataOptions, LabeledView, build_data
+from train.data.datasets import DataBundle, DataOptions, LabeledView, build_calibration, build_data
 from train.data.longtail import group_accuracy
 
 DATA_FLAGS = [f.name for f in fields(DataOptions)]
@@ -27,15 +30,19 @@ GROUPS = ("overall", "many", "medium", "few")
 
 @dataclass
 class LabelledData:
-    """Which labelled data to read: training data flags overriding the checkpoint's, and an image cap (0: all)."""
+    """Which labelled data to read: training data flags overriding the checkpoint's, an image cap (0: all) on each
+    split, and which calibration split to choose on (build_calibration's `split` and `per_class`)."""
     overrides: dict = field(default_factory=dict)
     limit: int = 0
+    calib_split: str = "auto"
+    calib_per_class: int = 0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "LabelledData":
-        if args.eval_limit < 0:
-            raise UserError("--eval-limit must be 0 (all images) or more")
-        return cls({n: getattr(args, n) for n in DATA_FLAGS if getattr(args, n, None) is not None}, args.eval_limit)
+        if args.eval_limit < 0 or args.calib_per_class < 0:
+            raise UserError("--eval-limit and --calib-per-class must be 0 (all images / the default) or more")
+        return cls({n: getattr(args, n) for n in DATA_FLAGS if getattr(args, n, None) is not None}, args.eval_limit,
+                   args.calib_split, args.calib_per_class)
 
 
 @dataclass
@@ -65,8 +72,18 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_of.get(name))
         else:
             group.add_argument(flag, type=type(default), default=None, help=help_of.get(name))
-    group.add_argument("--eval-limit", type=int, default=0, help="evaluate on at most this many images, every class "
-                       "kept (0: all)")
+    group.add_argument("--eval-limit", type=int, default=0, help="evaluate (and calibrate) on at most this many "
+                       "images, every class kept (0: all)")
+    group.add_argument("--calib-split", default="auto", metavar="auto|heldout|LIST|FOLDER",
+                       help="the labelled split every choice is made on, disjoint from the evaluation split: auto (the "
+                            "dataset's: synthetic another seed, CIFAR-LT held-out training images, ImageNet-LT/Places-LT "
+                            "the val list, ImageFolder val/ or held-out training images), heldout, a list file or a "
+                            "folder under --data-root [auto]")
+    group.add_argument("--calib-per-class", type=int, default=0,
+                       help="held-out / synthetic calibration images per class (0: as many as the evaluation split) [0]")
+
+
+CALIB_FLAGS = ("calib_split", "calib_per_class")  # the calibration flags' argparse names
 
 
 def data_options(checkpoint: dict, request: LabelledData) -> DataOptions:
@@ -109,19 +126,42 @@ def load_eval_set(checkpoint: dict, spec, request: LabelledData, bundle: DataBun
     rule = (checkpoint.get("config") or {}).get("shot_rule", "strict")
     dataset = data_options(checkpoint, request).dataset
     return EvalSet(read_pixels(bundle.test, keep, spec), labels[keep], counts, rule,
-                   f"{dataset} evaluation split, {len(keep)} images")
+                   f"{dataset} evaluation split ({bundle.test_name}), {len(keep)} images")
 
 
-def calibration_pixels(bundle: DataBundle, spec, count: int, seed: int = 0) -> np.ndarray:
-    """`count` training images spread evenly over the classes (a rare class's images repeat), uint8 [N, H, W, 3]:
-    the tail classes weigh as much as the head in the activation ranges INT8 calibration measures."""
+def load_calibration_set(checkpoint: dict, spec, request: LabelledData, bundle: DataBundle | None = None) -> EvalSet:
+    """The calibration split (disjoint from the evaluation split) as the served model receives it: where choices are
+    made."""
+    bundle = bundle or load_data(checkpoint, spec, request)
+    opts = data_options(checkpoint, request)
+    view, what = build_calibration(opts, bundle, request.calib_split, request.calib_per_class)
+    labels = np.asarray(view.targets, dtype=np.int64)
+    keep = spread(labels, request.limit)
+    rule = (checkpoint.get("config") or {}).get("shot_rule", "strict")
+    return EvalSet(read_pixels(view, keep, spec), labels[keep], list(checkpoint.get("train_counts") or bundle.train_counts),
+                   rule, f"{opts.dataset} calibration split ({what}), {len(keep)} images")
+
+
+def load_splits(checkpoint: dict, spec, request: LabelledData) -> tuple[EvalSet, EvalSet]:
+    """(calibration, evaluation): the split that chooses and the split that scores, from one read of the data."""
+    bundle = load_data(checkpoint, spec, request)
+    return load_calibration_set(checkpoint, spec, request, bundle), load_eval_set(checkpoint, spec, request, bundle)
+
+
+def splits_record(calibration: EvalSet, evaluation: EvalSet) -> dict[str, str]:
+    """What every report says about its data: the split that chose and the split that scored."""
+    return {"chosen_on": calibration.source, "scored_on": evaluation.source}
+
+
+def calibration_pixels(data: EvalSet, count: int, seed: int = 0) -> np.ndarray:
+    """`count` images of the calibration split spread evenly over the classes (a class's images repeat when it has
+    fewer), uint8 [N, H, W, 3]: the tail classes weigh as much as the head in the activation ranges INT8 measures."""
     rng = np.random.default_rng(seed)
-    targets = np.asarray(bundle.train.targets)
-    classes = np.unique(targets)
-    per_class = int(np.ceil(count / len(classes)))
-    picked = np.concatenate([rng.choice(np.flatnonzero(targets == c), per_class,
-                                        replace=per_class > int((targets == c).sum())) for c in classes])
-    return read_pixels(bundle.train, rng.permutation(picked)[:count], spec)
+    per_class = int(np.ceil(count / data.num_classes))
+    picked = np.concatenate([rng.choice(np.flatnonzero(data.labels == c), per_class,
+                                        replace=per_class > int((data.labels == c).sum()))
+                             for c in np.unique(data.labels)])
+    return data.pixels[rng.permutation(picked)[:count]]
 
 
 @torch.no_grad()

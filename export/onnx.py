@@ -3,7 +3,7 @@
   python -m export.onnx --ckpt runs/ncl/ncl.pt [--experts all|0|0,2] [--fusion loop|grouped|auto]
       [--input uint8-nhwc|float-nchw] [--max-batch 64] [--probs] [--expert-logits] [--fp16]
       [--out|--model-repository model_repository]
-      [--int8 [INT8 flags]] [--early-exit THRESHOLD|auto] [training data flags]
+      [--int8 [INT8 flags]] [--early-exit auto[:TOL]|T|MANY,MEDIUM,FEW] [training data flags]
 
 Exports with torch.onnx (dynamo, dynamic batch, opset 18), checks with onnx.checker, runs the result in
 ONNX Runtime at batches 1, 2, 7 and max against PyTorch, and only then adds it to the repository.

@@ -8,8 +8,8 @@ format, per-channel symmetric INT8 weights), calibrated on training images sampl
 the tail classes shape the activation ranges. The stem convolutions (3 input channels: under 1% of
 the FLOPs, and they see the raw image) and the linear heads (tiny, and they write the logits whose
 small margins decide the tail classes) stay FP32. Without VNNI, ORT's U8S8 kernels can saturate, so
-`--reduce-range auto` quantizes with 7-bit weights and without and keeps the more accurate. The
-gate runs on the labelled evaluation set before anything is written: overall top-1 may drop at most
+`--reduce-range auto` quantizes with 7-bit weights and without and keeps the more accurate on the
+calibration split. The gate runs on the labelled evaluation split before anything is written: overall top-1 may drop at most
 --max-overall-drop points and few-shot top-1 at most --max-few-drop points against FP32, else the
 export exits 1 (ParityError) and the repository stays as it was.
 """
@@ -20,7 +20,7 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +34,8 @@ from expertfuse.errors import ParityError, UserError
 from expertfuse.preprocess import graph_input
 from expertfuse.timing import describe_choice, pick_fastest
 from export.job import ExportJob
-from export.labelled import (EvalSet, LabelledData, accuracy_table, add_data_args, calibration_pixels, load_data,
-                             load_eval_set, shot_accuracy)
+from export.labelled import (EvalSet, LabelledData, accuracy_table, add_data_args, calibration_pixels, load_splits,
+                             shot_accuracy, splits_record)
 from export.triton import publish
 from serve.repository import ServingOptions, staging
 
@@ -90,24 +90,32 @@ def add_int8_args(p: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Calibration:
-    """What INT8 reads once per export: the labelled evaluation set and the class-balanced calibration inputs."""
+    """What INT8 reads once per export: the calibration split (the reduce-range choice, and the class-balanced
+    calibration inputs drawn from it) and the evaluation split (the gate), disjoint."""
+    choice: EvalSet
     data: EvalSet
     inputs: np.ndarray  # in the graph's input layout
     layout: str
 
     @classmethod
     def load(cls, job: ExportJob, settings: Int8Settings, labelled: LabelledData) -> "Calibration":
-        bundle = load_data(job.checkpoint.data, job.spec, labelled)
-        data = load_eval_set(job.checkpoint.data, job.spec, labelled, bundle)
-        pixels = calibration_pixels(bundle, job.spec, settings.calib_images)
-        print(f"INT8: {len(pixels)} class-balanced calibration images ({settings.calib_method}), {data.source}")
-        return cls(data, graph_input(pixels, job.opts.input_layout), job.opts.input_layout)
+        choice, data = load_splits(job.checkpoint.data, job.spec, labelled)
+        pixels = calibration_pixels(choice, settings.calib_images)
+        print(f"INT8: {len(pixels)} class-balanced calibration images ({settings.calib_method}) of the {choice.source}; "
+              f"gate on the {data.source}")
+        return cls(choice, data, graph_input(pixels, job.opts.input_layout), job.opts.input_layout)
 
-    def accuracy(self, logits: np.ndarray) -> dict[str, float]:
-        return shot_accuracy(np.asarray(logits).argmax(1), self.data)
+    @property
+    def splits(self) -> dict[str, str]:
+        return splits_record(self.choice, self.data)
 
-    def accuracy_of(self, model: Path) -> dict[str, float]:
-        return self.accuracy(run_logits(cpu_session(model), self.data.inputs(self.layout)))
+    def accuracy(self, logits: np.ndarray, split: EvalSet | None = None) -> dict[str, float]:
+        """Top-1 by shot group on `split` (default: the evaluation split)."""
+        return shot_accuracy(np.asarray(logits).argmax(1), split or self.data)
+
+    def accuracy_of(self, model: Path, split: EvalSet | None = None) -> dict[str, float]:
+        split = split or self.data
+        return self.accuracy(run_logits(cpu_session(model), split.inputs(self.layout)), split)
 
 
 class PixelReader(CalibrationDataReader):
@@ -172,14 +180,15 @@ def run_logits(sess: ort.InferenceSession, inputs: np.ndarray, batch: int = 256)
 
 
 def quantize_most_accurate(fp32: Path, calibration: Calibration, settings: Int8Settings) -> tuple[Path, dict]:
-    """Quantize with each reduce-range choice and keep the most accurate (overall, then few-shot)."""
+    """Quantize with each reduce-range choice and keep the most accurate (overall, then few-shot) on the calibration
+    split."""
     tried = {}
     for rr in REDUCE_RANGE[settings.reduce_range]:
         path = quantize_graph(fp32, fp32.with_name(f"int8-rr{int(rr)}.onnx"), calibration.inputs,
                               settings.calib_method, rr)
-        tried[rr] = (path, calibration.accuracy_of(path))
+        tried[rr] = (path, calibration.accuracy_of(path, calibration.choice))
     best = max(tried, key=lambda rr: (tried[rr][1]["overall"], np.nan_to_num(tried[rr][1]["few"])))
-    return tried[best][0], {"reduce_range": best,
+    return tried[best][0], {"reduce_range": best, "reduce_range_chosen_on": calibration.choice.source,
                             "accuracy_by_reduce_range": {("on" if rr else "off"): acc for rr, (_, acc) in tried.items()}}
 
 
@@ -189,6 +198,7 @@ class GateResult:
     int8: dict[str, float]
     max_overall_drop: float
     max_few_drop: float
+    splits: dict[str, str] = field(default_factory=dict)  # the split that chose (calibration) and the one that scored
 
     @property
     def overall_drop(self) -> float:
@@ -206,7 +216,7 @@ class GateResult:
     def to_dict(self) -> dict:
         return {"passed": self.passed, "overall_drop": self.overall_drop, "few_drop": self.few_drop,
                 "max_overall_drop": self.max_overall_drop, "max_few_drop": self.max_few_drop,
-                "fp32": self.fp32, "int8": self.int8}
+                "fp32": self.fp32, "int8": self.int8, "splits": self.splits}
 
     def metadata_extra(self) -> dict[str, str]:
         """What ModelMetadata.extra carries (expertfuse_int8_gate, ...)."""
@@ -214,10 +224,11 @@ class GateResult:
                 "int8_few_top1_drop": f"{self.few_drop:.3f}", "int8_top1": f"{self.int8['overall']:.3f}"}
 
 
-def accuracy_gate(fp32: dict, int8: dict, settings: Int8Settings, what: str = "INT8") -> GateResult:
+def accuracy_gate(fp32: dict, int8: dict, settings: Int8Settings, what: str = "INT8",
+                  splits: dict[str, str] | None = None) -> GateResult:
     """Print the per-shot-group table; raise ParityError when the INT8 graph loses more than the flags allow."""
-    gate = GateResult(fp32, int8, settings.max_overall_drop, settings.max_few_drop)
-    print("accuracy gate on the labelled evaluation set (top-1 %):\n" + accuracy_table({"fp32": fp32, what.lower(): int8}))
+    gate = GateResult(fp32, int8, settings.max_overall_drop, settings.max_few_drop, splits or {})
+    print(f"accuracy gate on the {gate.splits.get('scored_on', 'labelled evaluation split')} (top-1 %):\n" + accuracy_table({"fp32": fp32, what.lower(): int8}))
     if not gate.passed:
         raise ParityError(f"{what} refused: top-1 drops {gate.overall_drop:.2f} points (limit {gate.max_overall_drop:g}), "
                           f"few-shot {gate.few_drop:.2f} points (limit {gate.max_few_drop:g}); nothing written")
@@ -263,13 +274,15 @@ def export_int8(job: ExportJob, settings: Int8Settings, labelled: LabelledData, 
             fp32[fusion] = write_graph(job, fusion, work / fusion)
             int8[fusion], choices[fusion] = quantize_most_accurate(fp32[fusion], calibration, settings)
         fusion, timings = pick_int8_fusion(int8, calibration.inputs)
-        gate = accuracy_gate(calibration.accuracy_of(fp32[fusion]), calibration.accuracy_of(int8[fusion]), settings)
+        gate = accuracy_gate(calibration.accuracy_of(fp32[fusion]), calibration.accuracy_of(int8[fusion]), settings,
+                             splits=calibration.splits)
         meta = job.metadata(fusion, "int8", {**gate.metadata_extra(), "int8_reduce_range": str(choices[fusion]["reduce_range"]),
                                              "int8_calibration": f"{settings.calib_method}:{len(calibration.inputs)}"})
         stamp_metadata(int8[fusion], meta)
         report = write_report(work, {
             "precision": "int8", "fusion": fusion, "fusion_timings_s": timings, "gate": gate.to_dict(), **choices[fusion],
             "calibration": {"method": settings.calib_method, "images": len(calibration.inputs), "class_balanced": True},
+            "splits": calibration.splits,
             "fp32_nodes": fp32_nodes(onnx.load(str(fp32[fusion]))), "checkpoint": str(job.request.ckpt)})
         return publish(job, "onnxruntime_onnx", serving, {"model.onnx": int8[fusion], "export_report.json": report},
                        fusion, meta)[0]
@@ -292,4 +305,5 @@ class TensorRTInt8:
     def gate(self, run: Callable[[np.ndarray], np.ndarray], fp32: Path, batch: int) -> GateResult:
         inputs = self.calibration.data.inputs(self.calibration.layout)
         logits = np.concatenate([run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
-        return accuracy_gate(self.calibration.accuracy_of(fp32), self.calibration.accuracy(logits), self.settings)
+        return accuracy_gate(self.calibration.accuracy_of(fp32), self.calibration.accuracy(logits), self.settings,
+                             splits=self.calibration.splits)

@@ -109,18 +109,20 @@ def test_cost_accuracy_report_is_well_formed(tmp_path):
                 "ensemble-loop": {"experts": [0, 1], "precision": "fp32", "fusion": "loop", "accuracy": acc(65.0, 45.0)},
                 "ensemble-grouped": {"experts": [0, 1], "precision": "fp32", "fusion": "grouped",
                                      "accuracy": acc(65.0, 45.0)}}
-    single = best_single(variants)
+    single = best_single(variants, [0, 1])
+    assert best_single(variants, [1, 0]) == "expert1"  # the calibration split's pick, not the scored split's
     gains = {"overall": {"points": 5.0, "ci95": [4.0, 6.0]}, "few": {"points": 25.0, "ci95": [15.0, 35.0]}}
     ratios = inprocess_ratios(variants, timings, "onnxruntime-cpu", single)
     points = cost_accuracy(variants, timings, "onnxruntime-cpu", single)
     mark_pareto(points)
     result = {"checkpoint": "c.pt", "machine": machine_info(), "single": single, "ratios": ratios, "points": points,
               "decision": decision(points, ratios, single, [1, 64], lambda a, b: gains), "inprocess": [], "served": {},
-              "evaluation": {"source": "constructed", "shot_rule": "strict"}}
+              "evaluation": {"source": "constructed split", "chosen_on": "another split", "shot_rule": "strict"}}
     files = write_all(result, tmp_path)
     assert single == "expert0"
     summary = (tmp_path / "summary.md").read_text()
     lead = summary.splitlines()[2]
+    assert "Scored on the constructed split" in summary and "Chosen on the another split (disjoint)" in summary
     assert lead.startswith("**The ensemble (ensemble-grouped) buys +5.0 [+4.0, +6.0] points overall, +25.0 [+15.0, "
                            "+35.0] on few-shot classes, for 2.") and lead.endswith("against the best single expert (expert0).**")
     saved = json.loads((tmp_path / "bench.json").read_text())

@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from expertfuse.errors import UserError
 from export import early_exit as ee
 from bench.inprocess import References, gate_and_score, make_runner, repository_variants
 from export import gate
@@ -71,16 +72,54 @@ def test_a_mixed_batch_exits_per_sample(experts):
     assert (logits.argmax(1) == expected.argmax(1)).all()
 
 
-def test_auto_threshold_stays_within_tolerance():
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(4), 50)
-    logits = rng.normal(size=(200, 3, 4)) + 3.0 * np.eye(4)[labels][:, None] * rng.random((200, 3, 1))
-    data = EvalSet(np.zeros((200, 1, 1, 3), np.uint8), labels, [200, 100, 30, 5], "strict", "constructed")
-    threshold, grid = ee.choose_threshold(logits, data, [0, 1, 2])
-    chosen = next(r for r in grid if r["threshold"] == threshold)
-    full = next(r for r in grid if r["threshold"] == 1.0)
-    assert chosen["ok"] and not any(r["ok"] for r in grid if r["threshold"] < threshold)
-    assert chosen["accuracy"]["overall"] >= full["accuracy"]["overall"] - 0.2 and full["mean_experts"] == 3.0
+def test_per_class_thresholds_exit_per_sample_as_simulated(experts):
+    job, models, _ = experts
+    images = mixed_batch(job)
+    per_expert = torch.stack([reference_logits(job.model, (k,), torch.from_numpy(images), "uint8-nhwc")
+                              for k in range(3)], 1).numpy()
+    classes = per_expert.shape[-1]
+    limit = np.where(np.arange(classes) % 2 == 0, 0.0, 1.0).astype(np.float32)  # even classes leave at once, odd never
+    logits, runs = run(ee.compose(models, limit), images)
+    expected, expected_runs = ee.simulate(per_expert, ORDER, limit)
+    first = per_expert[:, ORDER[0]].argmax(1)
+    assert set(runs.tolist()) == {1, 3} and (runs[first % 2 == 0] == 1).all()
+    np.testing.assert_array_equal(runs, expected_runs)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def tail_trap() -> tuple[np.ndarray, EvalSet]:
+    """Logits [400, 3, 4] where the first expert is as sure of every image, but calls the medium class's images the
+    few-shot class: a global threshold must send every image on, a per-group one only those predicted few-shot."""
+    labels = np.repeat(np.arange(4), 100)
+    logits = np.zeros((400, 3, 4))
+    logits[np.arange(400), :, labels] = 5.0
+    medium = labels == 2
+    logits[medium, 0] = 0.0
+    logits[medium, 0, 3] = 5.0  # expert 0: the medium class's images look few-shot
+    logits[medium, 1:, 2] = 10.0
+    return logits, EvalSet(np.zeros((400, 1, 1, 3), np.uint8), labels, [200, 150, 50, 5], "strict", "constructed")
+
+
+def test_auto_protects_the_tail_cheaper_than_any_global_threshold():
+    logits, data = tail_trap()
+    rule, record = ee.choose_exit(logits, data, [0, 1, 2])
+    chosen, best_global, full = record["chosen"], record["cheapest_global"], record["full_ensemble"]
+    assert chosen["ok"] and chosen["calibration"]["overall"] >= full["overall"] - 0.2
+    assert chosen["calibration"]["few"] >= full["few"] - 0.2 and record["tail_group"] == "few"
+    assert chosen["calibration_mean_experts"] < best_global["calibration_mean_experts"] - 0.2
+    assert rule.few > rule.many and str(rule) == chosen["threshold"] and "experts per image" in record["why"]
+    out, runs = ee.simulate(logits, [0, 1, 2], rule.per_class(data.train_counts, data.shot_rule))
+    assert runs.mean() == pytest.approx(chosen["calibration_mean_experts"])  # the fast scan agrees with simulate
+    assert not any(r["ok"] for r in record["global_curve"] if r["calibration_mean_experts"] < best_global["calibration_mean_experts"])
+
+
+def test_exit_rules_parse_and_refuse_in_one_line():
+    assert ee.parse_threshold("0.9") == ee.ExitRule(0.9, 0.9, 0.9) and str(ee.ExitRule(0.9, 0.9, 0.9)) == "0.9"
+    assert str(ee.parse_threshold("0.8,0.95,1")) == "0.8,0.95,1"
+    assert ee.parse_threshold("auto") == ee.Auto(0.2) and ee.parse_threshold("auto:0.5").tolerance == 0.5
+    for bad in ("2", "0.5,0.6", "x", "auto:-1"):
+        with pytest.raises(UserError):
+            ee.parse_threshold(bad)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +134,7 @@ def test_bench_runs_the_repository_early_exit_model_against_its_own_reference(ti
     data = load_eval_set(job.checkpoint.data, job.spec, LabelledData(limit=40))
     refs = References.build(job.model, data, gate_images=4)
     [variant] = repository_variants(early_exit_repository, job.model.num_experts)
-    assert variant.name == "early-exit:ncl_early_exit" and variant.early_exit.threshold == 0.5
+    assert variant.name == "early-exit:ncl_early_exit" and variant.early_exit.threshold == "0.5"
     verdict = gate_and_score(make_runner("onnxruntime-cpu", job, variant, early_exit_repository), variant.experts,
                              variant.precision, refs, data, early_exit=variant.early_exit)
     assert "accuracy" in verdict and verdict["parity_labelled"]["ok"]

@@ -35,6 +35,8 @@ def test_int8_graph_has_qdq_nodes_runs_and_records_its_gate(tiny_checkpoint, tmp
     assert params["expertfuse_precision"] == "int8" and params["expertfuse_int8_gate"] == "passed"
     report = json.loads((repo / "ncl_int8" / "1" / "export_report.json").read_text())
     assert report["gate"]["passed"] and {"overall", "few"} <= set(report["gate"]["int8"])
+    assert report["splits"] == report["gate"]["splits"] and report["splits"]["chosen_on"].startswith(
+        "synthetic calibration split") and report["splits"]["scored_on"].startswith("synthetic evaluation split")
     stems_and_heads = {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")} & set(report["fp32_nodes"])
     assert len(stems_and_heads) == 6, "3 stems and 3 heads stay FP32"
 
@@ -43,7 +45,7 @@ def test_gate_refuses_constant_calibration_and_writes_nothing(tiny_checkpoint, t
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "keep.txt").write_text("untouched")
-    constant = lambda bundle, spec, count, seed=0: np.zeros((count, 32, 32, 3), dtype=np.uint8)
+    constant = lambda data, count, seed=0: np.zeros((count, 32, 32, 3), dtype=np.uint8)
     monkeypatch.setattr(quantize, "calibration_pixels", constant)  # damaged calibration: black images
     with pytest.raises(ParityError, match="INT8 refused"):
         export_onnx(["--ckpt", str(tiny_checkpoint), "--out", str(repo), "--int8", *SMALL])
@@ -80,3 +82,14 @@ def test_a_killed_int8_export_leaves_onnx_runtimes_temp_folders_to_the_next_expo
     assert list(tmp_path.glob(".repo-staging-*/**/ort.quant.*"))
     run_module("export.onnx", *args, "--fusion", "loop", "--max-batch", "8")
     assert not list(tmp_path.glob(".repo-staging-*"))
+
+
+def test_int8_early_exit_chooses_on_calibration_and_gates_on_evaluation(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    run_module("export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(repo), "--int8", *SMALL, "--early-exit",
+               "auto:0.5", "--eval-limit", "60", "--max-overall-drop", "100", "--max-few-drop", "100")
+    report = json.loads((repo / "ncl_int8_early_exit" / "1" / "export_report.json").read_text())
+    assert report["precision"] == "int8" and report["gate"]["passed"]
+    assert report["gate"]["splits"] == report["early_exit"]["splits"]
+    assert report["early_exit"]["splits"]["chosen_on"].startswith("synthetic calibration split")
+    assert report["early_exit"]["auto"]["tolerance_points"] == 0.5

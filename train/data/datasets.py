@@ -85,6 +85,7 @@ class DataBundle:
     mean: list[float] = field(default_factory=lambda: list(CIFAR_MEAN))
     std: list[float] = field(default_factory=lambda: list(CIFAR_STD))
     augment: str = "cifar"
+    test_name: str = "the test split"  # what the evaluation split is, for reports
 
 
 class LabeledView(Dataset):
@@ -140,7 +141,8 @@ def _build_synthetic(opt: DataOptions) -> DataBundle:
     classes = [f"pattern{c}" for c in range(opt.synthetic_classes)]
     return DataBundle(LabeledView(ArrayImages(train_x, train_y), train_y),
                       LabeledView(ArrayImages(test_x, test_y), test_y), classes, counts,
-                      mean=synthetic.MEAN, std=synthetic.STD, augment="cifar-basic")
+                      mean=synthetic.MEAN, std=synthetic.STD, augment="cifar-basic",
+                      test_name=f"synthetic seed {opt.synthetic_seed + 10_000}")
 
 
 def _cifar_class(num_classes: int):
@@ -225,14 +227,15 @@ def _build_image_list(opt: DataOptions) -> DataBundle:
     if opt.eval_split not in ("val", "test"):
         raise UserError("--eval-split must be val or test")
     train_samples = read_image_list(_find_list(root, opt.train_list, train_stem))
-    eval_samples = read_image_list(_find_list(root, opt.eval_list, val_stem if opt.eval_split == "val" else test_stem))
+    eval_file = _find_list(root, opt.eval_list, val_stem if opt.eval_split == "val" else test_stem)
+    eval_samples = read_image_list(eval_file)
     num_classes = max(label for _, label in train_samples + eval_samples) + 1
     train_targets = [label for _, label in train_samples]
     mean, std = (INAT_MEAN, INAT_STD) if opt.dataset == "inat2018" else (IMAGENET_MEAN, IMAGENET_STD)
     return DataBundle(LabeledView(ImageList(root, train_samples), train_targets),
                       LabeledView(ImageList(root, eval_samples), [label for _, label in eval_samples]),
                       _class_names(train_samples, num_classes), _counts(train_targets, num_classes),
-                      input_size=224, resize=256, mean=mean, std=std, augment="imagenet")
+                      input_size=224, resize=256, mean=mean, std=std, augment="imagenet", test_name=eval_file.name)
 
 
 class ImageFiles:
@@ -286,7 +289,101 @@ def _build_image_folder(opt: DataOptions) -> DataBundle:
     size = dict(input_size=max(first.size), resize=max(first.size), augment="cifar") if small else \
         dict(input_size=224, resize=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment="imagenet")
     return DataBundle(LabeledView(train, train.targets, kept), LabeledView(test, test.targets),
-                      list(train.classes), counts, **size)
+                      list(train.classes), counts, test_name=f"{eval_dir.name}/", **size)
+
+
+CALIBRATION_SEED = 20_000  # synthetic: training draws seed s, evaluation s + 10,000, calibration s + 20,000
+
+
+def _held_out(bundle: DataBundle, per_class: int, seed: int = 0) -> tuple[LabeledView, str]:
+    """Training images the long-tail subsample left out (never trained on), `per_class` of each class drawn with
+    NumPy seed `seed` (all of a class's when it has fewer). The head class keeps all its images (CIFAR-LT: 5000 of
+    5000), so it has none to give: the split goes without it and says so."""
+    view = bundle.train
+    targets = np.asarray(view.base.targets)
+    unused = np.setdiff1d(np.arange(len(targets)), view.indices)
+    rng, picked, missing = np.random.RandomState(seed), [], []
+    for c in range(len(bundle.classes)):
+        pool = unused[targets[unused] == c]
+        if not len(pool):
+            missing.append(bundle.classes[c])
+        picked += rng.choice(pool, min(per_class, len(pool)), replace=False).tolist()
+    if not picked:
+        raise UserError("every training image is in the long-tail subsample: none is left to calibrate on; name a "
+                        "split with --calib-split")
+    what = f"held-out training images (not in the long-tail subsample), {per_class} per class, seed {seed}"
+    return (LabeledView(view.base, targets, sorted(picked)),
+            what + (f"; none of {', '.join(missing)} (every one trained on)" if missing else ""))
+
+
+def _calibration_list(opt: DataOptions, bundle: DataBundle, split: str) -> tuple[LabeledView, str]:
+    """Image lists: the dataset's val list when evaluation reads the test list, or the list `split` names."""
+    root, (_, val_stem, test_stem) = Path(opt.data_root), IMAGE_LISTS[opt.dataset]
+    if split == "auto":
+        if opt.eval_split != "test" or opt.eval_list or val_stem == test_stem:
+            raise UserError(f"{opt.dataset}: evaluation reads {bundle.test_name}, which leaves no split disjoint from "
+                            "it to choose on; name one with --calib-split LIST (or evaluate with --eval-split test)")
+        split = ""
+    path = _find_list(root, split, val_stem)
+    samples = read_image_list(path)
+    shared = {p for p, _ in samples} & {p for p, _ in bundle.test.base.samples}
+    if shared:
+        raise UserError(f"{path.name} shares {len(shared)} images with the evaluation list {bundle.test_name} "
+                        f"(e.g. {sorted(shared)[0]}); name a disjoint one with --calib-split LIST")
+    return LabeledView(ImageList(root, samples), [label for _, label in samples]), path.name
+
+
+def _calibration_folder(opt: DataOptions, bundle: DataBundle, split: str, per_class: int) -> tuple[LabeledView, str]:
+    """ImageFolder: val/ when evaluation reads test/, else the training images the long-tail subsample left out,
+    or the folder `split` names."""
+    root, eval_dir = Path(opt.data_root), Path(bundle.test.base.root).name
+    subsampled = len(bundle.train) < len(bundle.train.base)
+    if split == "auto":
+        if eval_dir == "test" and (root / "val").is_dir():
+            split = "val"
+        elif subsampled:
+            return _held_out(bundle, per_class)
+        else:
+            raise UserError(f"{root}: no split disjoint from {eval_dir}/ to choose on (evaluation reads {eval_dir}/ and "
+                            "every training image is trained on): add val/<class>/ beside test/, or name a folder "
+                            "with --calib-split FOLDER")
+    if split in (eval_dir, "train"):
+        raise UserError(f"--calib-split {split}: the calibration split must be disjoint from the evaluation split "
+                        f"({eval_dir}/) and from the images trained on (train/)")
+    if not (root / split).is_dir():
+        raise UserError(f"--calib-split {split}: no folder {root / split}")
+    images = ImageFiles()
+    folder = _image_folder(root / split, images)
+    images.warn()
+    if folder.classes != bundle.classes:
+        raise UserError(f"{root}: train and {split} have different class folders")
+    return LabeledView(folder, folder.targets), f"{split}/"
+
+
+def build_calibration(opt: DataOptions, bundle: DataBundle, split: str = "auto",
+                      per_class: int = 0) -> tuple[LabeledView, str]:
+    """A labelled split disjoint from the evaluation split (and from the images trained on), on which every choice
+    is made (early-exit thresholds and expert order, INT8 calibration, the best single expert), so the evaluation
+    split only scores. `split`: auto (the dataset's own), heldout (training images the long-tail subsample left
+    out), or a list file / folder under --data-root. `per_class` (held-out and synthetic): images per class,
+    0 for as many as the evaluation split has on average. Returns the view and what it is, for reports."""
+    per_class = per_class or max(1, round(len(bundle.test) / len(bundle.classes)))
+    if opt.dataset == "synthetic":
+        if split != "auto":
+            raise UserError("synthetic data calibrates on its own seed; --calib-split takes only auto there")
+        seed = opt.synthetic_seed + CALIBRATION_SEED
+        x, y = synthetic.synthesize([per_class] * len(bundle.classes), seed=seed)
+        return LabeledView(ArrayImages(x, y), y), f"synthetic seed {seed}, {per_class} per class"
+    if split == "heldout" or (split == "auto" and opt.dataset in ("cifar10-lt", "cifar100-lt")):
+        if opt.dataset in IMAGE_LISTS:
+            raise UserError(f"{opt.dataset} trains on its whole training list; --calib-split heldout needs a "
+                            "long-tail subsample (CIFAR-LT, ImageFolder)")
+        return _held_out(bundle, per_class)
+    if opt.dataset in IMAGE_LISTS:
+        return _calibration_list(opt, bundle, split)
+    if opt.dataset == "imagefolder":
+        return _calibration_folder(opt, bundle, split, per_class)
+    raise UserError(f"--calib-split {split}: CIFAR-LT calibrates on its held-out training images (auto or heldout)")
 
 
 def build_data(opt: DataOptions) -> DataBundle:

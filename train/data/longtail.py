@@ -65,11 +65,13 @@ def group_accuracy(correct: np.ndarray, total: np.ndarray, train_counts: Sequenc
                    rule: str = "strict") -> dict[str, float]:
     """Overall and many/medium/few accuracy (%) from per-class correct/total counts.
 
-    strict averages per-class accuracies within a group (OLTR); ncl is sample-weighted like NCL's code.
+    strict averages per-class accuracies within a group (OLTR); ncl is sample-weighted like NCL's code. A class
+    without an image in the split (a held-out calibration split has none of the head class) does not count.
     """
     per_class = np.divide(correct, total, out=np.zeros(len(total)), where=total > 0)
     result = {"overall": float(100.0 * correct.sum() / max(total.sum(), 1))}
     for name, classes in shot_groups(train_counts, rule).items():
+        classes = [c for c in classes if total[c] > 0]
         if not classes:
             result[name] = float("nan")
         elif rule == "ncl":
