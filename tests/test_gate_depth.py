@@ -6,7 +6,6 @@ import copy
 from dataclasses import replace
 
 import pytest
-import torch
 
 from bench.real_size import preset_checkpoint
 from expertfuse.errors import ParityError

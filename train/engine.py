@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, Subset
 from expertfuse.errors import UserError
 from expertfuse.files import LockBusy, file_lock
 from train.checkpoint import save_checkpoint
-from expertfuse.errors import UserError
 from train.config import TrainConfig, load_preset, resolve_config
 from train.data.datasets import DATASET_GEOMETRY, DataBundle, DataOptions, Geometry, build_data
 from train.data.longtail import shot_groups
