@@ -15,11 +15,10 @@ side by side, goes to early_exit_curve.csv / .png.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
-
-import json
 
 from bench.__main__ import main as bench_main
 from bench.report import plot_early_exit_curve, write_csv
