@@ -44,17 +44,22 @@ def _run(run: Callable[[np.ndarray], np.ndarray], images: torch.Tensor, chunk: i
     return np.concatenate([run(x.numpy()) for x in images.split(chunk)])
 
 
-def check_parity(job: ExportJob, run: Callable[[np.ndarray], np.ndarray], batches: list[int]) -> list[dict]:
+def check_parity(job: ExportJob, run: Callable[[np.ndarray], np.ndarray], batches: list[int],
+                 references: dict | None = None) -> list[dict]:
     """Run the artifact at each batch size on random and real-looking inputs against the float64 reference.
     FP32: every batch must pass, held to PyTorch float32's error over all the images of that kind. FP16: judged over
     FP16_IMAGES images (small batches are shown, not judged). Raises ParityError (nothing is written) on failure;
-    returns one row per check for the report."""
+    returns one row per check for the report. `references` keeps the float64 references and scales per input kind
+    for another artifact of the same job (they do not depend on the artifact)."""
     judged: list[tuple[str, int, ParityResult]] = []
     rows, top, tol = [], max(batches), job.request.tolerance()
+    references = {} if references is None else references
     count = max(top, FP16_IMAGES) if job.opts.fp16 else top
     for kind, images in test_images(job, count).items():
-        ref64, ref32 = (logits.mean(1) for logits in expert_references(job, images, job.opts.experts, top))
-        ref, scale = ref64, float32_error(ref32, ref64)
+        if kind not in references:
+            ref64, ref32 = (logits.mean(1) for logits in expert_references(job, images, job.opts.experts, top))
+            references[kind] = ref64, float32_error(ref32, ref64)
+        ref, scale = references[kind]
         checks = [(b, compare(run(images[:b].numpy()), ref[:b], tol, scale)) for b in sorted(set(batches))]
         if job.opts.fp16:
             checks.append((len(images), compare(_run(run, images, top), ref, tol, scale)))
@@ -79,10 +84,10 @@ def first_passing(job: ExportJob, runners: dict[str, Callable[[], Callable[[np.n
     `--fusion auto` falls back to the other fusion, saying why, rather than write nothing while a correct graph
     exists. `runners` makes each candidate's runner when it is gated. Returns (fusion, its parity rows, the
     fallback notes); raises the last ParityError when none passes."""
-    names, notes = list(runners), []
+    names, notes, references = list(runners), [], {}
     for i, fusion in enumerate(names):
         try:
-            return fusion, check_parity(job, runners[fusion](), batches), notes
+            return fusion, check_parity(job, runners[fusion](), batches, references), notes
         except ParityError as exc:
             if i == len(names) - 1:
                 raise ParityError(f"{exc} (fusion {', '.join(names[:i])} failed too)" if notes else str(exc)) from None
