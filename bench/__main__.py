@@ -31,6 +31,7 @@ from bench.served_stage import run_served, served_target
 from expertfuse.cli import (choice_list, name_list, positive_float, positive_int, positive_int_list, run_cli,
                             unwind_on_signals)
 from expertfuse.errors import NothingMeasured, UserError
+from expertfuse.files import report_name
 from export.early_exit import expert_order
 from export.job import job_for
 from serve.protocols import PROTOCOLS
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-processes", type=positive_int, default=4, help="most client processes generating load [4]")
     p.add_argument("--client", default="threads", choices=["threads", "asyncio"],
                    help="inside each load process: threads with sync clients, or tritonclient asyncio coroutines")
+    p.add_argument("--p99-budget-ms", type=positive_float,
+                   help="served p99 latency budget: drawn on the latency-throughput plot, and the summary names the "
+                        "highest throughput within it per model and protocol")
     p.add_argument("--out", type=Path, default=Path("bench/results/latest"))
     add_data_args(p)
     return p
@@ -118,16 +122,18 @@ def inprocess_stage(args, ctx: Context, runtimes: list[str], result: dict) -> No
             ctx.inprocess_logits[reference_key(row["experts"], row["precision"], row.get("early_exit_threshold"))] = logits
             predictions[row["variant"]] = logits.argmax(1)
     result["inprocess"] = rows
+    result["not_measured"] += [f"in-process batch {b}: {t.not_measured}" for b, t in timings.items() if not t.measured]
+    timings = {b: t for b, t in timings.items() if t.measured}
     by_name = scored(rows, ctx.runtime)
     single = best_single(by_name, ctx.expert_order)
-    if single is None:
+    if single is None or not timings:
         return
     result["single"] = single
     result["ratios"] += inprocess_ratios(by_name, timings, ctx.runtime, single)
     result["points"] += cost_accuracy(by_name, timings, ctx.runtime, single)
-    result["decision"] = decision(result["points"], result["ratios"], single, args.batches,
-                                  lambda a, b: gain_interval(predictions[a], predictions[b], ctx.data))
-    fastest = [r for r in result["ratios"] if r["ratio_name"] == "grouped / loop" and r["batch"] == min(args.batches)]
+    result["decision"] = decision(result["points"], result["ratios"], single,
+                                  lambda a, b: gain_interval(predictions[a], predictions[b], ctx.data), args.budget_s)
+    fastest = [r for r in result["ratios"] if r["ratio_name"] == "grouped / loop" and r["batch"] == min(timings)]
     ctx.fused_fusion = "grouped" if fastest and fastest[0]["ratio"] <= 1 else "loop"
 
 
@@ -141,11 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
     refs = References.build(job.model, data)
     order = expert_order(expert_logits(job.model, calibration.pixels), calibration.labels,
                          tuple(range(job.model.num_experts)))
-    result = {"checkpoint": str(args.ckpt), "machine": machine_info(), "settings": {k: str(v) for k, v in vars(args).items()},
+    result = {"checkpoint": report_name(args.ckpt, args.out), "machine": machine_info(),
+              "settings": {k: report_name(v, args.out) if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
               "evaluation": {"source": data.source, "chosen_on": calibration.source, "images": len(data.labels),
                              "calibration_images": len(calibration.labels), "shot_rule": data.shot_rule,
                              "train_counts": data.train_counts, "classes": job.classes},
-              "inprocess": [], "served": {}, "ratios": [], "points": [], "single": f"expert{order[0]}", "decision": None}
+              "inprocess": [], "served": {}, "ratios": [], "points": [], "single": f"expert{order[0]}", "decision": None,
+              "not_measured": [], "p99_budget_ms": args.p99_budget_ms}
     with tempfile.TemporaryDirectory(prefix="expertfuse-bench-") as tmp, ExitStack() as served:
         ctx = Context(args.ckpt, job, data, refs, order, "onnxruntime-cpu", Path(tmp), {},
                       args.model or job.method)
@@ -157,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["served"] = run_served(args, ctx, target)
             result["ratios"] += result["served"]["ratios"]
             result["points"] += result["served"]["points"]
+            result["not_measured"] += result["served"]["not_measured"]
     mark_pareto(result["points"])
     files = write_all(result, args.out)
     print()

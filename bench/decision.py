@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from expertfuse.timing import Interleaved, describe_ratio, ratio
+from expertfuse.timing import RELIABLE_HALF_WIDTH, Interleaved, describe_ratio, ratio
 from export.labelled import GROUPS
 
 ACCURACY_AXES = ("overall", "few")
@@ -38,8 +38,10 @@ def fused_ensemble(variants: dict[str, dict], timing: Interleaved, runtime: str)
 
 
 def accuracy_columns(accuracy: dict) -> dict:
-    """A variant's accuracy as a cost-accuracy point carries it: overall, many/medium/few and agreement."""
-    return {k: accuracy[k] for k in (*GROUPS, "agreement")}
+    """A variant's accuracy as a cost-accuracy point carries it: overall, many/medium/few, agreement, and the 95%
+    intervals of overall and few-shot."""
+    return {**{k: accuracy[k] for k in (*GROUPS, "agreement")},
+            **{f"{k}_ci95": accuracy.get("ci95", {}).get(k) for k in ACCURACY_AXES}}
 
 
 def ratio_row(name: str, timing: Interleaved, numerator: str, denominator: str, **context) -> dict:
@@ -90,28 +92,41 @@ def cost_accuracy(variants: dict[str, dict], timings: dict[int, Interleaved], ru
                        "precision": row["precision"],
                        **accuracy_columns(row["accuracy"]),
                        **costs, "cost_small": costs[f"cost_b{small}"]["ratio"],
-                       "cost_large": costs[f"cost_b{large}"]["ratio"]})
+                       "cost_large": costs[f"cost_b{large}"]["ratio"],
+                       "cost_small_reliable": costs[f"cost_b{small}"]["reliable"],
+                       "cost_large_reliable": costs[f"cost_b{large}"]["reliable"]})
     return points
 
 
+def on_axes(p: dict, cost: str, acc: str) -> bool:
+    """Whether a point stands on this (cost, accuracy) pair of axes: both measured, and its cost interval within
+    +-10% (an UNRELIABLE cost is drawn hollow and never on the front)."""
+    return p.get(cost) is not None and p.get(acc) == p.get(acc) and p.get(f"{cost}_reliable", False)
+
+
 def mark_pareto(points: list[dict]) -> None:
-    """Flag every point on the Pareto front of each (cost, accuracy) pair of axes."""
+    """Flag every point on the Pareto front of each (cost, accuracy) pair of axes, among the points measured in the
+    same place (in-process, or served over one protocol: each has its own best expert as the unit of cost)."""
     for cost in ("cost_small", "cost_large"):
         for acc in ACCURACY_AXES:
-            front = pareto([p for p in points if p.get(cost) is not None and p.get(acc) == p.get(acc)], cost, acc)
+            front = set()
+            for where in {p["where"] for p in points}:
+                front |= pareto([p for p in points if p["where"] == where and on_axes(p, cost, acc)], cost, acc)
             for p in points:
                 p[f"pareto_{cost}_{acc}"] = p["name"] in front
 
 
-def decision(points: list[dict], ratios: list[dict], single: str, batches: list[int],
-             gain_of: Callable[[str, str], dict] | None = None) -> dict | None:
+def decision(points: list[dict], ratios: list[dict], single: str, gain_of: Callable[[str, str], dict] | None = None,
+             budget_s: float | None = None) -> dict | None:
     """The sentence the summary leads with: what the fused ensemble buys over the best expert, and for what cost.
-    `gain_of(ensemble, single)` gives the accuracy gains with their intervals (bench.evaluation.gain_interval)."""
+    `gain_of(ensemble, single)` gives the accuracy gains with their intervals (bench.evaluation.gain_interval).
+    A cost whose interval is wider than +-10% is not stated as a figure: the sentence names it as too noisy and
+    says what to rerun (`budget_s`: the --budget-s it had)."""
     by_name = {p["name"]: p for p in points}
     cost = {r["batch"]: r for r in ratios if r["ratio_name"] == "ensemble / single"}
     if single not in by_name or not cost:
         return None
-    small, large = min(batches), max(batches)
+    small, large = min(cost), max(cost)
     ensemble = cost[small]["numerator"].split("@")[0]
     gain = {acc: by_name[ensemble][acc] - by_name[single][acc] for acc in ("overall", "few")}
     intervals = gain_of(ensemble, single) if gain_of else {}
@@ -125,9 +140,24 @@ def decision(points: list[dict], ratios: list[dict], single: str, batches: list[
         """The ratio with its 95% interval, naming the fusion when it differs from the one at the smallest batch."""
         fusion = r["numerator"].split("@")[0]
         return describe_ratio(r) + ("" if fusion == ensemble else f" ({fusion})")
-    sentence = (f"The ensemble ({ensemble}) buys {points('overall')} points overall{few}, for {times(cost[small])} "
-                f"the cost at batch {small} and {times(cost[large])} at batch {large}, against the best single "
-                f"expert ({single}).")
+    shown = list(dict.fromkeys((small, large)))
+    stated = [b for b in shown if cost[b]["reliable"]]
+    noisy = [b for b in shown if not cost[b]["reliable"]]
+    costs = " and ".join(f"{times(cost[b])} {'the cost ' if i == 0 else ''}at batch {b}" for i, b in enumerate(stated))
+    sentence = (f"The ensemble ({ensemble}) buys {points('overall')} points overall{few}"
+                + (f", for {costs}, against" if stated else " over") + f" the best single expert ({single}).")
+    if noisy:
+        sentence += " " + too_noisy({b: cost[b] for b in noisy}, budget_s)
     return {"ensemble": ensemble, "single": single, "gain_points": gain,
-            "gain_ci95": {acc: v["ci95"] for acc, v in intervals.items()}, "cost": {small: cost[small], large: cost[large]},
-            "reliable": cost[small]["reliable"] and cost[large]["reliable"], "sentence": sentence}
+            "gain_ci95": {acc: v["ci95"] for acc, v in intervals.items()}, "cost": {b: cost[b] for b in shown},
+            "reliable": not noisy, "noisy_batches": noisy, "sentence": sentence}
+
+
+def too_noisy(costs: dict[int, dict], budget_s: float | None) -> str:
+    """What the decision says of costs too noisy to state: which, how wide, and what to rerun."""
+    figures = " and ".join(f"at batch {b} ({r['ratio']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}])"
+                           for b, r in costs.items())
+    longer = f"longer than {budget_s:g} s" if budget_s else "longer"
+    return (f"Its cost {figures} was too noisy to state (95% interval wider than +-{100 * RELIABLE_HALF_WIDTH:.0f}%): "
+            f"rerun python -m bench with a --budget-s {longer} (4x the time halves the interval), on a quieter "
+            f"machine.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench.runners import Runner
-from export.labelled import EvalSet, class_hits
+from export.labelled import EvalSet, class_hits, shot_accuracy
 from train.data.longtail import group_accuracy
 
 
@@ -14,14 +14,45 @@ def batched_logits(runner: Runner, pixels: np.ndarray, batch: int) -> np.ndarray
 
 
 def accuracy(logits: np.ndarray, data: EvalSet, reference_pred: np.ndarray) -> dict:
-    """Top-1 overall and per shot group (%), per-class accuracy, and agreement (%) with the reference's predictions."""
+    """Top-1 overall and per shot group (%) with the 95% interval of overall and few-shot, per-class accuracy, and
+    agreement (%) with the reference's predictions."""
     pred = np.asarray(logits).argmax(1)
     correct, total = class_hits(pred, data)
     groups = group_accuracy(correct, total, data.train_counts, data.shot_rule)
     per_class = np.divide(correct, total, out=np.zeros(len(total)), where=total > 0) * 100
     return {**groups, "per_class": [round(float(a), 2) for a in per_class],
             "agreement": float(100 * (pred == reference_pred).mean()),
-            "classes_predicted": int(len(np.unique(pred)))}
+            "classes_predicted": int(len(np.unique(pred))), "ci95": accuracy_interval(pred, data)}
+
+
+INTERVAL_GROUPS = ("overall", "few")
+
+
+def resampled_accuracy(preds: list[np.ndarray], data: EvalSet, boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """[boot, len(preds), 2]: top-1 overall and few-shot of each prediction, all scored on the same resampled
+    images in each draw (the bootstrap over the evaluation set)."""
+    rng = np.random.default_rng(seed)
+    labels, n = data.labels, len(data.labels)
+    hits = [p == labels for p in preds]
+
+    def scores(idx: np.ndarray) -> list[list[float]]:
+        drawn = labels[idx]
+        total = np.bincount(drawn, minlength=data.num_classes)
+        acc = [group_accuracy(np.bincount(drawn, weights=h[idx], minlength=data.num_classes), total,
+                              data.train_counts, data.shot_rule) for h in hits]
+        return [[a[g] for g in INTERVAL_GROUPS] for a in acc]
+    return np.array([scores(rng.integers(0, n, n)) for _ in range(boot)])
+
+
+def interval(draws: np.ndarray) -> list[float] | None:
+    """The 95% percentile interval of bootstrap draws (None when the group has no image: NaN throughout)."""
+    return None if np.isnan(draws).all() else [float(v) for v in np.nanpercentile(draws, [2.5, 97.5])]
+
+
+def accuracy_interval(pred: np.ndarray, data: EvalSet, boot: int = 1000) -> dict[str, list[float] | None]:
+    """The 95% bootstrap interval (over the evaluation images) of top-1 overall and few-shot."""
+    draws = resampled_accuracy([pred], data, boot)
+    return {g: interval(draws[:, 0, i]) for i, g in enumerate(INTERVAL_GROUPS)}
 
 
 def gain_interval(pred: np.ndarray, baseline_pred: np.ndarray, data: EvalSet, boot: int = 2000,
@@ -29,21 +60,11 @@ def gain_interval(pred: np.ndarray, baseline_pred: np.ndarray, data: EvalSet, bo
     """Accuracy of `pred` minus that of `baseline_pred` (points), overall and few-shot, with a 95% paired bootstrap
     interval: both are scored on the same resampled images, so a gain no larger than the evaluation set's noise
     shows as an interval that holds 0. (A best expert picked on this same set is biased upwards by that noise.)"""
-    rng = np.random.default_rng(seed)
-    labels, n = data.labels, len(data.labels)
-    hits = [p == labels for p in (pred, baseline_pred)]
-
-    def gain(idx: np.ndarray) -> tuple[float, float]:
-        drawn = labels[idx]
-        total = np.bincount(drawn, minlength=data.num_classes)
-        acc = [group_accuracy(np.bincount(drawn, weights=h[idx], minlength=data.num_classes), total,
-                              data.train_counts, data.shot_rule) for h in hits]
-        return acc[0]["overall"] - acc[1]["overall"], acc[0]["few"] - acc[1]["few"]
-    point = gain(np.arange(n))
-    draws = np.array([gain(rng.integers(0, n, n)) for _ in range(boot)])
-    return {name: {"points": point[i], "ci95": [float(v) for v in np.nanpercentile(draws[:, i], [2.5, 97.5])]
-                   if not np.isnan(point[i]) else [float("nan")] * 2}
-            for i, name in enumerate(("overall", "few"))}
+    point = [shot_accuracy(p, data) for p in (pred, baseline_pred)]
+    draws = resampled_accuracy([pred, baseline_pred], data, boot, seed)
+    gains = draws[:, 0] - draws[:, 1]
+    return {g: {"points": point[0][g] - point[1][g], "ci95": interval(gains[:, i]) or [float("nan")] * 2}
+            for i, g in enumerate(INTERVAL_GROUPS)}
 
 
 def collapsed(acc: dict) -> bool:

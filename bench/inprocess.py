@@ -14,7 +14,7 @@ from bench.evaluation import accuracy, batched_logits
 from export.labelled import EvalSet, expert_logits
 from bench.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner, cycling_calls
 from expertfuse.parity import bench_tolerance, compare
-from expertfuse.timing import Interleaved, interleave
+from expertfuse.timing import MAX_EXTENSION, Interleaved, interleave
 from export.early_exit import simulate
 from export.graph import InferenceGraph
 from export.onnx import export_graph, onnx_file
@@ -214,7 +214,8 @@ def timing_inputs(runner: Runner, size: int, batch: int, buffers: int = 4) -> li
 def time_interleaved(runners: dict[str, Runner], size: int, batch: int, budget_s: float) -> Interleaved:
     """All runners at one batch size, in randomized blocks so that load on the machine hits every one alike."""
     inputs = {key: timing_inputs(r, size, batch) for key, r in runners.items()}
-    return interleave(cycling_calls(runners, inputs), calls_per_block=3, warmup=2, min_rounds=10, budget_s=budget_s)
+    return interleave(cycling_calls(runners, inputs), calls_per_block=3, warmup=2, budget_s=budget_s,
+                      max_s=MAX_EXTENSION * budget_s)
 
 
 def key_of(variant: str, runtime: str) -> str:
@@ -251,10 +252,13 @@ def run_inprocess(job, runtimes: list[str], variants: list[Variant], refs: Refer
         for batch in batches:
             log(f"  timing {len(runners)} variants interleaved at batch {batch}")
             timings[batch] = time_interleaved(runners, job.spec.input_size, batch, budget_s)
+            if not timings[batch].measured:
+                log(f"  batch {batch} NOT MEASURED: {timings[batch].not_measured}")
         for row in rows:
             key = key_of(row["variant"], row["runtime"])
             if key in runners:
-                row["timing"] = {b: t.summary(key, b) for b, t in timings.items()}
+                row["timing"] = {b: t.summary(key, b) if t.measured else {"measured": False, "not_measured": t.not_measured}
+                                 for b, t in timings.items()}
         return rows, timings
     finally:
         for runner in runners.values():

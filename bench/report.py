@@ -1,6 +1,7 @@
-"""The report a user decides from: summary.md led by the decision sentence, the cost-accuracy table and plot
-(Pareto front marked), every ratio with its interval (unreliable ones flagged, never bold), absolute latencies,
-served accuracy and latency-throughput curves; bench.json and CSV files carry everything."""
+"""The report a user decides from: summary.md led by the decision sentence and the machine, the cost-accuracy table
+and plot (intervals as bars, Pareto front marked, UNRELIABLE costs hollow and never on it), what was not measured
+and why, every ratio with its interval (unreliable ones flagged, never bold), absolute latencies, served accuracy
+and latency-throughput curves; bench.json and CSV files carry everything, naming no machine path."""
 from __future__ import annotations
 
 import csv
@@ -12,6 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from bench.machine import describe_machine  # noqa: E402
 from expertfuse.files import atomic_path, write_text  # noqa: E402
@@ -46,6 +49,9 @@ def point_rows(points: list[dict]) -> list[dict]:
     rows = []
     for p in points:
         row = {k: v for k, v in p.items() if not isinstance(v, (dict, list))}
+        for acc in ("overall", "few"):
+            ci = p.get(f"{acc}_ci95") or [None, None]
+            row.update({f"{acc}_low": ci[0], f"{acc}_high": ci[1]})
         for col in cost_columns(p):
             row.update({col: p[col]["ratio"], f"{col}_low": p[col]["ci95"][0], f"{col}_high": p[col]["ci95"][1],
                         f"{col}_reliable": p[col]["reliable"]})
@@ -66,34 +72,132 @@ def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) ->
         writer.writerows(rows)
 
 
-def save_figure(fig, path: Path) -> None:
-    """A figure as PNG, laid out and written atomically, then closed."""
-    fig.tight_layout()
+def save_figure(fig, path: Path, layout: bool = True) -> None:
+    """A figure as PNG, laid out (unless it was) and written atomically, then closed."""
+    if layout:
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
-def plot_cost_accuracy(points: list[dict], path: Path) -> None:
-    """2 x 2: cost at batch 1 / at the largest batch (x, relative to the best expert) against top-1 overall / few."""
-    fig, axes = plt.subplots(2, 2, figsize=(10, 8), squeeze=False)
-    for col, cost in enumerate(("cost_small", "cost_large")):
-        for row, acc in enumerate(("overall", "few")):
-            ax = axes[row][col]
-            shown = [p for p in points if p.get(cost) is not None and p.get(acc) == p.get(acc)]
-            for p in shown:
-                ax.scatter(p[cost], p[acc], marker="s" if p["where"].startswith("triton") else "o", s=30)
-                ax.annotate(p["name"], (p[cost], p[acc]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-            front = sorted((p[cost], p[acc]) for p in shown if p.get(f"pareto_{cost}_{acc}"))
-            if front:
-                ax.plot(*zip(*front), color="tab:red", linestyle="--", linewidth=1, label="Pareto front")
-                ax.legend(fontsize=7)
+SERVED_PREFIX = "triton"
+STYLES = {"triton-http": ("s", "tab:orange"), "triton-grpc": ("^", "tab:green")}  # in-process: ("o", "tab:blue")
+LABEL_RINGS_PT = (7, 11, 16, 22, 30, 40, 52, 66, 84, 110, 140, 180, 230)  # how far a point's number may move to stay clear
+
+
+def style(where: str) -> tuple[str, str]:
+    return STYLES.get(where, ("o", "tab:blue"))
+
+
+def cost_panels(points: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
+    """(title, cost column, cost axis, points) of each panel: in-process at its smallest and largest batch, and
+    served (every protocol, each against its own best expert) at the served batch."""
+    panels = []
+    for served in (False, True):
+        group = [p for p in points if p["where"].startswith(SERVED_PREFIX) == served]
+        cols = list(dict.fromkeys(c for p in group for c in cost_columns(p)))
+        if not cols:
+            continue
+        if served:
+            panels.append((f"served, batch {cols[0][6:]}, concurrency 1", cols[0], "cost_small", group))
+            continue
+        panels.append((f"in-process, batch {cols[0][6:]} (latency)", cols[0], "cost_small", group))
+        if len(cols) > 1:
+            panels.append((f"in-process, batch {cols[-1][6:]} (1 / throughput)", cols[-1], "cost_large", group))
+    return panels
+
+
+def draw_series(ax, group: list[dict], number: dict[str, int], col: str, cost: str, acc: str) -> list[tuple]:
+    """One place's points on one panel: 95% intervals as error bars (cost on x, accuracy on y), filled markers
+    where the cost is reliable, hollow where it is UNRELIABLE, the Pareto front as a line. Returns (number, x, y)."""
+    marker, colour = style(group[0]["where"])
+    shown = [p for p in group if col in p and p.get(acc) == p.get(acc)]
+    if not shown:
+        return []
+    xs = [p[col]["ratio"] for p in shown]
+    ys = [p[acc] for p in shown]
+    xerr = [[x - p[col]["ci95"][0] for x, p in zip(xs, shown)], [p[col]["ci95"][1] - x for x, p in zip(xs, shown)]]
+    ci = [p.get(f"{acc}_ci95") or [y, y] for p, y in zip(shown, ys)]
+    yerr = [[y - c[0] for y, c in zip(ys, ci)], [c[1] - y for y, c in zip(ys, ci)]]
+    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.6)
+    for reliable in (True, False):
+        pick = [i for i, p in enumerate(shown) if p[col]["reliable"] == reliable]
+        if pick:
+            ax.scatter([xs[i] for i in pick], [ys[i] for i in pick], marker=marker, s=36, zorder=3, linewidths=1.2,
+                       edgecolors=colour, facecolors=colour if reliable else "none",
+                       gid=f"{'reliable' if reliable else 'unreliable'} {group[0]['where']}",
+                       label=f"{group[0]['where']}" + ("" if reliable else ", cost UNRELIABLE (hollow)"))
+    front = sorted((x, y) for x, y, p in zip(xs, ys, shown) if p.get(f"pareto_{cost}_{acc}"))
+    if front:
+        ax.plot(*zip(*front), color=colour, linestyle="--", linewidth=1, gid=f"pareto {group[0]['where']}",
+                label=f"Pareto front, {group[0]['where']}")
+    return [(number[p["name"]], x, y) for p, x, y in zip(shown, xs, ys)]
+
+
+def label_offsets() -> list[tuple[float, float]]:
+    """Where a point's number may go, nearest first: rings of 8 directions (16 further out), in points."""
+    return [(r * np.cos(a), r * np.sin(a)) for r in LABEL_RINGS_PT
+            for a in np.radians(np.arange(45, 405, 45 if r < 40 else 22.5))]
+
+
+def place_numbers(ax, marks: list[tuple], renderer) -> None:
+    """Each point's number next to it, moved outwards ring by ring until it overlaps no other number, no marker and
+    not the legend, inside the panel; a number moved far from its point gets a thin leader line. (With no room
+    left at all the number is left off rather than drawn over another; the table still lists the point.)"""
+    inside = ax.get_window_extent(renderer)
+    taken = [Bbox.from_bounds(*(ax.transData.transform((x, y)) - 4), 8, 8) for _, x, y in marks]
+    if ax.get_legend():
+        taken.append(ax.get_legend().get_window_extent(renderer))
+    for n, x, y in marks:
+        for dx, dy in label_offsets():
+            label = ax.annotate(str(n), (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha="center",
+                                va="center", gid="number")
+            box = label.get_window_extent(renderer).expanded(1.15, 1.15)
+            if inside.containsx(box.x0) and inside.containsx(box.x1) and inside.containsy(box.y0) and \
+                    inside.containsy(box.y1) and not any(box.overlaps(t) for t in taken):
+                taken.append(box)
+                if np.hypot(dx, dy) > LABEL_RINGS_PT[1]:  # the same text, with its leader line
+                    label.remove()
+                    ax.annotate(str(n), (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha="center",
+                                va="center", gid="number", arrowprops=dict(arrowstyle="-", linewidth=0.4,
+                                                                           color="gray", shrinkA=0, shrinkB=3))
+                break
+            label.remove()
+
+
+def cost_accuracy_figure(points: list[dict]):
+    """The cost-accuracy figure: one panel per cost (in-process at the smallest and largest batch, served) and
+    accuracy (top-1 overall, few-shot), every point numbered as in the summary's table, that table's key beside."""
+    panels = cost_panels(points)
+    accs = [a for a in ("overall", "few") if any(p.get(a) == p.get(a) for p in points)]
+    number = {p["name"]: i for i, p in enumerate(points, 1)}
+    fig = plt.figure(figsize=(4.2 * len(panels) + 3.2, 3.8 * len(accs) + 0.6), dpi=120)
+    grid = fig.add_gridspec(len(accs), len(panels) + 1, width_ratios=[1] * len(panels) + [0.75])
+    marks = {}
+    for row, acc in enumerate(accs):
+        for col, (title, column, cost, group) in enumerate(panels):
+            ax = fig.add_subplot(grid[row, col])
+            marks[ax] = [m for where in dict.fromkeys(p["where"] for p in group)
+                         for m in draw_series(ax, [p for p in group if p["where"] == where], number, column, cost, acc)]
             ax.axvline(1, color="gray", linewidth=0.6)
-            ax.set(xlabel=f"cost relative to the best expert ({'batch 1 latency' if col == 0 else 'largest batch'})",
-                   ylabel=f"top-1 {acc} (%)")
+            ax.margins(0.18)
+            ax.set(title=title, xlabel="cost relative to the best expert (x)", ylabel=f"top-1 {acc} (%)")
             ax.grid(True, alpha=0.3)
-    fig.suptitle("What each variant buys (accuracy) for what it costs")
-    save_figure(fig, path)
+            ax.legend(fontsize=6, loc="lower right")
+    key = fig.add_subplot(grid[:, -1])
+    key.axis("off")
+    key.text(0, 1, "\n".join(f"{number[p['name']]:>2}  {p['name']}" + ("" if p["where"].startswith(SERVED_PREFIX)
+                                                                       else f" ({p['where']})") for p in points),
+             va="top", ha="left", fontsize=7, family="monospace", transform=key.transAxes, gid="key")
+    fig.suptitle("What each variant buys (accuracy) for what it costs: 95% intervals as bars, hollow = cost "
+                 "interval wider than +-10%", fontsize=9)
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    for ax, m in marks.items():
+        ax.set(xlim=ax.get_xlim(), ylim=ax.get_ylim())  # frozen: the numbers are placed in display space
+        place_numbers(ax, m, renderer)
+    return fig
 
 
 def plot_early_exit_curve(record: dict, path: Path) -> None:
@@ -123,19 +227,30 @@ def plot_early_exit_curve(record: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_served_curves(sweep: list[dict], path: Path) -> None:
-    """Throughput (x) against p99 latency (y) over the concurrency sweep, one line per model and protocol."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({(r["model"], r["protocol"]) for r in sweep}):
-        pts = sorted((r["concurrency"], r["throughput"], r["p99_ms"]) for r in sweep if (r["model"], r["protocol"]) == key)
+def served_curves_figure(sweep: list[dict], p99_budget_ms: float | None = None):
+    """Throughput (x) against p99 latency (y) over the concurrency sweep, one curve per model and protocol (the
+    measured points only), and the p99 budget as a line when one was given."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    measured = [r for r in sweep if r.get("measured", True) and "p99_ms" in r]
+    for key in sorted({(r["model"], r["protocol"]) for r in measured}):
+        pts = sorted((r["concurrency"], r["throughput"], r["p99_ms"]) for r in measured
+                     if (r["model"], r["protocol"]) == key)
         _, xs, ys = zip(*pts)
         ax.plot(xs, ys, marker="o", label=f"{key[0]} / {key[1]}")
         for c, x, y in pts:
             ax.annotate(f"c{c}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    ax.set(xlabel="throughput (images/s)", ylabel="p99 latency (ms)", title="Served: latency vs throughput")
+    if p99_budget_ms:
+        ax.axhline(p99_budget_ms, color="red", linestyle="--", linewidth=1, label=f"p99 budget {p99_budget_ms:g} ms")
+    ax.set(xlabel="throughput (images/s)", ylabel="p99 latency (ms)", title="Served: latency vs throughput "
+           "(each curve: concurrency rising)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    save_figure(fig, path)
+    return fig
+
+
+def with_interval(p: dict, acc: str) -> str:
+    ci = p.get(f"{acc}_ci95")
+    return _fmt(p[acc]) + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
 
 
 def cost_accuracy_table(result: dict) -> list[str]:
@@ -144,18 +259,32 @@ def cost_accuracy_table(result: dict) -> list[str]:
         return []
     cols = list(dict.fromkeys(c for p in points for c in cost_columns(p)))
     lines = ["## Cost and accuracy", "", f"Cost is latency relative to the best single expert ({result['single']}) in "
-             "the same interleaved run (at the largest batch: 1 / throughput); * marks the Pareto front "
-             "(cost at batch 1 against overall top-1).", "",
-             "| variant | where | experts (run per image) | precision | top-1 | many | medium | few | agrees with PyTorch "
-             "ensemble | " + " | ".join(f"cost at batch {c[6:]}" for c in cols) + " |", "|" + "---|" * (9 + len(cols))]
-    for p in points:
+             "the same interleaved run (at the largest batch: 1 / throughput; served: the best expert served the same "
+             "way); # numbers the points of cost_accuracy.png; * marks the Pareto front (cost at the smallest batch "
+             "against overall top-1, among the points measured in the same place, never an UNRELIABLE cost); "
+             "[ ] are 95% intervals.", "",
+             "| # | variant | where | experts (run per image) | precision | top-1 | many | medium | few | agrees with "
+             "PyTorch ensemble | " + " | ".join(f"cost at batch {c[6:]}" for c in cols) + " |",
+             "|" + "---|" * (10 + len(cols))]
+    for n, p in enumerate(points, 1):
         costs = [describe_ratio(p[c]) if c in p else "-" for c in cols]
         star = " *" if p.get("pareto_cost_small_overall") else ""
         run = p.get("experts_run", p["experts"])
         experts = f"{p['experts']}" + (f" ({run:.2f})" if abs(run - p["experts"]) > 1e-9 else "")
-        lines.append(f"| {p['name']}{star} | {p['where']} | {experts} | {p['precision']} | "
-                     + " | ".join(_fmt(p[g]) for g in GROUPS) + f" | {_fmt(p['agreement'])}% | " + " | ".join(costs) + " |")
+        lines.append(f"| {n} | {p['name']}{star} | {p['where']} | {experts} | {p['precision']} | "
+                     f"{with_interval(p, 'overall')} | {_fmt(p['many'])} | {_fmt(p['medium'])} | "
+                     f"{with_interval(p, 'few')} | {_fmt(p['agreement'])}% | " + " | ".join(costs) + " |")
     return lines + [""]
+
+
+def not_measured_lines(result: dict) -> list[str]:
+    """Every figure the run did not get, and why: in-process batches and served runs short of rounds, served sweep
+    points whose windows caught too few requests. None of them is in a table, a ratio, a plot or the Pareto front."""
+    sweep = (result.get("served") or {}).get("sweep", [])
+    why = result.get("not_measured", []) + [
+        f"served {r['model']} over {r['protocol']} at concurrency {r['concurrency']}: {r['not_measured']}"
+        for r in sweep if not r.get("measured", True)]
+    return ["## Not measured", "", *[f"- {w}" for w in why], ""] if why else []
 
 
 def ratios_table(ratios: list[dict]) -> list[str]:
@@ -179,7 +308,7 @@ def latency_table(result: dict) -> list[str]:
     return lines + [""]
 
 
-def served_tables(served: dict) -> list[str]:
+def served_tables(served: dict, p99_budget_ms: float | None = None) -> list[str]:
     if not served:
         return []
     lines = ["## Served models on the labelled set", "", "| model | role | protocol | precision | top-1 | many | medium | "
@@ -189,8 +318,8 @@ def served_tables(served: dict) -> list[str]:
               for m in served["models"] if "accuracy" in m]
     lines += [f"- refused to time served {m['model']} ({m['model_role']}) over {m['protocol']}: {m['refused']}"
               for m in served["models"] if "refused" in m]
-    sweep = served["sweep"]
-    if not sweep:
+    sweep = [r for r in served["sweep"] if r.get("measured", True)]
+    if not served["sweep"]:
         lines.append(f"- **nothing served was measured**; the server has: {', '.join(served.get('server_models', []))}")
     if sweep:
         lines += ["", "| model | protocol | concurrency | img/s | p50 ms | p99 ms | server queue ms | server compute ms | "
@@ -198,23 +327,35 @@ def served_tables(served: dict) -> list[str]:
         lines += [f"| {r['model']} | {r['protocol']} | {r['concurrency']} | {r['throughput']:.1f} | "
                   f"{_fmt(r.get('p50_ms'), '.2f')} | {_fmt(r.get('p99_ms'), '.2f')} | {_fmt(r.get('server_queue_ms'), '.2f')} | "
                   f"{_fmt(r.get('server_compute_ms'), '.2f')} | {'yes' if r.get('client_bound') else 'no'} |" for r in sweep]
+    if sweep and p99_budget_ms:
+        lines += ["", f"Within the p99 budget of {p99_budget_ms:g} ms (the highest throughput whose p99 stays within it):"]
+        for key in sorted({(r["model"], r["protocol"]) for r in sweep}):
+            within = [r for r in sweep if (r["model"], r["protocol"]) == key and r.get("p99_ms", 1e99) <= p99_budget_ms]
+            best = max(within, key=lambda r: r["throughput"], default=None)
+            lines.append(f"- {key[0]} over {key[1]}: " + (f"{best['throughput']:.1f} img/s at concurrency "
+                                                           f"{best['concurrency']} (p99 {best['p99_ms']:.2f} ms)"
+                                                           if best else "no measured point within it"))
     return lines + [""]
 
 
 def markdown(result: dict) -> str:
+    """summary.md: the decision sentence and the machine first, then the cost-accuracy table, then the rest."""
     m = result["machine"]
     d = result.get("decision")
-    lead = ("**" + d["sentence"] + "**" if d["reliable"] else d["sentence"] + " (not a headline: a cost interval is "
-            "wider than +-10%)") if d else "No decision: the in-process ensemble and single expert were not both measured."
+    lead = ("**" + d["sentence"] + "**" if d["reliable"] else d["sentence"]) if d else \
+        "No decision: the in-process ensemble and single expert were not both measured."
     ev = result["evaluation"]
+    budget = result.get("p99_budget_ms")
     lines = [f"# expertfuse bench: {result['checkpoint']}", "", lead, "",
-             f"Scored on the {ev['source']}, shot rule {ev['shot_rule']}. Chosen on the {ev['chosen_on']} (disjoint): "
-             f"'single' = the best expert by top-1 there, {result['single']}; the best-k subsets, and every "
-             f"early-exit and INT8 model's choices.", f"Machine: {describe_machine(m)}; torch "
-             f"{m['packages'].get('torch')}, onnxruntime {m['packages'].get('onnxruntime') or m['packages'].get('onnxruntime-gpu')}", ""]
-    lines += cost_accuracy_table(result) + ratios_table(result["ratios"]) + latency_table(result)
-    lines += served_tables(result["served"])
-    lines += ["Plots: " + ", ".join(Path(p).name for p in result.get("plots", [])), ""]
+             f"Machine: {describe_machine(m)}; torch {m['packages'].get('torch')}, onnxruntime "
+             f"{m['packages'].get('onnxruntime') or m['packages'].get('onnxruntime-gpu')}", ""]
+    lines += cost_accuracy_table(result)
+    lines += [f"Scored on the {ev['source']}, shot rule {ev['shot_rule']}. Chosen on the {ev['chosen_on']} (disjoint): "
+              f"'single' = the best expert by top-1 there, {result['single']}; the best-k subsets, and every "
+              f"early-exit and INT8 model's choices.", ""]
+    lines += not_measured_lines(result) + ratios_table(result["ratios"]) + latency_table(result)
+    lines += served_tables(result["served"], budget)
+    lines += ["Plots: " + ", ".join(result.get("plots", [])), ""]
     return "\n".join(lines)
 
 
@@ -223,12 +364,12 @@ def write_all(result: dict, out: Path) -> list[Path]:
     plots = []
     if result["points"]:
         plots.append(out / "cost_accuracy.png")
-        plot_cost_accuracy(result["points"], plots[-1])
-    sweep = [r for r in (result["served"] or {}).get("sweep", []) if "p99_ms" in r]
+        save_figure(cost_accuracy_figure(result["points"]), plots[-1], layout=False)
+    sweep = [r for r in (result["served"] or {}).get("sweep", []) if r.get("measured", True) and "p99_ms" in r]
     if sweep:
         plots.append(out / "served_latency_throughput.png")
-        plot_served_curves(sweep, plots[-1])
-    result["plots"] = [str(p) for p in plots]
+        save_figure(served_curves_figure(sweep, result.get("p99_budget_ms")), plots[-1])
+    result["plots"] = [p.name for p in plots]  # named relative to the run's folder, as every file of a report
     write_text(out / "bench.json", json.dumps(result, indent=2, default=str) + "\n")
     write_text(out / "summary.md", markdown(result))
     write_csv(point_rows(result["points"]), out / "cost_accuracy.csv")

@@ -189,24 +189,49 @@ def measure_concurrency(url: str, protocol: str, model: str, image_size: int, ba
     records = sorted(rec for r in reports for rec in r["records"] if rec[0] >= measured_from)
     counts = [sum(1 for end, _ in records if measured_from + w * window_s <= end < measured_from + (w + 1) * window_s)
               for w in range(windows)]
-    latencies = np.array([lat for _, lat in records]) * 1e3
     delta = {k: after[k] - before[k] for k in after}
     requests = max(delta["success_count"], 1)
     cpu_share = [r["cpu_s"] / r["wall_s"] for r in reports]
-    measured = min(counts) >= MIN_WINDOW_REQUESTS
+    figures = window_figures(counts, [lat * 1e3 for _, lat in records], batch, window_s, tolerance)
+    server = {"server_exec_per_request": delta["execution_count"] / requests,
+              "server_queue_ms": delta["queue_ns"] / requests / 1e6,
+              "server_compute_ms": (delta["compute_input_ns"] + delta["compute_infer_ns"] + delta["compute_output_ns"])
+              / requests / 1e6} if figures["measured"] else {}
     return {"model": model, "protocol": protocol, "concurrency": concurrency, "batch": batch, "client": client_kind,
-            "throughput": sum(counts) * batch / (windows * window_s),
-            "window_throughputs": [c * batch / window_s for c in counts],
-            "measured": measured, "stable": measured and windows_agree([float(c) for c in counts], tolerance),
-            **({} if measured else {"not_measured": f"a {window_s:g} s window completed {min(counts)} requests "
-                                                    f"(at least {MIN_WINDOW_REQUESTS} needed): lengthen --window-s"}),
-            **({f"p{q}_ms": float(np.percentile(latencies, q)) for q in (50, 90, 95, 99)} if len(latencies) else {}),
-            "requests": len(records), "client_processes": processes,
-            "client_cpu_share": cpu_share, "client_bound": max(cpu_share) > 0.9,
-            "server_exec_per_request": delta["execution_count"] / requests,
-            "server_queue_ms": delta["queue_ns"] / requests / 1e6,
-            "server_compute_ms": (delta["compute_input_ns"] + delta["compute_infer_ns"] + delta["compute_output_ns"])
-            / requests / 1e6}
+            **figures, "requests": len(records), "client_processes": processes,
+            "client_cpu_share": cpu_share, "client_bound": max(cpu_share) > 0.9, **server}
+
+
+def window_figures(counts: list[int], latencies_ms: list[float], batch: int, window_s: float,
+                   tolerance: float = 0.1) -> dict:
+    """Throughput, latency percentiles and stability from each window's completed requests, or, when a window
+    completed fewer than MIN_WINDOW_REQUESTS, none of them: measured false and why (a figure from a window that
+    caught 0 or 2 requests would pass a stall for a measurement)."""
+    window_throughputs = [c * batch / window_s for c in counts]
+    if not counts or min(counts) < MIN_WINDOW_REQUESTS:
+        return {"measured": False, "stable": False, "window_s": window_s, "window_throughputs": window_throughputs,
+                "not_measured": f"a {window_s:g} s window completed {min(counts, default=0)} requests (at least "
+                                f"{MIN_WINDOW_REQUESTS} needed): lengthen --window-s"}
+    return {"measured": True, "stable": windows_agree([float(c) for c in counts], tolerance), "window_s": window_s,
+            "window_throughputs": window_throughputs, "throughput": sum(counts) * batch / (len(counts) * window_s),
+            **{f"p{q}_ms": float(np.percentile(latencies_ms, q)) for q in (50, 90, 95, 99)}}
+
+
+MAX_WINDOW_GROWTH = 8  # a point whose windows caught too few requests is remeasured with windows up to 8 x as long
+
+
+def measure_point(url: str, protocol: str, model: str, image_size: int, batch: int, concurrency: int,
+                  window_s: float = 1.0, log=print, **kwargs) -> dict:
+    """measure_concurrency, remeasured with windows twice as long while a window completes too few requests, up to
+    MAX_WINDOW_GROWTH x `window_s`; the last try is returned (not measured if it is still short)."""
+    longest = window_s * MAX_WINDOW_GROWTH
+    while True:
+        row = measure_concurrency(url, protocol, model, image_size, batch, concurrency, window_s, **kwargs)
+        if row["measured"] or window_s >= longest:
+            return row
+        log(f"  {model} over {protocol} c={concurrency}: {row['not_measured'].split(':')[0]}; "
+            f"remeasuring with {min(2 * window_s, longest):g} s windows")
+        window_s = min(2 * window_s, longest)
 
 
 def find_perf_analyzer() -> str | None:

@@ -12,9 +12,9 @@ from pathlib import Path
 from bench.decision import accuracy_columns, ratio_row
 from bench.inprocess import EarlyExit, Variant, cheap_role, gate_and_score, make_runner, reference_key, served_experts
 from bench.runners import TritonRunner, cycling_calls
-from bench.served import find_perf_analyzer, measure_concurrency, run_perf_analyzer
+from bench.served import find_perf_analyzer, measure_point, run_perf_analyzer
 from expertfuse.errors import UserError
-from expertfuse.timing import interleave, ratio
+from expertfuse.timing import MAX_EXTENSION, interleave, ratio
 from serve.protocols import PROTOCOLS, client_module
 from serve.repository import string_parameters
 from serve.server import TritonServer, choose_server
@@ -140,8 +140,8 @@ def sweep_model(args, url: str, protocol: str, name: str, size: int, workdir: Pa
     if perf_analyzer:
         return run_perf_analyzer(perf_analyzer, url, protocol, name, args.served_batch, args.concurrency, args.window_s,
                                  workdir)
-    return [measure_concurrency(url, protocol, name, size, args.served_batch, c, args.window_s,
-                                max_processes=args.client_processes, client_kind=args.client) for c in args.concurrency]
+    return [measure_point(url, protocol, name, size, args.served_batch, c, args.window_s,
+                          max_processes=args.client_processes, client_kind=args.client) for c in args.concurrency]
 
 
 def timing_key(m: dict) -> str:
@@ -163,9 +163,9 @@ def cheap_pairs(timed: list[dict], protocol: str) -> list[tuple[str, str, str]]:
     return pairs
 
 
-def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tuple[list[dict], list[dict]]:
+def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tuple[list[dict], list[dict], str | None]:
     """One interleaved run at concurrency 1: every timed served model on every protocol, plus the in-process fused
-    ensemble. Returns (ratios, cost points relative to the served best expert)."""
+    ensemble. Returns (ratios, cost points relative to the served best expert, why nothing was measured or None)."""
     runners = {f"{timing_key(m)}/{m['protocol']}": TritonRunner(urls[m["protocol"]], m["protocol"], m["model"],
                                                                   shared_memory=args.shared_memory) for m in timed}
     fused = next((m for m in timed if m["model_role"] == "fused"), None)
@@ -175,10 +175,13 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
     batch = args.served_batch
     try:
         inputs = {k: [r.prepare(ctx.data.pixels[i * batch:(i + 1) * batch]) for i in range(4)] for k, r in runners.items()}
-        timing = interleave(cycling_calls(runners, inputs), calls_per_block=5, min_rounds=10, budget_s=args.budget_s)
+        timing = interleave(cycling_calls(runners, inputs), calls_per_block=5, budget_s=args.budget_s,
+                            max_s=MAX_EXTENSION * args.budget_s)
     finally:
         for r in runners.values():
             r.close()
+    if not timing.measured:
+        return [], [], f"the served ratios and costs (interleaved at concurrency 1): {timing.not_measured}"
     ratios, points = [], []
     for protocol in urls:
         pairs = [("fused / naive", "fused", "naive"), ("served / in-process", "fused", "fused/in-process"),
@@ -197,15 +200,16 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
                                "experts_run": m["accuracy"].get("experts_run", float(len(m["experts"]))),
                                "precision": m["precision"], **accuracy_columns(m["accuracy"]),
                                f"cost_b{batch}": cost, "cost_small": cost["ratio"], "cost_large": None,
-                               "summary": timing.summary(key, batch)})
-    return ratios, points
+                               "cost_small_reliable": cost["reliable"], "summary": timing.summary(key, batch)})
+    return ratios, points, None
 
 
 def run_served(args, ctx, target: ServedTarget, log=print) -> dict:
     """Score every served model of the checkpoint, refuse the ones that disagree, then sweep and interleave the rest."""
     urls, perf_analyzer = target.urls, target.perf_analyzer
     workdir = Path(tempfile.mkdtemp(prefix="expertfuse-bench-")) if perf_analyzer else None  # its CSV files
-    result = {"models": [], "sweep": [], "ratios": [], "points": [], "server_models": sorted(target.ready)}
+    result = {"models": [], "sweep": [], "ratios": [], "points": [], "server_models": sorted(target.ready),
+              "not_measured": []}
     try:
         for name, role in target.roles.items():
             for protocol, url in urls.items():
@@ -221,11 +225,13 @@ def run_served(args, ctx, target: ServedTarget, log=print) -> dict:
             for point in sweep_model(args, urls[m["protocol"]], m["protocol"], m["model"], ctx.data.pixels.shape[1],
                                      workdir, perf_analyzer):
                 result["sweep"].append({**point, "model_role": m["model_role"]})
+                figures = (f"{point['throughput']:8.1f} img/s  p99 {point.get('p99_ms', float('nan')):7.2f} ms"
+                           if point.get("measured", True) else f"NOT MEASURED: {point['not_measured']}")
                 log(f"  {m['model_role']:>7} {m['model']:<16} {m['protocol']:<4} c={point['concurrency']:<3} "
-                    f"{point['throughput']:8.1f} img/s  p99 {point.get('p99_ms', float('nan')):7.2f} ms"
-                    f"{'  (client-bound)' if point.get('client_bound') else ''}")
+                    f"{figures}{'  (client-bound)' if point.get('client_bound') else ''}")
         if timed:
-            result["ratios"], result["points"] = served_interleave(args, urls, timed, ctx)
+            result["ratios"], result["points"], why = served_interleave(args, urls, timed, ctx)
+            result["not_measured"] += [why] if why else []
     finally:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)

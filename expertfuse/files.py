@@ -39,6 +39,18 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def report_name(path: str | os.PathLike, run_folder: str | os.PathLike) -> str:
+    """How a committed report names a file without naming the machine: as given when relative, relative to the
+    run's own folder when inside it, else by its name alone."""
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.resolve().relative_to(Path(run_folder).resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
 class LockBusy(UserError):
     """A lock another live process holds; `holder` names it (pid and command line)."""
 

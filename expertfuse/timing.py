@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 RELIABLE_HALF_WIDTH = 0.10  # a ratio whose 95% interval reaches further than +-10% is flagged unreliable
+MIN_ROUNDS = 10  # an interleaved run with fewer rounds measured nothing worth a ratio or a percentile
+MAX_EXTENSION = 4  # a run short of MIN_ROUNDS at the end of its budget may go on to 4 x the budget
 
 
 @dataclass
@@ -73,12 +75,25 @@ def measure(fn: Callable[[int], object], *, warmup: int = 3, window_s: float = 1
 
 @dataclass
 class Interleaved:
-    """Per-call latencies of several variants, [round][call] each, measured in alternating blocks."""
+    """Per-call latencies of several variants, [round][call] each, measured in alternating blocks; `min_rounds`:
+    how many rounds it needed to count as measured."""
     samples_s: dict[str, list[list[float]]]
+    min_rounds: int = MIN_ROUNDS
+    elapsed_s: float = 0.0
 
     @property
     def rounds(self) -> int:
         return len(next(iter(self.samples_s.values())))
+
+    @property
+    def measured(self) -> bool:
+        return self.rounds >= self.min_rounds
+
+    @property
+    def not_measured(self) -> str | None:
+        """Why this run gives no figure (None when it does)."""
+        return None if self.measured else (f"{self.rounds} interleaved rounds in {self.elapsed_s:.1f} s (at least "
+                                           f"{self.min_rounds} needed): give it a longer --budget-s")
 
     def median_s(self, name: str) -> float:
         return float(np.median([t for block in self.samples_s[name] for t in block]))
@@ -87,13 +102,15 @@ class Interleaved:
         flat = np.array([t for block in self.samples_s[name] for t in block])
         return {"p50_ms": float(np.percentile(flat, 50) * 1e3), "p90_ms": float(np.percentile(flat, 90) * 1e3),
                 "p99_ms": float(np.percentile(flat, 99) * 1e3), "items_per_s": items_per_call / float(np.median(flat)),
-                "calls": int(flat.size), "rounds": self.rounds}
+                "calls": int(flat.size), "rounds": self.rounds, "measured": True}
 
 
 def interleave(variants: dict[str, Callable[[int], object]], *, calls_per_block: int = 3, warmup: int = 2,
-               min_rounds: int = 10, max_rounds: int = 200, budget_s: float = 10.0, seed: int = 0) -> Interleaved:
+               min_rounds: int = MIN_ROUNDS, max_rounds: int = 200, budget_s: float = 10.0, max_s: float = float("inf"),
+               seed: int = 0) -> Interleaved:
     """Run every variant in blocks of `calls_per_block` calls, all variants once per round in a random order,
-    for at least `min_rounds` rounds and then until `budget_s` seconds or `max_rounds` have passed."""
+    until `budget_s` seconds or `max_rounds` have passed; a run short of `min_rounds` by then is extended up to
+    `max_s` seconds, and one still short is returned as it is (`measured` false)."""
     rng = random.Random(seed)
     names = list(variants)
     for name in names:
@@ -101,8 +118,8 @@ def interleave(variants: dict[str, Callable[[int], object]], *, calls_per_block:
             variants[name](i)
     samples: dict[str, list[list[float]]] = {name: [] for name in names}
     started, call = time.perf_counter(), warmup
-    while len(samples[names[0]]) < max_rounds and (
-            len(samples[names[0]]) < min_rounds or time.perf_counter() - started < budget_s):
+    while len(samples[names[0]]) < max_rounds and (time.perf_counter() - started < budget_s or (
+            len(samples[names[0]]) < min_rounds and time.perf_counter() - started < max_s)):
         order = names[:]
         rng.shuffle(order)
         for name in order:
@@ -113,7 +130,7 @@ def interleave(variants: dict[str, Callable[[int], object]], *, calls_per_block:
                 block.append(time.perf_counter() - t0)
                 call += 1
             samples[name].append(block)
-    return Interleaved(samples)
+    return Interleaved(samples, min_rounds, time.perf_counter() - started)
 
 
 @dataclass

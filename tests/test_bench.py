@@ -116,7 +116,7 @@ def test_cost_accuracy_report_is_well_formed(tmp_path):
     points = cost_accuracy(variants, timings, "onnxruntime-cpu", single)
     mark_pareto(points)
     result = {"checkpoint": "c.pt", "machine": machine_info(), "single": single, "ratios": ratios, "points": points,
-              "decision": decision(points, ratios, single, [1, 64], lambda a, b: gains), "inprocess": [], "served": {},
+              "decision": decision(points, ratios, single, lambda a, b: gains), "inprocess": [], "served": {},
               "evaluation": {"source": "constructed split", "chosen_on": "another split", "shot_rule": "strict"}}
     files = write_all(result, tmp_path)
     assert single == "expert0"
