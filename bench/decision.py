@@ -136,10 +136,13 @@ def decision(points: list[dict], ratios: list[dict], single: str, gain_of: Calla
         return f"{gain[acc]:+.1f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
     few = "" if gain["few"] != gain["few"] else f", {points('few')} on few-shot classes"
 
+    def fusion(r: dict) -> str:
+        """The fusion a ratio measured, named when it differs from the one at the smallest batch."""
+        name = r["numerator"].split("@")[0]
+        return "" if name == ensemble else f" ({name})"
+
     def times(r: dict) -> str:
-        """The ratio with its 95% interval, naming the fusion when it differs from the one at the smallest batch."""
-        fusion = r["numerator"].split("@")[0]
-        return describe_ratio(r) + ("" if fusion == ensemble else f" ({fusion})")
+        return describe_ratio(r) + fusion(r)
     shown = list(dict.fromkeys((small, large)))
     stated = [b for b in shown if cost[b]["reliable"]]
     noisy = [b for b in shown if not cost[b]["reliable"]]
@@ -147,16 +150,17 @@ def decision(points: list[dict], ratios: list[dict], single: str, gain_of: Calla
     sentence = (f"The ensemble ({ensemble}) buys {points('overall')} points overall{few}"
                 + (f", for {costs}, against" if stated else " over") + f" the best single expert ({single}).")
     if noisy:
-        sentence += " " + too_noisy({b: cost[b] for b in noisy}, budget_s)
+        sentence += " " + too_noisy({b: f"{cost[b]['ratio']:.2f}x [{cost[b]['ci95'][0]:.2f}, {cost[b]['ci95'][1]:.2f}]"
+                                        + fusion(cost[b]) for b in noisy}, budget_s)
     return {"ensemble": ensemble, "single": single, "gain_points": gain,
             "gain_ci95": {acc: v["ci95"] for acc, v in intervals.items()}, "cost": {b: cost[b] for b in shown},
             "reliable": not noisy, "noisy_batches": noisy, "sentence": sentence}
 
 
-def too_noisy(costs: dict[int, dict], budget_s: float | None) -> str:
-    """What the decision says of costs too noisy to state: which, how wide, and what to rerun."""
-    figures = " and ".join(f"at batch {b} ({r['ratio']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}])"
-                           for b, r in costs.items())
+def too_noisy(costs: dict[int, str], budget_s: float | None) -> str:
+    """What the decision says of costs too noisy to state (batch -> the ratio and its interval): which, and what
+    to rerun."""
+    figures = " and ".join(f"at batch {b} ({text})" for b, text in costs.items())
     longer = f"longer than {budget_s:g} s" if budget_s else "longer"
     return (f"Its cost {figures} was too noisy to state (95% interval wider than +-{100 * RELIABLE_HALF_WIDTH:.0f}%): "
             f"rerun python -m bench with a --budget-s {longer} (4x the time halves the interval), on a quieter "

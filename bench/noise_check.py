@@ -26,7 +26,7 @@ from bench.inprocess import Variant, make_runner, timing_inputs
 from bench.machine import describe_machine, machine_info
 from bench.runners import cycling_calls
 from expertfuse.cli import positive_float, positive_int, run_cli
-from expertfuse.files import write_text
+from expertfuse.files import report_name, write_text
 from expertfuse.timing import interleave, measure, ratio
 from export.early_exit import expert_order
 from export.job import job_for
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
                    load_average=load_average,
                    agreement=agreement(results["interleaved_quiet"], results["interleaved_loaded"]))
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python -m bench.noise_check " + shlex.join(argv if argv is not None else sys.argv[1:])
+    typed = argv if argv is not None else sys.argv[1:]
+    command = "python -m bench.noise_check " + shlex.join(report_name(a, args.out) if os.path.isabs(a) else a
+                                                           for a in typed)
     write_text(args.out / "noise_check.json", json.dumps(results, indent=2) + "\n")
     write_text(args.out / "README.md", readme(command, results))
     print(readme(command, results))

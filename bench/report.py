@@ -4,9 +4,11 @@ and why, every ratio with its interval (unreliable ones flagged, never bold), ab
 and latency-throughput curves; bench.json and CSV files carry everything, naming no machine path."""
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
+from bench.decision import decision, mark_pareto  # noqa: E402
 from bench.machine import describe_machine  # noqa: E402
+from bench.served import MIN_WINDOW_REQUESTS  # noqa: E402
+from expertfuse.cli import run_cli  # noqa: E402
+from expertfuse.errors import UserError  # noqa: E402
 from expertfuse.files import atomic_path, write_text  # noqa: E402
 from expertfuse.timing import describe_ratio  # noqa: E402
 from export.labelled import GROUPS  # noqa: E402
@@ -378,3 +384,47 @@ def write_all(result: dict, out: Path) -> list[Path]:
     write_csv((result["served"] or {}).get("sweep", []), out / "served.csv")
     return [out / n for n in ("bench.json", "summary.md", "cost_accuracy.csv", "ratios.csv", "inprocess.csv",
                               "served.csv")] + plots
+
+
+def upgrade(result: dict) -> dict:
+    """A bench.json written by earlier code, with what today's report derives from it (nothing is measured anew):
+    each cost's reliability flag, the Pareto front without UNRELIABLE costs, the decision sentence, and served
+    points whose windows caught fewer than MIN_WINDOW_REQUESTS requests marked not measured."""
+    if "chosen_on" not in result["evaluation"]:
+        raise UserError("this run predates the calibration split (its best expert was chosen on the split it is "
+                        "scored on): rerun the bench")
+    window_s = float(result["settings"].get("window_s", 1.0))
+    for r in (result.get("served") or {}).get("sweep", []):
+        counts = [round(t * window_s / r.get("batch", 1)) for t in r.get("window_throughputs", [])]
+        if "measured" not in r and counts and min(counts) < MIN_WINDOW_REQUESTS:
+            for key in [k for k in r if k == "throughput" or k.startswith(("p5", "p9", "server_"))]:
+                del r[key]
+            r.update(measured=False, stable=False, not_measured=f"a {window_s:g} s window completed {min(counts)} "
+                                                               f"requests (at least {MIN_WINDOW_REQUESTS} needed)")
+    for p in result["points"]:
+        cols = cost_columns(p)
+        p.setdefault("cost_small_reliable", p[cols[0]]["reliable"])
+        p.setdefault("cost_large_reliable", p[cols[-1]]["reliable"] if p.get("cost_large") is not None else False)
+    mark_pareto(result["points"])
+    old = result.get("decision")
+    if old:
+        gains = lambda a, b: {acc: {"ci95": ci} for acc, ci in old["gain_ci95"].items()}  # noqa: E731
+        result["decision"] = decision(result["points"], result["ratios"], result["single"], gains,
+                                      float(result["settings"]["budget_s"]))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.report", description="Rewrite a bench run's summary.md, CSV "
+                                "files and plots from its bench.json with today's report code (measures nothing).")
+    p.add_argument("runs", type=Path, nargs="+", help="folders holding a bench.json")
+    for run in p.parse_args(argv).runs:
+        try:
+            result = json.loads((run / "bench.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{run}: no readable bench.json ({exc})") from None
+        print("wrote " + ", ".join(str(f) for f in write_all(upgrade(result), run)))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -27,12 +27,12 @@ from pathlib import Path
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from bench.served import measure_concurrency
+from bench.served import measure_point
 from expertfuse.cli import (non_negative_int_list, positive_float, positive_int, positive_int_list, run_cli,
                             unwind_on_signals)
 from expertfuse.contract import INPUT, check_model_name
 from expertfuse.errors import NothingMeasured, UserError
-from expertfuse.files import write_text
+from expertfuse.files import report_name, write_text
 from serve.protocols import PROTOCOLS
 from serve.repository import LABELS_FILE, RepositoryError, read_config, staging, versions, write_model
 from serve.server import SERVERS, ServerError, TritonServer, choose_server, describe_exit
@@ -171,13 +171,13 @@ def sweep(server: TritonServer, args, points: list[Point], image_size: int, log=
             continue
         for c in args.concurrency:
             try:
-                row = measure_concurrency(url, args.protocol, args.model, image_size, 1, c, args.window_s,
-                                          max_processes=args.client_processes)
+                row = measure_point(url, args.protocol, args.model, image_size, 1, c, args.window_s, log,
+                                    max_processes=args.client_processes)
             except Exception as exc:  # noqa: BLE001 - failed requests, or tritonclient's errors on statistics
                 check_running(server, f"measuring config {point.label} at concurrency {c}")
                 row = {"error": str(exc).splitlines()[0]}
-            if not row.get("requests"):
-                row = {"error": "no request completed in the measured windows (clients started too late?)", **row}
+            if not row.get("measured", False) and "error" not in row:
+                row = {"error": f"not measured: {row['not_measured']}", **row}
             rows.append({**fields, "concurrency": c, **{k: v for k, v in row.items() if k != "window_throughputs"}})
             log(f"[{n}/{len(points)}] {point.label:<24} c={c:<3} " + (f"error: {row['error']}" if "error" in row else
                 f"{row['throughput']:8.1f} img/s  p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  "
@@ -331,11 +331,12 @@ def main(argv: list[str] | None = None) -> dict:
         if best else (None, None)
     result = {"model": args.model, "server": mode, "protocol": args.protocol, "latency_budget_ms": args.latency_budget_ms,
               "window_s": args.window_s, "machine": machine_info(),
-              "load_average_1_5_15min": {"before": load_before, "after": load_after}, "settings": {k: str(v) for k, v in vars(args).items()},
+              "load_average_1_5_15min": {"before": load_before, "after": load_after},
+              "settings": {k: report_name(v, args.out) if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
               "note": "Measured with client and server on the same machine; on a shared, noisy machine absolute figures "
                       "drift (2x within minutes) and close points can swap places: re-run before trusting a ranking.",
               "best": best, "variant": variant if best else None, "variant_version": written[1],
-              "variant_path": str(written[0]) if best else None, "rows": rows}
+              "variant_path": report_name(written[0], args.repository.parent) if best else None, "rows": rows}
     files = write_results(result, args.out)
     print(markdown(result))
     print("wrote " + ", ".join(str(f) for f in files))

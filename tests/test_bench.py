@@ -14,7 +14,7 @@ import torch
 import csv
 from types import SimpleNamespace
 
-from bench.decision import best_single, cost_accuracy, decision, inprocess_ratios, mark_pareto
+from bench.decision import accuracy_columns, best_single, cost_accuracy, decision, inprocess_ratios, mark_pareto
 from bench.evaluation import accuracy, collapsed, gain_interval
 from export.labelled import EvalSet, LabelledData, load_eval_set
 from bench.inprocess import References, Variant, gate_and_score, make_runner, reference_key
@@ -311,3 +311,165 @@ def test_sigterm_during_the_served_benchs_triton_start_up_stops_it_at_once(tiny_
     out, err = bench.communicate(timeout=30)
     assert bench.returncode == 143 and err.strip() == "stopped by SIGTERM" and "in-process:" not in out
     assert_nothing_left(bench.pid, record, within=2)
+
+
+def test_a_served_window_of_none_or_too_few_requests_gives_no_figure():
+    from bench.served import MIN_WINDOW_REQUESTS, window_figures
+    for counts in ([0, 12, 12], [MIN_WINDOW_REQUESTS - 1, 40, 40], []):
+        row = window_figures(counts, [2.0] * sum(counts), 1, 0.5)
+        assert not row["measured"] and not row["stable"], counts
+        assert "throughput" not in row and not any(k.startswith("p") and k.endswith("_ms") for k in row), counts
+        assert row["not_measured"].startswith(f"a 0.5 s window completed {min(counts, default=0)} requests")
+    row = window_figures([MIN_WINDOW_REQUESTS] * 3, [2.0] * 3 * MIN_WINDOW_REQUESTS, 1, 0.5)
+    assert row["measured"] and row["stable"] and row["throughput"] == 2 * MIN_WINDOW_REQUESTS
+    assert row["p99_ms"] == 2.0 and "not_measured" not in row
+
+
+def test_an_interleaved_run_short_of_rounds_is_extended_to_its_cap_then_not_measured():
+    from expertfuse.timing import MIN_ROUNDS, interleave
+    slow = {name: lambda i: time.sleep(0.01) for name in ("a", "b")}  # 20 ms a round: at most 10 rounds in 0.2 s
+    short = interleave(slow, calls_per_block=1, warmup=0, budget_s=0.02, max_s=0.1)
+    assert 1 <= short.rounds < MIN_ROUNDS and not short.measured
+    assert short.not_measured.startswith(f"{short.rounds} interleaved rounds in ") and "--budget-s" in short.not_measured
+    fast = {name: lambda i: None for name in ("a", "b")}
+    extended = interleave(fast, calls_per_block=1, warmup=0, budget_s=0.0, max_s=10)
+    assert extended.rounds == MIN_ROUNDS and extended.measured and extended.not_measured is None
+
+
+def test_served_sweep_beside_two_cpu_burners_reports_no_empty_window_as_measured(triton):
+    """Two processes spinning on the 2 cores (bounded to 2 minutes, stopped by pid): a window that caught no request
+    or too few is remeasured longer, and what is still short says so instead of giving a figure."""
+    from bench.served import MIN_WINDOW_REQUESTS
+    from bench.served_stage import sweep_model
+    burners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 120\n"
+                                 "while time.time() < end: pass"]) for _ in range(2)]
+    try:
+        args = SimpleNamespace(served_batch=1, concurrency=[1, 4], window_s=0.02, client_processes=1, client="threads")
+        rows = sweep_model(args, triton.endpoints.grpc, "grpc", "ncl", 32, None, None)
+    finally:
+        for burner in burners:
+            burner.terminate()
+            burner.wait(timeout=30)
+    assert [r["concurrency"] for r in rows] == [1, 4]
+    for row in rows:
+        if row["measured"]:
+            assert min(row["window_throughputs"]) * row["window_s"] >= MIN_WINDOW_REQUESTS and row["throughput"] > 0
+            assert row["requests"] >= 3 * MIN_WINDOW_REQUESTS and row["p99_ms"] >= row["p50_ms"] > 0
+        else:
+            assert not row["stable"] and "throughput" not in row and "p99_ms" not in row, row
+            assert row["window_s"] == pytest.approx(0.02 * 8) and "lengthen --window-s" in row["not_measured"]
+
+
+def noisy_bench_result(budget_s: float = 4.0) -> dict:
+    """A constructed bench result whose fused ensemble's batch-1 cost is too noisy (rounds that vary +-60%), with two
+    served places (one UNRELIABLE cost, two points on the same spot) and a served sweep with one point not measured."""
+    rng = np.random.default_rng(0)
+    blocks = lambda t, spread: [list(t * rng.lognormal(0, spread) * rng.normal(1, 0.01, 3))  # noqa: E731
+                                for _ in range(20)]
+    timings = {b: Interleaved({f"{n}@onnxruntime-cpu": blocks(t * b, 0.6 if (n, b) == ("ensemble-grouped", 1) else 0)
+                               for n, t in (("expert0", 1.0), ("expert1", 1.0), ("ensemble-loop", 3.0),
+                                            ("ensemble-grouped", 2.5))}) for b in (1, 64)}
+    acc = lambda o, f: {"overall": o, "many": o + 10, "medium": o, "few": f, "agreement": 90.0,  # noqa: E731
+                        "ci95": {"overall": [o - 2, o + 2], "few": [f - 5, f + 5]}}
+    variants = {"expert0": {"experts": [0], "precision": "fp32", "fusion": "loop", "accuracy": acc(60.0, 20.0)},
+                "expert1": {"experts": [1], "precision": "fp32", "fusion": "loop", "accuracy": acc(55.0, 40.0)},
+                "ensemble-loop": {"experts": [0, 1], "precision": "fp32", "fusion": "loop", "accuracy": acc(65.0, 45.0)},
+                "ensemble-grouped": {"experts": [0, 1], "precision": "fp32", "fusion": "grouped",
+                                     "accuracy": acc(65.0, 45.0)}}
+    ratios = inprocess_ratios(variants, timings, "onnxruntime-cpu", "expert0")
+    points = cost_accuracy(variants, timings, "onnxruntime-cpu", "expert0")
+    for name, cost, ci, protocol in (("ncl_expert0", 1.0, 0.0, "grpc"), ("ncl", 1.5, 0.3, "grpc"),
+                                     ("ncl_naive", 2.5, 0.05, "grpc"), ("ncl_expert0", 1.0, 0.0, "http"),
+                                     ("ncl", 1.5, 0.05, "http"), ("ncl_naive", 2.5, 0.05, "http")):
+        c = {"ratio": cost, "ci95": [cost - ci, cost + ci], "rounds": 20, "samples": 200, "reliable": ci / cost <= 0.1}
+        points.append({"name": f"{name} over {protocol}", "where": f"triton-{protocol}", "experts": 1, "experts_run": 1.0,
+                       "precision": "fp32", **accuracy_columns(acc(60.0 + cost, 30.0)), "cost_b1": c,
+                       "cost_small": cost, "cost_large": None, "cost_small_reliable": c["reliable"]})
+    mark_pareto(points)
+    gains = {"overall": {"points": 5.0, "ci95": [4.0, 6.0]}, "few": {"points": 25.0, "ci95": [15.0, 35.0]}}
+    sweep = [{"model": "ncl", "protocol": "grpc", "concurrency": c, "measured": True, "throughput": 50.0 * c,
+              "p50_ms": 10.0 * c, "p99_ms": 15.0 * c, "stable": True} for c in (1, 4)]
+    sweep.append({"model": "ncl", "protocol": "grpc", "concurrency": 16, "measured": False, "stable": False,
+                  "not_measured": "a 8 s window completed 2 requests (at least 5 needed): lengthen --window-s"})
+    return {"checkpoint": "ncl.pt", "machine": machine_info(), "single": "expert0", "ratios": ratios, "points": points,
+            "decision": decision(points, ratios, "expert0", lambda a, b: gains, budget_s), "inprocess": [],
+            "served": {"models": [], "sweep": sweep, "server_models": ["ncl"]}, "p99_budget_ms": 40.0,
+            "not_measured": ["in-process batch 256: 3 interleaved rounds in 16.0 s (at least 10 needed): give it a "
+                             "longer --budget-s"],
+            "evaluation": {"source": "constructed split", "chosen_on": "another split", "shot_rule": "strict"}}
+
+
+def test_an_unreliable_cost_never_heads_the_decision_nor_sits_on_the_pareto_front(tmp_path):
+    result = noisy_bench_result()
+    d, by_name = result["decision"], {p["name"]: p for p in result["points"]}
+    grouped = by_name["ensemble-grouped"]
+    assert not grouped["cost_b1"]["reliable"] and grouped["cost_b64"]["reliable"]
+    assert not grouped["pareto_cost_small_overall"] and grouped["pareto_cost_large_overall"]
+    assert not by_name["ncl over grpc"]["pareto_cost_small_overall"] and by_name["ncl over http"]["pareto_cost_small_overall"]
+    assert not d["reliable"] and d["noisy_batches"] == [1] and "UNRELIABLE" not in d["sentence"]
+    assert d["sentence"].startswith("The ensemble (ensemble-grouped) buys +5.0 [+4.0, +6.0] points overall, +25.0 "
+                                    "[+15.0, +35.0] on few-shot classes, for 2.")
+    assert "the cost at batch 64, against the best single expert (expert0). Its cost at batch 1 (" in d["sentence"]
+    assert d["sentence"].endswith("was too noisy to state (95% interval wider than +-10%): rerun python -m bench with "
+                                  "a --budget-s longer than 4 s (4x the time halves the interval), on a quieter machine.")
+    write_all(result, tmp_path)
+    summary = (tmp_path / "summary.md").read_text().splitlines()
+    assert summary[2] == d["sentence"] and summary[4].startswith("Machine: ") and summary[6] == "## Cost and accuracy"
+    table = [line for line in summary if line.startswith("| ") and "onnxruntime-cpu" in line]
+    assert table[0].startswith("| 1 | expert0 * | onnxruntime-cpu | 1 | fp32 | 60.0 [58.0, 62.0] |")
+    assert next(line for line in table if "ensemble-grouped" in line).startswith("| 4 | ensemble-grouped |")
+
+
+def test_served_rows_not_measured_are_named_with_their_reason_and_left_out_of_tables_and_plots(tmp_path):
+    from bench.report import served_curves_figure
+    result = noisy_bench_result()
+    write_all(result, tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    section = summary[summary.index("## Not measured"):].split("\n## ")[0]
+    assert "- in-process batch 256: 3 interleaved rounds in 16.0 s" in section
+    assert "- served ncl over grpc at concurrency 16: a 8 s window completed 2 requests" in section
+    assert "| ncl | grpc | 4 | 200.0 |" in summary and "| ncl | grpc | 16 |" not in summary
+    assert "- ncl over grpc: 50.0 img/s at concurrency 1 (p99 15.00 ms)" in summary  # at 4, p99 60 ms > 40 ms
+    fig = served_curves_figure(result["served"]["sweep"], 40.0)
+    curves = [line for line in fig.axes[0].lines if line.get_label() == "ncl / grpc"]
+    assert len(curves) == 1 and list(curves[0].get_xdata()) == [50.0, 200.0]
+    budget = [line for line in fig.axes[0].lines if line.get_label() == "p99 budget 40 ms"]
+    assert len(budget) == 1 and list(budget[0].get_ydata()) == [40.0, 40.0]
+
+
+def test_cost_accuracy_plot_bars_intervals_hollows_unreliable_points_and_numbers_them_without_overlap():
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.text import Text
+    from bench.report import cost_accuracy_figure
+    result = noisy_bench_result()
+    points = result["points"]
+    fig = cost_accuracy_figure(points)
+    renderer = fig.canvas.get_renderer()
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels[:3]] == ["in-process, batch 1 (latency)", "in-process, batch 64 (1 / throughput)",
+                                                     "served, batch 1, concurrency 1"]
+    assert len(panels) == 6  # overall and few-shot
+    grouped = next(p for p in points if p["name"] == "ensemble-grouped")
+    for ax in panels:
+        numbers = [t for t in ax.texts if t.get_gid() == "number"]
+        boxes = [Text.get_window_extent(t, renderer) for t in numbers]
+        served = ax.get_title().startswith("served")
+        assert sorted(int(t.get_text()) for t in numbers) == list(range(5, 11) if served else range(1, 5))
+        assert not [(a.get_text(), b.get_text()) for i, (a, box) in enumerate(zip(numbers, boxes))
+                    for b, other in zip(numbers[i + 1:], boxes[i + 1:]) if box.overlaps(other)], ax.get_title()
+        assert all(ax.get_window_extent(renderer).contains(b.x0, b.y0) for b in boxes)
+        assert any(isinstance(c, ErrorbarContainer) for c in ax.containers)
+        hollow = [c for c in ax.collections if (c.get_gid() or "").startswith("unreliable")]
+        assert all(len(c.get_facecolor()) == 0 or not c.get_facecolor()[:, 3].any() for c in hollow)
+        fronts = [line for line in ax.lines if (line.get_gid() or "").startswith("pareto")]
+        if ax.get_title() == "in-process, batch 1 (latency)":
+            assert [list(c.get_offsets()[0]) for c in hollow] == [[grouped["cost_small"], grouped[ax.get_ylabel()[6:-4]]]]
+            assert all(grouped["cost_small"] not in line.get_xdata() for line in fronts)
+        if served:
+            assert {line.get_gid() for line in fronts} == {"pareto triton-http", "pareto triton-grpc"}
+            assert [c.get_gid() for c in hollow] == ["unreliable triton-grpc"]
+    key = next(t for t in fig.texts + [t for ax in fig.axes for t in ax.texts] if t.get_gid() == "key")
+    assert key.get_text().splitlines()[3] == " 4  ensemble-grouped (onnxruntime-cpu)"
+    assert not any(key.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)) for ax in panels)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
