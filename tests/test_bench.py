@@ -22,6 +22,8 @@ from bench.machine import machine_info
 from bench.report import write_all
 from bench.runners import TritonRunner
 from bench.served_stage import score_model
+from expertfuse.errors import UserError
+from expertfuse.files import report_name
 from expertfuse.parity import BENCH_FP32, compare
 from expertfuse.timing import Interleaved
 from export.job import job_for
@@ -175,6 +177,11 @@ def test_served_bench_writes_json_csv_and_plots(triton, tiny_checkpoint, tmp_pat
     assert "throughput" in header and "p95_ms" in header
     for name in ("cost_accuracy.png", "served_latency_throughput.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["checkpoint"] == "ncl.pt" and result["plots"] == ["cost_accuracy.png", "served_latency_throughput.png"]
+    for written in out.iterdir():  # no machine path: not the checkpoint's folder, not the run's
+        if written.suffix in (".json", ".md", ".csv"):
+            text = written.read_text()
+            assert str(tmp_path) not in text and str(tiny_checkpoint.parent) not in text, written.name
 
 
 def test_served_bench_refuses_a_server_running_another_model(triton, tiny_checkpoint, tmp_path):
@@ -222,10 +229,10 @@ def test_demo_pipeline_runs_end_to_end_in_reduced_form(tmp_path):
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_asyncio_load_generator(triton, protocol):
-    from bench.served import measure_concurrency
+    from bench.served import measure_point
     url = triton.endpoints.http if protocol == "http" else triton.endpoints.grpc
-    row = measure_concurrency(url, protocol, "ncl_expert0", 32, 1, 4, window_s=0.3, max_processes=1, client_kind="asyncio")
-    assert row["client"] == "asyncio" and row["requests"] > 0 and row["throughput"] > 0
+    row = measure_point(url, protocol, "ncl_expert0", 32, 1, 4, window_s=0.3, max_processes=1, client_kind="asyncio")
+    assert row["client"] == "asyncio" and row["measured"] and row["requests"] > 0 and row["throughput"] > 0
     assert row["server_exec_per_request"] <= 1.0
 
 
@@ -473,3 +480,42 @@ def test_cost_accuracy_plot_bars_intervals_hollows_unreliable_points_and_numbers
     assert not any(key.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer)) for ax in panels)
     import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+def test_bench_report_rewrites_an_earlier_runs_report_from_its_bench_json(tmp_path):
+    """Written by earlier code: no reliability flags, the Pareto front with an UNRELIABLE cost, its sentence stating it,
+    a served point with an empty window passing as 0 img/s. Today's report derives what it reads, measuring nothing."""
+    from bench.report import main as report_main
+    result = noisy_bench_result()
+    for p in result["points"]:
+        for key in [k for k in p if k.endswith("_reliable") or k.startswith("pareto_")]:
+            del p[key]
+        p["pareto_cost_small_overall"] = True
+    result["decision"] = {"gain_ci95": {"overall": [4.0, 6.0], "few": [15.0, 35.0]}, "reliable": False,
+                          "sentence": "The ensemble ... 2.5x UNRELIABLE"}
+    result["settings"] = {"budget_s": "4.0", "window_s": "0.5"}
+    result["served"]["sweep"] = [{"model": "ncl", "protocol": "grpc", "concurrency": 1, "batch": 1, "throughput": 4.0,
+                                  "window_throughputs": [0.0, 6.0, 6.0], "p50_ms": 1.0, "p99_ms": 2.0,
+                                  "server_queue_ms": 0.0, "stable": False}]
+    (tmp_path / "bench.json").write_text(json.dumps(result, default=str))
+    report_main([str(tmp_path)])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["decision"]["sentence"] == noisy_bench_result()["decision"]["sentence"]
+    grouped = next(p for p in saved["points"] if p["name"] == "ensemble-grouped")
+    assert not grouped["pareto_cost_small_overall"] and grouped["pareto_cost_large_overall"]
+    row = saved["served"]["sweep"][0]
+    assert not row["measured"] and "throughput" not in row and "p99_ms" not in row and "server_queue_ms" not in row
+    summary = (tmp_path / "summary.md").read_text()
+    assert "- served ncl over grpc at concurrency 1: a 0.5 s window completed 0 requests" in summary
+    assert saved["plots"] == ["cost_accuracy.png"]
+    del result["evaluation"]["chosen_on"]  # a run whose best expert was picked on the split it is scored on
+    (tmp_path / "bench.json").write_text(json.dumps(result, default=str))
+    with pytest.raises(UserError, match="predates the calibration split"):
+        report_main([str(tmp_path)])
+
+
+def test_report_names_files_without_machine_paths(tmp_path):
+    run = tmp_path / "out"
+    assert report_name(tmp_path / "train" / "ncl.pt", run) == "ncl.pt"
+    assert report_name(run / "plots" / "a.png", run) == "plots/a.png" and report_name(run, run) == "."
+    assert report_name(Path("runs/ncl/ncl.pt"), run) == "runs/ncl/ncl.pt"  # as typed, relative to where it ran
