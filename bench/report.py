@@ -196,7 +196,7 @@ def cost_accuracy_figure(points: list[dict]):
     key.text(0, 1, "\n".join(f"{number[p['name']]:>2}  {p['name']}" + ("" if p["where"].startswith(SERVED_PREFIX)
                                                                        else f" ({p['where']})") for p in points),
              va="top", ha="left", fontsize=7, family="monospace", transform=key.transAxes, gid="key")
-    fig.suptitle("What each variant buys (accuracy) for what it costs: 95% intervals as bars, hollow = cost "
+    fig.suptitle("What each variant buys (accuracy) for what it costs\n95% intervals as bars; hollow: a cost "
                  "interval wider than +-10%", fontsize=9)
     fig.tight_layout()
     renderer = fig.canvas.get_renderer()
@@ -238,11 +238,15 @@ def served_curves_figure(sweep: list[dict], p99_budget_ms: float | None = None):
     measured points only), and the p99 budget as a line when one was given."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     measured = [r for r in sweep if r.get("measured", True) and "p99_ms" in r]
+    models = sorted({r["model"] for r in measured})
+    colours = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
     for key in sorted({(r["model"], r["protocol"]) for r in measured}):
         pts = sorted((r["concurrency"], r["throughput"], r["p99_ms"]) for r in measured
                      if (r["model"], r["protocol"]) == key)
         _, xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o", label=f"{key[0]} / {key[1]}")
+        grpc = key[1] == "grpc"  # a model's colour, the protocol's line and marker
+        ax.plot(xs, ys, marker="^" if grpc else "o", linestyle="--" if grpc else "-", color=colours(models.index(key[0])),
+                label=f"{key[0]} / {key[1]}")
         for c, x, y in pts:
             ax.annotate(f"c{c}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     if p99_budget_ms:
