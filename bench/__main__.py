@@ -2,7 +2,7 @@
 
   python -m bench --ckpt runs/ncl/ncl.pt [--runtimes onnxruntime-cpu,torch-cpu] [--batches 1,8,64]
       [--served --repository model_repository | --http-url H:P --grpc-url H:P] [--concurrency 1,2,4,8,16]
-      [--protocols http,grpc] [--dataset ... --data-root ...] [--out bench/results/latest]
+      [--protocols http,grpc] [--p99-budget-ms MS] [--dataset ... --data-root ...] [--out bench/results/latest]
 
 Every variant (each expert, the best-k subsets, the fused ensemble loop/grouped, FP16, INT8 and early-exit
 models of the repository, and each served model over HTTP and gRPC) is checked against the checkpoint's PyTorch
