@@ -220,15 +220,6 @@ def test_demo_pipeline_runs_end_to_end_in_reduced_form(tmp_path):
     assert summary.splitlines()[2].lstrip("*").startswith("The ensemble (ensemble-") and "fused / naive (served)" in summary
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_asyncio_load_generator(triton, protocol):
-    from bench.served import measure_concurrency
-    url = triton.endpoints.http if protocol == "http" else triton.endpoints.grpc
-    row = measure_concurrency(url, protocol, "ncl_expert0", 32, 1, 4, window_s=0.3, max_processes=1, client_kind="asyncio")
-    assert row["client"] == "asyncio" and row["requests"] > 0 and row["throughput"] > 0
-    assert row["server_exec_per_request"] <= 1.0
-
-
 def test_demo_training_check_names_a_collapsed_expert_and_an_ensemble_behind_its_best_expert():
     from bench.demo import training_check
     row = lambda name, overall, right: {"variant": name, "runtime": "onnxruntime-cpu",  # noqa: E731
@@ -279,7 +270,8 @@ def test_sigterm_stops_a_served_bench_its_triton_and_load_processes_and_removes_
     before = set(Path(tempfile.gettempdir()).glob("expertfuse-bench-*"))
     bench = subprocess.Popen([sys.executable, "-m", "bench", "--ckpt", str(tiny_checkpoint), "--no-inprocess",
                               "--eval-limit", "20", "--served", "--repository", str(exported_repository), "--server",
-                              "bundled", "--protocols", "grpc", "--concurrency", "2", "--window-s", "20", "--out",
+                              "bundled", "--protocols", "grpc", "--concurrency", "2", "--load-generator", "python",
+                              "--client-processes", "2", "--window-s", "20", "--out",
                               str(tmp_path / "bench")], cwd=REPO, text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 180
