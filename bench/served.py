@@ -33,7 +33,7 @@ def _asyncio_loops(url: str, protocol: str, model: str, images: np.ndarray, clie
                    records: list, errors: list) -> float:
     """`clients` closed-loop coroutines, each with its own tritonclient asyncio client (http.aio or grpc.aio), so
     one connection per in-flight request; each sends one warm-up request before the process reports ready.
-    Returns the process's CPU seconds from `go` on."""
+    Returns usage_since(`go`) at the end of the last window."""
     import asyncio
     aio = client_module(protocol, asyncio=True)
     request = aio.InferInput("image", list(images.shape), "UINT8")
@@ -46,24 +46,24 @@ def _asyncio_loops(url: str, protocol: str, model: str, images: np.ndarray, clie
             await client.infer(model, [request], outputs=outputs)
             records.append((time.time(), time.perf_counter() - t0))
 
-    async def run() -> float:
-        cpu0 = time.process_time()
+    async def run() -> tuple[float, float]:
+        used = (0.0, 0.0)
         connections = [aio.InferenceServerClient(url) for _ in range(clients)]
         try:
             await asyncio.gather(*(c.infer(model, [request], outputs=outputs) for c in connections))
             ready.put(True)
             await asyncio.get_running_loop().run_in_executor(None, go.wait)
-            cpu0 = time.process_time()
-            start_at, stop_at = schedule[:]
+            start, (start_at, stop_at) = usage_now(), schedule[:]
             await asyncio.sleep(max(0.0, start_at - time.time()))
             await asyncio.gather(*(loop(c, stop_at) for c in connections))
+            used = usage_since(start)
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the point
             errors.append(str(exc).splitlines()[0])
             ready.put(True)  # the parent is not left waiting; it reads the error
         finally:
             for c in connections:
                 await c.close()
-        return time.process_time() - cpu0
+        return used
 
     return asyncio.run(run())
 
@@ -76,9 +76,10 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
     time to the parent. Start-up (imports, connections) thus never falls inside a measurement window."""
     records, errors = [], []
     if client_kind == "asyncio":
-        cpu = _asyncio_loops(url, protocol, model, images, threads, schedule, ready, go, records, errors)
+        used = _asyncio_loops(url, protocol, model, images, threads, schedule, ready, go, records, errors)
         start_at, stop_at = schedule[:]
-        results.put({"records": records, "errors": errors, "cpu_s": cpu, "wall_s": stop_at - start_at})
+        results.put({"records": records, "errors": errors, "cpu_s": used[0], "busiest_thread_s": used[1],
+                     "wall_s": stop_at - start_at})
         return
     module = client_module(protocol)
     warmed, released = threading.Barrier(threads + 1), threading.Event()
@@ -112,13 +113,39 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
     warmed.wait()
     ready.put(True)
     go.wait()
-    cpu0 = time.process_time()
+    start, (start_at, stop_at) = usage_now(), schedule[:]
     released.set()
+    time.sleep(max(0.0, stop_at - time.time()))
+    cpu, busiest = usage_since(start)  # while the clients' threads still exist
     for w in workers:
         w.join()
-    cpu = time.process_time() - cpu0
-    start_at, stop_at = schedule[:]
-    results.put({"records": records, "errors": errors, "cpu_s": cpu, "wall_s": stop_at - start_at})
+    results.put({"records": records, "errors": errors, "cpu_s": cpu, "busiest_thread_s": busiest,
+                 "wall_s": stop_at - start_at})
+
+
+def thread_demand_ns() -> dict[int, int]:
+    """Per thread of this process: nanoseconds on a core plus waiting in a run queue for one (Linux schedstat;
+    {} where it is missing). A thread near 100% of the wall time could not have run more."""
+    demand = {}
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            on_cpu, waiting, _ = (int(v) for v in (task / "schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue
+        demand[int(task.name)] = on_cpu + waiting
+    return demand
+
+
+def usage_now() -> tuple[float, dict[int, int]]:
+    return time.process_time(), thread_demand_ns()
+
+
+def usage_since(start: tuple[float, dict[int, int]]) -> tuple[float, float]:
+    """(process CPU seconds, the busiest thread's seconds on or waiting for a core) since `start` (usage_now)."""
+    cpu0, demand0 = start
+    demand = thread_demand_ns()
+    busiest = max((demand[t] - demand0[t] for t in demand if t in demand0), default=0)
+    return time.process_time() - cpu0, busiest / 1e9
 
 
 @contextmanager
@@ -201,6 +228,7 @@ def measure_concurrency(url: str, protocol: str, model: str, image_size: int, ba
               for w in range(windows)]
     latencies = np.array([lat for _, lat in records]) * 1e3
     cpu_share = [r["cpu_s"] / r["wall_s"] for r in reports]
+    thread_share = [r["busiest_thread_s"] / r["wall_s"] for r in reports]
     measured = min(counts) >= MIN_WINDOW_REQUESTS
     row = {"model": model, "protocol": protocol, "concurrency": concurrency, "batch": batch, "client": client_kind,
            "load_generator": "python", "throughput": sum(counts) * batch / (windows * window_s),
@@ -211,6 +239,7 @@ def measure_concurrency(url: str, protocol: str, model: str, image_size: int, ba
            **({f"p{q}_ms": float(np.percentile(latencies, q)) for q in (50, 90, 95, 99)} if len(latencies) else {}),
            **({"mean_ms": float(latencies.mean())} if len(latencies) else {}),
            "requests": len(records), "client_processes": processes, "client_cpu_share": cpu_share,
+           "client_busiest_thread_share": thread_share,
            "client_cpu_ms": sum(r["cpu_s"] for r in reports) / max(sum(len(r["records"]) for r in reports), 1) * 1e3,
            **server_split(before, after)}
     return with_client_bound(row)
@@ -229,23 +258,28 @@ def server_split(before: dict, after: dict) -> dict:
 
 SATURATED_SHARE = 0.9  # a client process busier than this (share of one core) cannot send faster
 IN_FLIGHT_SHORTFALL = 0.9  # fewer requests in flight on average than this share of the concurrency asked for
-CLIENT_CPU_SHARE = 0.3  # client CPU per request above this share of the server's compute per request
+CLIENT_CPU_SHARE = 0.1  # client CPU per request above this share of the server's compute per request
 
 
 def with_client_bound(row: dict) -> dict:
     """The row with `client_bound` (and `client_bound_why` when true): the load generator, not the server, set the
     figure, which then understates the server by a client-dependent amount, so a client-bound row never feeds a
-    ratio. Three signs: a client process used a whole core; fewer requests were in flight on average (Little's law:
-    throughput x mean latency) than the concurrency asked for, so the client spent the rest between requests; or
-    the client's CPU per request exceeds 30% of the server's compute per request (one execution's compute shared by
-    the requests batched into it): time the client adds to every request, and takes from cores it shares with the
-    server. perf_analyzer stayed at 16-25% of the tiny test models' compute on a 2-core machine, our Python
-    client at 20-50% (bench/results/served-vs-perf-analyzer)."""
+    ratio. Three signs: a client process used a whole core, or one of its threads was on a core or waiting in the
+    run queue for one nearly all the time (on a loaded machine the event loop starves before it burns a core); fewer
+    requests were in flight on average (Little's law: throughput x mean latency) than the concurrency asked for, so
+    the client spent the rest between requests; or the client's CPU per request exceeds 10% of the server's compute
+    per request (one execution's compute shared by the requests batched into it): time the client adds to every
+    request, and takes from cores it shares with the server, beyond the 10% the figures are compared at. On a
+    2-core machine with the tiny test models this flags perf_analyzer too at some points, and our Python client at
+    nearly all (bench/results/served-vs-perf-analyzer)."""
     why = None
     in_flight = row["throughput"] / row["batch"] * row["mean_ms"] / 1e3 if row.get("mean_ms") else None
     work_ms = (row.get("server_compute_ms") or 0.0) * min(row.get("server_exec_per_request") or 1.0, 1.0)
     if max(row.get("client_cpu_share") or [0.0]) > SATURATED_SHARE:
         why = f"a client process used {max(row['client_cpu_share']):.0%} of a core"
+    elif max(row.get("client_busiest_thread_share") or [0.0]) > SATURATED_SHARE:
+        why = (f"a client thread was on a core or waiting for one {max(row['client_busiest_thread_share']):.0%} "
+               "of the time")
     elif in_flight is not None and in_flight < IN_FLIGHT_SHORTFALL * row["concurrency"]:
         why = (f"{in_flight:.2f} requests in flight on average (throughput x mean latency) of the "
                f"{row['concurrency']} asked for: the client spent the rest between requests")

@@ -29,6 +29,7 @@ def test_python_load_generator_reports_latency_server_split_and_its_own_cpu(trit
     assert row["throughput"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0 and row["mean_ms"] > 0
     assert row["server_exec_per_request"] <= 1.0 and row["client_cpu_ms"] > 0
     assert row["client_processes"] == min(4, default_client_processes())
+    assert 0 < max(row["client_busiest_thread_share"]) <= 1.05  # its schedstat was read
     assert row["client_bound"] == ("client_bound_why" in row)
 
 
@@ -47,15 +48,17 @@ def test_client_bound_reasons_on_constructed_rows():
     assert not with_client_bound(base)["client_bound"] and feeds_ratios(with_client_bound(base))
     saturated = with_client_bound({**base, "client_cpu_share": [0.5, 0.95]})
     assert saturated["client_bound_why"] == "a client process used 95% of a core"
+    starved = with_client_bound({**base, "client_busiest_thread_share": [0.93]})
+    assert starved["client_bound_why"] == "a client thread was on a core or waiting for one 93% of the time"
     short = with_client_bound({**base, "mean_ms": 3.0})  # 1000/s x 3 ms = 3 of 4 in flight
     assert short["client_bound_why"].startswith("3.00 requests in flight on average (throughput x mean latency) of "
                                                 "the 4 asked for")
     base_batched = {**base, "server_exec_per_request": 0.5}  # two requests per execution: 1 ms of compute each
-    assert not with_client_bound({**base_batched, "client_cpu_ms": 0.29})["client_bound"]
-    costly = with_client_bound({**base_batched, "client_cpu_ms": 0.31})
-    assert costly["client_bound_why"] == ("the client spent 0.310 ms of CPU per request, more than 30% of the "
+    assert not with_client_bound({**base_batched, "client_cpu_ms": 0.09})["client_bound"]
+    costly = with_client_bound({**base_batched, "client_cpu_ms": 0.11})
+    assert costly["client_bound_why"] == ("the client spent 0.110 ms of CPU per request, more than 10% of the "
                                           "server's 1.000 ms of compute per request")
-    assert not any(feeds_ratios(r) for r in (saturated, short, costly))
+    assert not any(feeds_ratios(r) for r in (saturated, starved, short, costly))
     assert not feeds_ratios({**base, "client_bound": False, "measured": False})
 
 
@@ -90,8 +93,9 @@ def test_perf_analyzer_point_carries_the_fields_of_a_python_row(triton, protocol
     python = measure_concurrency(url_of(triton, protocol), protocol, "ncl_expert0", 32, 1, 2, window_s=0.3)
     assert row["load_generator"] == "perf_analyzer" and row["concurrency"] == 2 and row["throughput"] > 0
     assert row["p99_ms"] >= row["p50_ms"] > 0 and row["mean_ms"] > 0 and row["client_cpu_ms"] > 0
-    assert {k for k in python if k not in ("window_throughputs", "requests", "client_processes",
-                                           "client_cpu_share")} <= set(row) | {"client_bound_why"}
+    python_only = {"window_throughputs", "requests", "client_processes", "client_cpu_share",
+                   "client_busiest_thread_share", "not_measured"}
+    assert set(python) - python_only <= set(row) | {"client_bound_why"}
 
 
 @needs_perf_analyzer
