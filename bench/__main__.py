@@ -27,6 +27,7 @@ from bench.inprocess import (References, available_runtimes, plan_variants, refe
                               run_inprocess)
 from bench.machine import machine_info
 from bench.report import markdown, write_all
+from bench.served import PERF_ANALYZER_ENV, default_client_processes
 from bench.served_stage import run_served, served_target
 from expertfuse.cli import (choice_list, name_list, positive_float, positive_int, positive_int_list, run_cli,
                             unwind_on_signals)
@@ -65,10 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-memory", action="store_true",
                    help="the interleaved served timing passes tensors through system shared memory, as perf_analyzer "
                         "--shared-memory system: no serialization in the served / in-process ratio (Triton on this host)")
-    p.add_argument("--load-generator", default="python", choices=["python", "perf_analyzer"])
-    p.add_argument("--client-processes", type=positive_int, default=4, help="most client processes generating load [4]")
-    p.add_argument("--client", default="threads", choices=["threads", "asyncio"],
-                   help="inside each load process: threads with sync clients, or tritonclient asyncio coroutines")
+    p.add_argument("--load-generator", default="auto", choices=["auto", "python", "perf_analyzer"],
+                   help="the sweep's load: perf_analyzer, our Python generator, or auto: perf_analyzer wherever a "
+                        "working binary is found, else Python [auto]")
+    p.add_argument("--perf-analyzer", metavar="PATH", help=f"the perf_analyzer binary [${PERF_ANALYZER_ENV}, else PATH]")
+    p.add_argument("--client-processes", type=positive_int,
+                   help=f"most Python load processes [half the cores: {default_client_processes()}]")
+    p.add_argument("--client", default="asyncio", choices=["asyncio", "threads"],
+                   help="inside each Python load process: asyncio coroutines with one connection each, or threads "
+                        "with sync clients [asyncio]")
     p.add_argument("--p99-budget-ms", type=positive_float,
                    help="served p99 latency budget: drawn on the latency-throughput plot, and the summary names the "
                         "highest throughput within it per model and protocol")

@@ -235,7 +235,7 @@ def plot_early_exit_curve(record: dict, path: Path) -> None:
 
 def served_curves_figure(sweep: list[dict], p99_budget_ms: float | None = None):
     """Throughput (x) against p99 latency (y) over the concurrency sweep, one curve per model and protocol (the
-    measured points only), and the p99 budget as a line when one was given."""
+    measured points only; client-bound ones ringed), and the p99 budget as a line when one was given."""
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     measured = [r for r in sweep if r.get("measured", True) and "p99_ms" in r]
     models = sorted({r["model"] for r in measured})
@@ -249,6 +249,10 @@ def served_curves_figure(sweep: list[dict], p99_budget_ms: float | None = None):
                 label=f"{key[0]} / {key[1]}")
         for c, x, y in pts:
             ax.annotate(f"c{c}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    bound = [r for r in measured if r.get("client_bound")]
+    if bound:  # the load generator set these figures, not the server: marked, as in the served table
+        ax.scatter([r["throughput"] for r in bound], [r["p99_ms"] for r in bound], s=90, facecolors="none",
+                   edgecolors="black", linewidths=0.8, zorder=3, label="client-bound (the load generator's figure)")
     if p99_budget_ms:
         ax.axhline(p99_budget_ms, color="red", linestyle="--", linewidth=1, label=f"p99 budget {p99_budget_ms:g} ms")
     ax.set(xlabel="throughput (images/s)", ylabel="p99 latency (ms)", title="Served: latency vs throughput "

@@ -12,7 +12,7 @@ from pathlib import Path
 from bench.decision import accuracy_columns, ratio_row
 from bench.inprocess import EarlyExit, Variant, cheap_role, gate_and_score, make_runner, reference_key, served_experts
 from bench.runners import TritonRunner, cycling_calls
-from bench.served import find_perf_analyzer, measure_point, run_perf_analyzer
+from bench.served import choose_load_generator, measure_point, run_perf_analyzer
 from expertfuse.errors import UserError
 from expertfuse.timing import MAX_EXTENSION, interleave, ratio
 from serve.protocols import PROTOCOLS, client_module
@@ -72,11 +72,9 @@ def given_urls(args) -> dict[str, str]:
 def served_target(args, ctx, log=print):
     """The servers, models and load generator the served stage needs, checked before anything is measured: the
     Triton at --http-url/--grpc-url (reachable) or one started on --repository (stopped on leaving), and at least
-    one model of the checkpoint among its READY ones."""
-    perf_analyzer = find_perf_analyzer() if args.load_generator == "perf_analyzer" else None
-    if args.load_generator == "perf_analyzer" and not perf_analyzer:
-        raise UserError("--load-generator perf_analyzer: no working perf_analyzer binary on PATH (pip's perf-analyzer "
-                        "0.1.0 is an empty placeholder; use the Triton SDK container)")
+    one model of the checkpoint among its READY ones; the load generator is chosen (and named) first."""
+    perf_analyzer, note = choose_load_generator(args.load_generator, args.perf_analyzer)
+    log(note)
     urls, server = given_urls(args), None
     for protocol, url in urls.items():
         check_reachable(protocol, url)

@@ -27,7 +27,7 @@ from pathlib import Path
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from bench.served import measure_point
+from bench.served import default_client_processes, measure_point
 from expertfuse.cli import (non_negative_int_list, positive_float, positive_int, positive_int_list, run_cli,
                             unwind_on_signals)
 from expertfuse.contract import INPUT, check_model_name
@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default="grpc", choices=PROTOCOLS)
     p.add_argument("--server", default="auto", choices=SERVERS, help="which Triton to start [auto]")
     p.add_argument("--window-s", type=positive_float, default=1.0, help="length of one measured window [1.0]")
-    p.add_argument("--client-processes", type=positive_int, default=4, help="most client processes generating load [4]")
+    p.add_argument("--client-processes", type=positive_int,
+                   help=f"most client processes generating load [half the cores: {default_client_processes()}]")
     p.add_argument("--ready-timeout", type=positive_float, default=180.0, help="seconds for Triton to start [180]")
     p.add_argument("--load-timeout", type=positive_float, default=180.0, help="seconds for one model reload [180]")
     p.add_argument("--variant", help="name of the tuned model written back [<model>_tuned]")

@@ -227,15 +227,6 @@ def test_demo_pipeline_runs_end_to_end_in_reduced_form(tmp_path):
     assert summary.splitlines()[2].lstrip("*").startswith("The ensemble (ensemble-") and "fused / naive (served)" in summary
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_asyncio_load_generator(triton, protocol):
-    from bench.served import measure_point
-    url = triton.endpoints.http if protocol == "http" else triton.endpoints.grpc
-    row = measure_point(url, protocol, "ncl_expert0", 32, 1, 4, window_s=0.3, max_processes=1, client_kind="asyncio")
-    assert row["client"] == "asyncio" and row["measured"] and row["requests"] > 0 and row["throughput"] > 0
-    assert row["server_exec_per_request"] <= 1.0
-
-
 def test_demo_training_check_names_a_collapsed_expert_and_an_ensemble_behind_its_best_expert():
     from bench.demo import training_check
     row = lambda name, overall, right: {"variant": name, "runtime": "onnxruntime-cpu",  # noqa: E731
@@ -286,7 +277,8 @@ def test_sigterm_stops_a_served_bench_its_triton_and_load_processes_and_removes_
     before = set(Path(tempfile.gettempdir()).glob("expertfuse-bench-*"))
     bench = subprocess.Popen([sys.executable, "-m", "bench", "--ckpt", str(tiny_checkpoint), "--no-inprocess",
                               "--eval-limit", "20", "--served", "--repository", str(exported_repository), "--server",
-                              "bundled", "--protocols", "grpc", "--concurrency", "2", "--window-s", "20", "--out",
+                              "bundled", "--protocols", "grpc", "--concurrency", "2", "--load-generator", "python",
+                              "--client-processes", "2", "--window-s", "20", "--out",
                               str(tmp_path / "bench")], cwd=REPO, text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 180
@@ -442,6 +434,15 @@ def test_served_rows_not_measured_are_named_with_their_reason_and_left_out_of_ta
     assert len(curves) == 1 and list(curves[0].get_xdata()) == [50.0, 200.0]
     budget = [line for line in fig.axes[0].lines if line.get_label() == "p99 budget 40 ms"]
     assert len(budget) == 1 and list(budget[0].get_ydata()) == [40.0, 40.0]
+
+
+def test_client_bound_served_points_are_ringed_on_the_latency_plot():
+    from bench.report import served_curves_figure
+    sweep = [{"model": "ncl", "protocol": "grpc", "concurrency": c, "throughput": t, "p99_ms": p, "measured": True,
+              "client_bound": c == 16} for c, t, p in ((1, 50.0, 15.0), (16, 300.0, 80.0))]
+    ax = served_curves_figure(sweep).axes[0]
+    ringed = [c for c in ax.collections if c.get_label().startswith("client-bound")]
+    assert len(ringed) == 1 and ringed[0].get_offsets().tolist() == [[300.0, 80.0]]
 
 
 def test_cost_accuracy_plot_bars_intervals_hollows_unreliable_points_and_numbers_them_without_overlap():

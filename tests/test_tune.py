@@ -131,7 +131,8 @@ class Tune:
     def __init__(self, repository, out):
         self.proc = subprocess.Popen([sys.executable, "-m", "bench.tune", "--repository", str(repository), "--model",
                                       "ncl", "--server", "bundled", "--instances", "1", "--max-batch-sizes", "8",
-                                      "--queue-delays-us", "0", "--concurrency", "2", "--window-s", "20", "--out",
+                                      "--queue-delays-us", "0", "--concurrency", "2", "--client-processes", "2",
+                                      "--window-s", "20", "--out",
                                       str(out)], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
