@@ -19,15 +19,15 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.decision import (best_single, cost_accuracy, decision, headline_runtime, inprocess_ratios, mark_pareto,
+from bench.decide import (best_single, cost_accuracy, decision, headline_runtime, inprocess_ratios, mark_pareto,
                             scored)
 from export.labelled import EvalSet, LabelledData, add_data_args, expert_logits, load_splits
-from bench.evaluation import gain_interval
-from bench.inprocess import (References, available_runtimes, plan_variants, reference_key, repository_variants,
+from bench.measure.evaluation import gain_interval
+from bench.measure.inprocess import (References, available_runtimes, plan_variants, reference_key, repository_variants,
                               run_inprocess)
-from bench.machine import machine_info
+from bench.measure.machine import machine_info
 from bench.report import markdown, write_all
-from bench.served import PERF_ANALYZER_ENV, default_client_processes
+from bench.measure.served import PERF_ANALYZER_ENV, default_client_processes
 from bench.served_stage import run_served, served_target
 from expertfuse.cli import (choice_list, name_list, positive_float, positive_int, positive_int_list, run_cli,
                             unwind_on_signals)

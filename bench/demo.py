@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bench.evaluation import collapsed
+from bench.measure.evaluation import collapsed
 from serve.server import free_port
 from train.config import config_from_args
 from train.data.synthetic import synthesize

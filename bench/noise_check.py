@@ -22,9 +22,9 @@ import threading
 from pathlib import Path
 
 from export.labelled import LabelledData, expert_logits, load_eval_set
-from bench.inprocess import Variant, make_runner, timing_inputs
-from bench.machine import describe_machine, machine_info
-from bench.runners import cycling_calls
+from bench.measure.inprocess import Variant, make_runner, timing_inputs
+from bench.measure.machine import describe_machine, machine_info
+from bench.measure.runners import cycling_calls
 from expertfuse.cli import positive_float, positive_int, run_cli
 from expertfuse.files import report_name, write_text
 from expertfuse.timing import interleave, measure, ratio

@@ -29,10 +29,10 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.machine import describe_machine, machine_info
+from bench.measure.machine import describe_machine, machine_info
 from bench.report import ratio_rows, write_csv
-from bench.runners import OrtRunner, TritonRunner, cycling_calls
-from bench.served import measure_point
+from bench.measure.runners import OrtRunner, TritonRunner, cycling_calls
+from bench.measure.served import measure_point
 from expertfuse.cli import choice_list, positive_float, positive_int_list, run_cli
 from expertfuse.contract import INPUT, LOGITS
 from expertfuse.errors import UserError

@@ -18,9 +18,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
-from bench.decision import decision, mark_pareto  # noqa: E402
-from bench.machine import describe_machine  # noqa: E402
-from bench.served import MIN_WINDOW_REQUESTS  # noqa: E402
+from bench.decide import decision, mark_pareto  # noqa: E402
+from bench.measure.machine import describe_machine  # noqa: E402
+from bench.measure.served import MIN_WINDOW_REQUESTS  # noqa: E402
 from expertfuse.cli import run_cli  # noqa: E402
 from expertfuse.errors import UserError  # noqa: E402
 from expertfuse.files import atomic_path, write_text  # noqa: E402

@@ -19,9 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.machine import describe_machine, machine_info
+from bench.measure.machine import describe_machine, machine_info
 from bench.report import write_csv
-from bench.served import find_perf_analyzer, measure_concurrency, perf_analyzer_point
+from bench.measure.served import find_perf_analyzer, measure_concurrency, perf_analyzer_point
 from expertfuse.cli import choice_list, name_list, positive_float, positive_int, positive_int_list, run_cli
 from expertfuse.errors import UserError
 from expertfuse.files import write_text

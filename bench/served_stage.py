@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.decision import accuracy_columns, ratio_row
-from bench.inprocess import EarlyExit, Variant, cheap_role, gate_and_score, make_runner, reference_key, served_experts
-from bench.runners import TritonRunner, cycling_calls
-from bench.served import choose_load_generator, measure_point, run_perf_analyzer
+from bench.decide import accuracy_columns, ratio_row
+from bench.measure.inprocess import EarlyExit, Variant, cheap_role, gate_and_score, make_runner, reference_key, served_experts
+from bench.measure.runners import TritonRunner, cycling_calls
+from bench.measure.served import choose_load_generator, measure_point, run_perf_analyzer
 from expertfuse.errors import UserError
 from expertfuse.timing import MAX_EXTENSION, interleave, ratio
 from serve.protocols import PROTOCOLS, client_module

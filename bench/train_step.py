@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from bench.machine import machine_info
+from bench.measure.machine import machine_info
 from expertfuse.timing import measure
 from expertfuse.cli import positive_float, positive_int, run_cli
 from train.config import TrainConfig

@@ -27,7 +27,7 @@ from pathlib import Path
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from bench.served import default_client_processes, measure_point
+from bench.measure.served import default_client_processes, measure_point
 from expertfuse.cli import (non_negative_int_list, positive_float, positive_int, positive_int_list, run_cli,
                             unwind_on_signals)
 from expertfuse.contract import INPUT, check_model_name
@@ -37,7 +37,7 @@ from serve.protocols import PROTOCOLS
 from serve.repository import LABELS_FILE, RepositoryError, read_config, staging, versions, write_model
 from serve.server import SERVERS, ServerError, TritonServer, choose_server, describe_exit
 
-# torch (bench.machine) and matplotlib are imported where used: the load generator's spawned client processes
+# torch (bench.measure.machine) and matplotlib are imported where used: the load generator's spawned client processes
 # re-import this module, and on a busy 2-core machine torch's import alone outlasted a measured window.
 
 
@@ -231,7 +231,7 @@ def _cell(value) -> str:
 
 
 def markdown(result: dict) -> str:
-    from bench.machine import describe_machine
+    from bench.measure.machine import describe_machine
     m, best, budget = result["machine"], result["best"], result["latency_budget_ms"]
     lines = [f"# Triton config search: {result['model']}", "",
              f"Machine: {describe_machine(m)}; server: {result['server']}; "
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bench.machine import machine_info
+    from bench.measure.machine import machine_info
     args = build_parser().parse_args(argv)
     unwind_on_signals()
     variant = check_model_name(args.variant or f"{args.model}_tuned")

@@ -14,13 +14,13 @@ import torch
 import csv
 from types import SimpleNamespace
 
-from bench.decision import accuracy_columns, best_single, cost_accuracy, decision, inprocess_ratios, mark_pareto
-from bench.evaluation import accuracy, collapsed, gain_interval
+from bench.decide import accuracy_columns, best_single, cost_accuracy, decision, inprocess_ratios, mark_pareto
+from bench.measure.evaluation import accuracy, collapsed, gain_interval
 from export.labelled import EvalSet, LabelledData, load_eval_set
-from bench.inprocess import References, Variant, gate_and_score, make_runner, reference_key
-from bench.machine import machine_info
+from bench.measure.inprocess import References, Variant, gate_and_score, make_runner, reference_key
+from bench.measure.machine import machine_info
 from bench.report import write_all
-from bench.runners import TritonRunner
+from bench.measure.runners import TritonRunner
 from bench.served_stage import score_model
 from expertfuse.errors import UserError
 from expertfuse.files import report_name
@@ -28,7 +28,7 @@ from expertfuse.parity import BENCH_FP32, compare
 from expertfuse.timing import Interleaved
 from export.job import job_for
 from export.graph import reference_logits
-from bench.served import parse_perf_analyzer_csv
+from bench.measure.served import parse_perf_analyzer_csv
 from tests.helpers import REPO, run_module
 from tests.test_serve_faults import assert_nothing_left, one_line, runs_of, slow_repository
 from tests.test_tune import load_processes
@@ -313,7 +313,7 @@ def test_sigterm_during_the_served_benchs_triton_start_up_stops_it_at_once(tiny_
 
 
 def test_a_served_window_of_none_or_too_few_requests_gives_no_figure():
-    from bench.served import MIN_WINDOW_REQUESTS, window_figures
+    from bench.measure.served import MIN_WINDOW_REQUESTS, window_figures
     for counts in ([0, 12, 12], [MIN_WINDOW_REQUESTS - 1, 40, 40], []):
         row = window_figures(counts, [2.0] * sum(counts), 1, 0.5)
         assert not row["measured"] and not row["stable"], counts
@@ -338,7 +338,7 @@ def test_an_interleaved_run_short_of_rounds_is_extended_to_its_cap_then_not_meas
 def test_served_sweep_beside_two_cpu_burners_reports_no_empty_window_as_measured(triton):
     """Two processes spinning on the 2 cores (bounded to 2 minutes, stopped by pid): a window that caught no request
     or too few is remeasured longer, and what is still short says so instead of giving a figure."""
-    from bench.served import MIN_WINDOW_REQUESTS
+    from bench.measure.served import MIN_WINDOW_REQUESTS
     from bench.served_stage import sweep_model
     burners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 120\n"
                                  "while time.time() < end: pass"]) for _ in range(2)]

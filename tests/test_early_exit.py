@@ -8,7 +8,7 @@ import torch
 
 from expertfuse.errors import UserError
 from export import early_exit as ee
-from bench.inprocess import References, gate_and_score, make_runner, repository_variants
+from bench.measure.inprocess import References, gate_and_score, make_runner, repository_variants
 from export import gate
 from export.job import job_for
 from export.labelled import EvalSet, LabelledData, load_eval_set

@@ -61,7 +61,7 @@ def test_roofline_parts_count_flops_and_measure_memory(tmp_path):
     import numpy as np
 
     from bench.real_size import flops_per_image, gemm_model, process_tree_peak_mib, run_measured
-    from bench.runners import OrtRunner
+    from bench.measure.runners import OrtRunner
     from export.job import job_for
 
     job = job_for(preset_checkpoint("ncl-cifar100-lt", tmp_path / "ncl.pt"))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench.served import (choose_load_generator, default_client_processes, feeds_ratios, find_perf_analyzer, measure_concurrency,
+from bench.measure.served import (choose_load_generator, default_client_processes, feeds_ratios, find_perf_analyzer, measure_concurrency,
                           perf_analyzer_point, with_client_bound)
 from expertfuse.errors import UserError
 from tests.helpers import run_module

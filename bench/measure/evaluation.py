@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.runners import Runner
+from bench.measure.runners import Runner
 from export.labelled import EvalSet, class_hits, shot_accuracy
 from train.data.longtail import group_accuracy
 

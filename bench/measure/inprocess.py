@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from bench.evaluation import accuracy, batched_logits
+from bench.measure.evaluation import accuracy, batched_logits
 from export.labelled import EvalSet, expert_logits
-from bench.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner, cycling_calls
+from bench.measure.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner, cycling_calls
 from expertfuse.parity import bench_tolerance, compare
 from expertfuse.timing import MAX_EXTENSION, Interleaved, interleave
 from export.early_exit import simulate

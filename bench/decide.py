@@ -119,7 +119,7 @@ def mark_pareto(points: list[dict]) -> None:
 def decision(points: list[dict], ratios: list[dict], single: str, gain_of: Callable[[str, str], dict] | None = None,
              budget_s: float | None = None) -> dict | None:
     """The sentence the summary leads with: what the fused ensemble buys over the best expert, and for what cost.
-    `gain_of(ensemble, single)` gives the accuracy gains with their intervals (bench.evaluation.gain_interval).
+    `gain_of(ensemble, single)` gives the accuracy gains with their intervals (bench.measure.evaluation.gain_interval).
     A cost whose interval is wider than +-10% is not stated as a figure: the sentence names it as too noisy and
     says what to rerun (`budget_s`: the --budget-s it had)."""
     by_name = {p["name"]: p for p in points}
