@@ -7,27 +7,33 @@ PyTorch reference, the client and tests all go through these functions, so all s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms import v2
 
 from expertfuse.errors import UserError
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 
 def pixel_transform(resize: int, size: int) -> v2.Compose:
     """PIL image / HWC uint8 array -> uint8 tensor [3, size, size]."""
+    from torchvision.transforms import v2  # here, not at the top: importing torchvision costs every CLI a second
     return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
 
 
 def normalize_ops(mean, std) -> list:
     """uint8 [.., 3, H, W] -> float (x/255 - mean)/std: the ops training appends to its pixel pipelines."""
+    from torchvision.transforms import v2
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
 def eval_transform(resize: int, size: int, mean, std) -> v2.Compose:
     """Test-time preprocessing of one image, as the exported graph sees it after its own normalization."""
+    from torchvision.transforms import v2
     return v2.Compose([pixel_transform(resize, size), *normalize_ops(mean, std)])
 
 

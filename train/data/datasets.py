@@ -12,17 +12,19 @@ import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torchvision
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from train.data import synthetic
 from train.data.longtail import longtail_counts, select_longtail
 from expertfuse.errors import UserError
 from expertfuse.preprocess import load_rgb
+
+if TYPE_CHECKING:
+    import torchvision
 
 DATASETS = ("synthetic", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018", "imagefolder")
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
@@ -146,6 +148,7 @@ def _build_synthetic(opt: DataOptions) -> DataBundle:
 
 
 def _cifar_class(num_classes: int):
+    import torchvision  # here and below, not at the top: importing torchvision costs every CLI a second
     base = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
 
     class CifarTree(base):
@@ -246,6 +249,7 @@ class ImageFiles:
         self.skipped: list[str] = []
 
     def __call__(self, path: str) -> bool:
+        from torchvision.datasets.folder import IMG_EXTENSIONS
         if path.lower().endswith(IMG_EXTENSIONS):
             try:
                 with Image.open(path):
@@ -262,6 +266,7 @@ class ImageFiles:
 
 
 def _image_folder(split: Path, images: ImageFiles) -> torchvision.datasets.ImageFolder:
+    import torchvision
     try:
         return torchvision.datasets.ImageFolder(split, loader=load_rgb, is_valid_file=images)
     except FileNotFoundError as exc:  # a class folder without a single image

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from train.models.spec import CIFAR_ARCHS, ModelSpec
@@ -113,6 +112,7 @@ class TorchvisionTrunk(StagedBackbone):
 
     def __init__(self, arch: str):
         super().__init__()
+        import torchvision  # here: importing it costs every CLI a second, and only these trunks need it
         net = getattr(torchvision.models, arch)(weights=None)
         for name in STEM_MODULES + ("layer1", "layer2", "layer3", "layer4"):
             setattr(self, name, getattr(net, name))
@@ -131,6 +131,7 @@ def stage_names(arch: str) -> tuple[str, ...]:
 
 def load_torchvision_weights(backbone: StagedBackbone, arch: str) -> None:
     """Load torchvision's ImageNet weights (downloaded on first use) into the stages this module owns."""
+    import torchvision
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     state = {k: v for k, v in weights.get_state_dict(progress=True).items() if not k.startswith("fc.")}
     own = backbone.state_dict()
