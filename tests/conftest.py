@@ -1,29 +1,60 @@
-"""Shared fixtures: small real data written by the tests themselves, and tiny training configs."""
+"""Shared fixtures: small real data written by the tests themselves, and tiny training configs.
+
+The suite runs on pytest-xdist workers (`-n auto` in pyproject). What tests only read (the trained checkpoint, the
+exported repository) is built once per run, by whichever worker asks first, in the folder all workers share; the
+others wait on a lock the kernel releases if the builder dies. Each worker that needs Triton starts its own on free
+ports (a server's lifetime must belong to one process)."""
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# Before torch is imported (tests.helpers imports it): two workers on two cores must not each spin up a thread per
+# core, in their own process or in the `python -m` processes they start.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
-from tests.helpers import TINY_TRAIN, run_module
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from expertfuse.files import file_lock  # noqa: E402
+from tests.helpers import TINY_TRAIN, run_module  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
+def run_root(tmp_path_factory) -> Path:
+    """The folder every worker of this run shares (the per-worker base temp's parent under xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(run_root: Path, name: str, build) -> Path:
+    """`build(folder)` run once per test run, whichever worker comes first; the rest reuse its folder."""
+    folder, done = run_root / name, run_root / f"{name}.done"
+    with file_lock(run_root / f"{name}.lock"):
+        if not done.exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(run_root) -> Path:
     """A real NCL checkpoint from 2 epochs of tiny training, shared by tests that only read it."""
-    out = tmp_path_factory.mktemp("tiny-ncl")
-    run_module("train", "--method", "ncl", *TINY_TRAIN, "--epochs", "2", "--out", str(out))
-    return out / "ncl.pt"
+    def train(out: Path) -> None:
+        run_module("train", "--method", "ncl", *TINY_TRAIN, "--epochs", "2", "--out", str(out))
+    return built_once(run_root, "tiny-ncl", train) / "ncl.pt"
 
 
 @pytest.fixture(scope="session")
-def exported_repository(tiny_checkpoint, tmp_path_factory) -> Path:
+def exported_repository(tiny_checkpoint, run_root) -> Path:
     """A model repository written by the export stage: the fused ensemble and the naive (unfused) one."""
-    repo = tmp_path_factory.mktemp("repo") / "model_repository"
-    common = ["--ckpt", str(tiny_checkpoint), "--out", str(repo), "--max-batch", "16"]
-    run_module("export.onnx", *common, "--fusion", "grouped")
-    run_module("export.onnx", *common, "--naive-ensemble")
-    return repo
+    def export(folder: Path) -> None:
+        common = ["--ckpt", str(tiny_checkpoint), "--out", str(folder / "model_repository"), "--max-batch", "16"]
+        run_module("export.onnx", *common, "--fusion", "grouped")
+        run_module("export.onnx", *common, "--naive-ensemble")
+    return built_once(run_root, "repo", export) / "model_repository"
 
 
 @pytest.fixture(scope="session")
