@@ -3,7 +3,13 @@ import sys
 
 from expertfuse.cli import run_cli
 from train.config import config_from_args
-from train.engine import train
+
+
+def main() -> None:
+    config = config_from_args()  # flags and values checked before torch is imported: a typo is refused at once
+    from train.engine import train
+    train(config)
+
 
 if __name__ == "__main__":
-    sys.exit(run_cli(lambda: train(config_from_args())))
+    sys.exit(run_cli(main))
