@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         train_args += ["--synthetic-max", "50", "--imb-factor", "10", "--synthetic-test", "10",
                        "--epochs", str(a.epochs or 1)]
-        bench_args = ["--batches", "1,4", "--budget-s", "0.5", "--window-s", "0.2", "--concurrency", "1,2",
+        bench_args = ["--batches", "1,4", "--budget-s", "1", "--window-s", "0.2", "--concurrency", "1,2",
                       "--client-processes", "2", "--eval-limit", "40"]
     elif a.epochs:
         train_args += ["--epochs", str(a.epochs)]

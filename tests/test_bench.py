@@ -224,7 +224,9 @@ def test_demo_pipeline_runs_end_to_end_in_reduced_form(tmp_path):
                   "Triton stopped", "demo finished"):
         assert title in proc.stdout, title
     summary = (tmp_path / "demo" / "bench" / "summary.md").read_text()
-    assert summary.splitlines()[2].lstrip("*").startswith("The ensemble (ensemble-") and "fused / naive (served)" in summary
+    assert summary.splitlines()[2].lstrip("*").startswith("The ensemble (ensemble-")
+    # the served ratios, or, when a loaded machine left their interleaved run short of rounds, the reason they are not
+    assert "fused / naive (served)" in summary or "- the served ratios and costs (interleaved at concurrency 1): " in summary
 
 
 def test_demo_training_check_names_a_collapsed_expert_and_an_ensemble_behind_its_best_expert():
