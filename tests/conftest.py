@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from expertfuse.files import file_lock  # noqa: E402
-from tests.helpers import TINY_TRAIN, run_module  # noqa: E402
+from tests.helpers import TINY_TRAIN, export_cli, run_module  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +52,8 @@ def exported_repository(tiny_checkpoint, run_root) -> Path:
     """A model repository written by the export stage: the fused ensemble and the naive (unfused) one."""
     def export(folder: Path) -> None:
         common = ["--ckpt", str(tiny_checkpoint), "--out", str(folder / "model_repository"), "--max-batch", "16"]
-        run_module("export.onnx", *common, "--fusion", "grouped")
-        run_module("export.onnx", *common, "--naive-ensemble")
+        export_cli(*common, "--fusion", "grouped")
+        export_cli(*common, "--naive-ensemble")
     return built_once(run_root, "repo", export) / "model_repository"
 
 

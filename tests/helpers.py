@@ -1,9 +1,12 @@
 """Helpers the test modules share (plain functions and constants; fixtures live in conftest.py)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,17 @@ def run_module(*args: str, env: dict | None = None, timeout: int = 600, check: b
     if check and proc.returncode != 0:
         raise AssertionError(f"python -m {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def export_cli(*args: str) -> SimpleNamespace:
+    """`python -m export.onnx ARGS` run by its own entry function in this process, for exports a test expects to
+    succeed: the exporter's imports and torch.onnx's registry (seconds) are paid once per test worker instead of once
+    per export. Tests of exit codes, one-line errors and signals run the real process (run_module)."""
+    from export.onnx import export_onnx
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        export_onnx(list(args))
+    return SimpleNamespace(stdout=stdout.getvalue(), returncode=0)
 
 
 def make_checkpoint(path: Path, **spec_fields) -> Path:

@@ -15,7 +15,7 @@ from export.labelled import EvalSet, LabelledData, load_eval_set
 from export.graph import reference_logits
 from export.onnx import export_graph, onnx_file
 from serve.server import TritonServer
-from tests.helpers import run_module
+from tests.helpers import export_cli
 
 ORDER = [2, 0, 1]
 
@@ -125,7 +125,7 @@ def test_exit_rules_parse_and_refuse_in_one_line():
 @pytest.fixture(scope="module")
 def early_exit_repository(tiny_checkpoint, tmp_path_factory):
     repo = tmp_path_factory.mktemp("early-exit") / "repo"
-    run_module("export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(repo), "--early-exit", "0.5", "--max-batch", "16")
+    export_cli("--ckpt", str(tiny_checkpoint), "--out", str(repo), "--early-exit", "0.5", "--max-batch", "16")
     return repo
 
 

@@ -11,14 +11,14 @@ from export.graph import reference_logits
 from export.job import LoadedCheckpoint, job_for
 from export.onnx import written_opset
 from serve.repository import parse
-from tests.helpers import export_both_fusions, make_checkpoint, ort_logits, run_module
+from tests.helpers import export_both_fusions, export_cli, make_checkpoint, ort_logits, run_module
 from train.checkpoint import load_model
 from train.data.synthetic import synthesize
 
 
 def test_cli_exports_a_3_expert_resnet32_ncl_model(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ncl.pt", arch="resnet32")
-    proc = run_module("export.onnx", "--ckpt", str(ckpt), "--model-repository", str(tmp_path / "repo"), "--fusion",
+    proc = export_cli("--ckpt", str(ckpt), "--model-repository", str(tmp_path / "repo"), "--fusion",
                       "grouped", "--max-batch", "16", "--instance-kind", "gpu", "--gpus", "0,1", "--preferred-batch-sizes", "8,16",
                       "--version-policy", "all", "--ort-threads", "2", "--ort-tensorrt", "--ort-tensorrt-fp16",
                       "--ort-tensorrt-cache", "/trt-cache")
@@ -59,9 +59,9 @@ def test_loop_and_grouped_agree_with_the_reference_in_onnxruntime(tmp_path, spec
 
 def test_single_expert_and_float_input_paths(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m.pt")
-    run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--experts", "1", "--fusion", "loop",
+    export_cli("--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--experts", "1", "--fusion", "loop",
                "--max-batch", "8")
-    run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--experts", "1", "--fusion", "grouped",
+    export_cli("--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--experts", "1", "--fusion", "grouped",
                "--input", "float-nchw", "--name", "float", "--max-batch", "8")
     model, _ = load_model(ckpt)
     pixels = np.random.RandomState(2).randint(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -77,7 +77,7 @@ def test_single_expert_and_float_input_paths(tmp_path):
 
 def test_fp16_graph_keeps_fp32_io_and_agrees(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m.pt")
-    proc = run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--fp16", "--fusion", "grouped",
+    proc = export_cli("--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--fp16", "--fusion", "grouped",
                       "--max-batch", "8")
     assert "batch  400" in proc.stdout
     proto = onnx.load(str(tmp_path / "repo" / "ncl_fp16" / "1" / "model.onnx"))
@@ -91,7 +91,7 @@ def test_reexport_adds_a_version_and_overwrite_replaces(tmp_path):
     repo = tmp_path / "repo"
 
     def export_and_list(*extra):
-        run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(repo), "--fusion", "loop", "--max-batch", "4", *extra)
+        export_cli("--ckpt", str(ckpt), "--out", str(repo), "--fusion", "loop", "--max-batch", "4", *extra)
         return sorted(p.name for p in (repo / "ncl").iterdir() if p.is_dir())
     assert export_and_list() == ["1"]
     assert export_and_list() == ["1", "2"]
@@ -144,7 +144,7 @@ def test_bad_arguments_are_refused_before_any_export_work(tmp_path, capsys):
 def test_parity_failure_writes_nothing_and_exits_1(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m.pt", num_experts=2)
     repo = tmp_path / "repo"
-    run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(repo), "--fusion", "loop", "--max-batch", "4")
+    export_cli("--ckpt", str(ckpt), "--out", str(repo), "--fusion", "loop", "--max-batch", "4")
     before = sorted(tmp_path.rglob("*"))
     proc = run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(repo), "--fusion", "grouped", "--max-batch", "4",
                       "--parity-factor", "0", check=False)
@@ -161,7 +161,7 @@ def test_large_logits_export_when_their_relative_error_is_tiny(tmp_path):
         if ".head." in key:
             value.mul_(1e5)
     torch.save(payload, ckpt)
-    proc = run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--fusion", "grouped",
+    proc = export_cli("--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--fusion", "grouped",
                       "--max-batch", "8")
     report = json.loads((tmp_path / "repo" / "ncl" / "1" / "export_report.json").read_text())
     worst = max(row["max_abs_diff"] for row in report["parity"])
@@ -189,7 +189,7 @@ def test_a_killed_export_leaves_a_staging_folder_that_the_next_export_removes(tm
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert [p.name.split("-")[2] for p in tmp_path.glob(".repo-staging-*")] == [str(victim.pid)]
-    run_module("export.onnx", *args)
+    export_cli(*args)
     assert not list(tmp_path.glob(".repo-staging-*")) and (repo / "ncl" / "1" / "model.onnx").is_file()
 
 

@@ -19,7 +19,7 @@ from export.graph import reference_logits
 from serve.repository import (JOURNAL, ServingOptions, StagedModel, TensorSpec, finish_publish, model_config,
                               naive_ensemble_models, publish_models, read_config, staging)
 from serve.server import TritonServer
-from tests.helpers import REPO, make_checkpoint, run_module
+from tests.helpers import REPO, export_cli, make_checkpoint
 from train.checkpoint import load_model
 
 IMAGE = TensorSpec("image", "UINT8", [8, 8, 3], "NHWC")
@@ -162,9 +162,9 @@ def two_checkpoints_side_by_side(tmp_path_factory):
             value.mul_(-1)  # another checkpoint of the same method and shapes: the opposite predictions
     torch.save(payload, tmp / "b.pt")
     repo = tmp / "repo"
-    run_module(*naive_export(a, repo, "tiny", "--max-batch", "16"))
+    export_cli(*naive_export(a, repo, "tiny", "--max-batch", "16")[1:])
     for _ in range(2):  # a re-export adds version 2 of every model of the set
-        run_module(*naive_export(tmp / "b.pt", repo, "other", "--max-batch", "16"))
+        export_cli(*naive_export(tmp / "b.pt", repo, "other", "--max-batch", "16")[1:])
     killed = subprocess.run([sys.executable, "-c", KILL_AT_RENAME, str(repo), "3",
                              *naive_export(a, repo, "tiny", "--max-batch", "8", "--overwrite")],
                             cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -14,14 +14,14 @@ import export.quantize as quantize
 from expertfuse.errors import ParityError
 from export.onnx import export_onnx
 from serve.repository import read_config
-from tests.helpers import REPO, run_module
+from tests.helpers import REPO, export_cli, run_module
 
 SMALL = ["--calib-images", "64", "--max-batch", "8", "--fusion", "loop", "--reduce-range", "off"]
 
 
 def test_int8_graph_has_qdq_nodes_runs_and_records_its_gate(tiny_checkpoint, tmp_path):
     repo = tmp_path / "repo"
-    run_module("export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(repo), "--int8", *SMALL,
+    export_cli("--ckpt", str(tiny_checkpoint), "--out", str(repo), "--int8", *SMALL,
                "--max-overall-drop", "100", "--max-few-drop", "100")
     model = onnx.load(str(repo / "ncl_int8" / "1" / "model.onnx"))
     ops = [n.op_type for n in model.graph.node]
@@ -80,13 +80,13 @@ def test_a_killed_int8_export_leaves_onnx_runtimes_temp_folders_to_the_next_expo
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not list(temp.glob("*quant*"))  # not in the system's temporary folder, where nothing removes them
     assert list(tmp_path.glob(".repo-staging-*/**/ort.quant.*"))
-    run_module("export.onnx", *args, "--fusion", "loop", "--max-batch", "8")
+    export_cli(*args, "--fusion", "loop", "--max-batch", "8")
     assert not list(tmp_path.glob(".repo-staging-*"))
 
 
 def test_int8_early_exit_chooses_on_calibration_and_gates_on_evaluation(tiny_checkpoint, tmp_path):
     repo = tmp_path / "repo"
-    run_module("export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(repo), "--int8", *SMALL, "--early-exit",
+    export_cli("--ckpt", str(tiny_checkpoint), "--out", str(repo), "--int8", *SMALL, "--early-exit",
                "auto:0.5", "--eval-limit", "60", "--max-overall-drop", "100", "--max-few-drop", "100")
     report = json.loads((repo / "ncl_int8_early_exit" / "1" / "export_report.json").read_text())
     assert report["precision"] == "int8" and report["gate"]["passed"]

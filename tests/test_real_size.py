@@ -8,7 +8,7 @@ import pytest
 
 from bench.real_size import preset_checkpoint
 from serve.repository import parse
-from tests.helpers import run_module
+from tests.helpers import export_cli, run_module
 
 
 def exported_report(repo, name: str) -> dict:
@@ -19,7 +19,7 @@ def check_default_export(preset: str, tmp_path, *extra: str) -> dict:
     """`export.onnx --ckpt --out` (plus `extra`) writes the fused model, its config and a passing gate report."""
     ckpt = preset_checkpoint(preset, tmp_path / f"{preset}.pt")
     repo = tmp_path / "repo"
-    proc = run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(repo), *extra)
+    proc = export_cli("--ckpt", str(ckpt), "--out", str(repo), *extra)
     name, = (p.name for p in repo.iterdir() if p.is_dir())  # ncl, shike; ssd_soft (SSD serves its soft head)
     cfg = parse((repo / name / "config.pbtxt").read_text())
     report = exported_report(repo, name)

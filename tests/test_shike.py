@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from export.job import job_for
-from tests.helpers import run_module
+from tests.helpers import export_cli, run_module
 from tests.helpers import export_both_fusions, make_checkpoint
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
@@ -108,7 +108,7 @@ def test_shike_exports_with_grouped_fusion_of_the_per_expert_parts(tmp_path):
     ckpt = make_checkpoint(tmp_path / "shike.pt", shortcut="B", shared_stages=3, fusion="dkf", head="normed",
                            head_scale=30)
     export_both_fusions(job_for(ckpt, expert_logits=True, max_batch=8), tmp_path, ("expert_logits",))
-    run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--fusion", "grouped",
+    export_cli("--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--fusion", "grouped",
                "--experts", "0,1", "--max-batch", "4")
 
 

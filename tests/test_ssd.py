@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from tests.helpers import run_module
+from tests.helpers import export_cli, run_module
 from tests.helpers import ort_logits
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
@@ -83,7 +83,7 @@ def test_ssd_trains_all_stages_and_exports_either_head(tmp_path):
     with torch.no_grad():
         ref = model(x)
     for head, index in (("soft", 1), ("hard", 0)):
-        run_module("export.onnx", "--ckpt", str(tmp_path / "ssd" / "ssd.pt"), "--out", str(tmp_path / "repo"),
+        export_cli("--ckpt", str(tmp_path / "ssd" / "ssd.pt"), "--out", str(tmp_path / "repo"),
                    "--head", head, "--fusion", "grouped", "--max-batch", "4")
         got = ort_logits(tmp_path / "repo" / f"ssd_{head}" / "1" / "model.onnx", images)
         assert np.abs(got - ref[:, index].numpy()).max() <= 1e-4
