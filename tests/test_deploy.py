@@ -18,7 +18,7 @@ from expertfuse.errors import UserError
 from serve.deploy import KUBERNETES_VERSION, custom_resource_schema, emit
 from serve.repository import ServingOptions, TensorSpec, model_config, write_model
 from serve.server import DEFAULT_IMAGE
-from tests.conftest import run_module
+from tests.helpers import run_module
 
 BIN = Path(sys.executable).parent
 

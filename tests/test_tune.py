@@ -17,8 +17,7 @@ import tritonclient.grpc as grpcclient
 from bench.tune import Point, apply, best_under, grid
 from serve.repository import ServingOptions, TensorSpec, model_config, read_config, write_config
 from serve.server import TritonServer
-from tests.conftest import run_module
-from tests.helpers import REPO
+from tests.helpers import REPO, run_module
 from tests.test_serve_faults import assert_nothing_left, one_line, runs_of
 
 
