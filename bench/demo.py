@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from bench.measure.evaluation import collapsed
-from serve.server import free_port
+from serve.server import free_ports
 from train.config import config_from_args
 from train.data.synthetic import synthesize
 
@@ -41,9 +41,9 @@ def step(title: str, *args: str) -> None:
     print(f"-- {title}: done in {time.monotonic() - started:.0f} s", flush=True)
 
 
-def start_server(repository: Path, http_port: int, grpc_port: int) -> subprocess.Popen:
+def start_server(repository: Path, http_port: int, grpc_port: int, metrics_port: int) -> subprocess.Popen:
     args = ["serve", "--repository", str(repository), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-            "--metrics-port", str(free_port())]
+            "--metrics-port", str(metrics_port)]
     print(f"\n== start Triton\n$ python -m {shlex.join(args)} &", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         export = ["--ckpt", str(ckpt), "--out", str(repo), "--overwrite", "--max-batch", "64"]
         step("export the fused ensemble to ONNX", "export.onnx", *export)
         step("export each expert alone + the naive Triton ensemble", "export.onnx", *export, "--naive-ensemble")
-        http_port, grpc_port = free_port(), free_port()
-        server = start_server(repo, http_port, grpc_port)
+        http_port, grpc_port, metrics_port = free_ports(3)
+        server = start_server(repo, http_port, grpc_port, metrics_port)
         images = write_images(out / "images", 4, 32, config_from_args(train_args[1:]).synthetic_classes)
         step("classify images over HTTP", "serve.client", "--url", f"127.0.0.1:{http_port}", "--model", "ncl",
              "--topk", "1", *map(str, images))

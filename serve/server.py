@@ -9,6 +9,7 @@ by their per-server prefix.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -43,10 +44,14 @@ class StartCancelled(Exception):
     """A stop was requested (Ctrl-C, SIGTERM) while the server was starting; it has been stopped."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports free now. All are bound at once: ports asked for one after another can come back equal
+    (the kernel may hand out a just-closed port again), and Triton refuses an HTTP, gRPC or metrics port twice."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def docker_available() -> bool:
@@ -118,7 +123,8 @@ class TritonServer:
         self.repository = Path(repository).resolve()
         self.mode, self.image, self.ready_timeout, self.verbose = mode, image, ready_timeout, verbose
         self.stop_requested = stop_requested or threading.Event()
-        self.endpoints = Endpoints(host, http_port or free_port(), grpc_port or free_port(), metrics_port or free_port())
+        spare = iter(free_ports(3, host))
+        self.endpoints = Endpoints(host, http_port or next(spare), grpc_port or next(spare), metrics_port or next(spare))
         clean_stale_runs()
         self.workdir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX))
         self.log_file = Path(log_file) if log_file else self.workdir / "server.log"
