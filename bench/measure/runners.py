@@ -10,6 +10,7 @@ TensorRT plans (execute_async_v3 on CUDA buffers); Triton over HTTP or gRPC (opt
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -195,6 +196,18 @@ class TritonRunner(Runner):
         """Unregister and free this runner's own regions only: other runners on the same server keep theirs."""
         import tritonclient.utils.shared_memory as shm
         for name, region in self._regions:
-            self.client.unregister_system_shared_memory(name)
+            self._unregister(name)
             shm.destroy_shared_memory_region(region)
         self.client.close()
+
+    def _unregister(self, name: str, patience_s: float = 5.0) -> None:
+        """Triton can still hold a region for a moment after the last response reached us (it answers 'currently in
+        use'); wait for it that long rather than fail the run or leak the region."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                return self.client.unregister_system_shared_memory(name)
+            except InferenceServerException as exc:
+                if "in use" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
