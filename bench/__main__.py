@@ -32,7 +32,7 @@ from bench.served_stage import run_served, served_target
 from expertfuse.cli import (choice_list, name_list, positive_float, positive_int, positive_int_list, run_cli,
                             unwind_on_signals)
 from expertfuse.errors import NothingMeasured, UserError
-from expertfuse.files import report_name
+from expertfuse.files import report_name, report_settings
 from export.early_exit import expert_order
 from export.job import job_for
 from serve.protocols import PROTOCOLS
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     order = expert_order(expert_logits(job.model, calibration.pixels), calibration.labels,
                          tuple(range(job.model.num_experts)))
     result = {"checkpoint": report_name(args.ckpt, args.out), "machine": machine_info(),
-              "settings": {k: report_name(v, args.out) if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
+              "settings": report_settings(args, args.out),
               "evaluation": {"source": data.source, "chosen_on": calibration.source, "images": len(data.labels),
                              "calibration_images": len(calibration.labels), "shot_rule": data.shot_rule,
                              "train_counts": data.train_counts, "classes": job.classes},

@@ -30,6 +30,7 @@ from export.job import job_for
 from export.labelled import CALIB_FLAGS, DATA_FLAGS, LabelledData, expert_logits, load_calibration_set
 from export.onnx import export_onnx
 from export.quantize import INT8_FLAGS, add_int8_args
+from serve.repository import versions
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,7 +90,7 @@ def export_cheap_variants(args: argparse.Namespace, repository: Path) -> tuple[d
 
 def early_exit_record(model_dir: Path) -> dict:
     """The early-exit section of the model's newest export_report.json."""
-    version = max((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    version = model_dir / str(versions(model_dir)[-1])
     return json.loads((version / "export_report.json").read_text())["early_exit"]
 
 

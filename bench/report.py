@@ -20,11 +20,11 @@ from matplotlib.transforms import Bbox  # noqa: E402
 
 from bench.decide import decision, mark_pareto  # noqa: E402
 from bench.measure.machine import describe_machine  # noqa: E402
-from bench.measure.served import MIN_WINDOW_REQUESTS  # noqa: E402
+from bench.measure.served import MIN_WINDOW_REQUESTS, best_under  # noqa: E402
 from expertfuse.cli import run_cli  # noqa: E402
 from expertfuse.errors import UserError  # noqa: E402
 from expertfuse.files import atomic_path, write_text  # noqa: E402
-from expertfuse.timing import describe_ratio  # noqa: E402
+from expertfuse.timing import RELIABLE_HALF_WIDTH, describe_ratio  # noqa: E402
 from export.labelled import GROUPS  # noqa: E402
 
 
@@ -197,7 +197,7 @@ def cost_accuracy_figure(points: list[dict]):
                                                                        else f" ({p['where']})") for p in points),
              va="top", ha="left", fontsize=7, family="monospace", transform=key.transAxes, gid="key")
     fig.suptitle("What each variant buys (accuracy) for what it costs\n95% intervals as bars; hollow: a cost "
-                 "interval wider than +-10%", fontsize=9)
+                 f"interval wider than +-{100 * RELIABLE_HALF_WIDTH:.0f}%", fontsize=9)
     fig.tight_layout()
     renderer = fig.canvas.get_renderer()
     for ax, m in marks.items():
@@ -344,8 +344,7 @@ def served_tables(served: dict, p99_budget_ms: float | None = None) -> list[str]
     if sweep and p99_budget_ms:
         lines += ["", f"Within the p99 budget of {p99_budget_ms:g} ms (the highest throughput whose p99 stays within it):"]
         for key in sorted({(r["model"], r["protocol"]) for r in sweep}):
-            within = [r for r in sweep if (r["model"], r["protocol"]) == key and r.get("p99_ms", 1e99) <= p99_budget_ms]
-            best = max(within, key=lambda r: r["throughput"], default=None)
+            best = best_under([r for r in sweep if (r["model"], r["protocol"]) == key], p99_budget_ms)
             lines.append(f"- {key[0]} over {key[1]}: " + (f"{best['throughput']:.1f} img/s at concurrency "
                                                            f"{best['concurrency']} (p99 {best['p99_ms']:.2f} ms)"
                                                            if best else "no measured point within it"))

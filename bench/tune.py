@@ -27,12 +27,12 @@ from pathlib import Path
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from bench.measure.served import default_client_processes, measure_point
+from bench.measure.served import best_under, default_client_processes, measure_point
 from expertfuse.cli import (non_negative_int_list, positive_float, positive_int, positive_int_list, run_cli,
                             unwind_on_signals)
 from expertfuse.contract import INPUT, check_model_name
 from expertfuse.errors import NothingMeasured, UserError
-from expertfuse.files import report_name, write_text
+from expertfuse.files import report_name, report_settings, write_text
 from serve.protocols import PROTOCOLS
 from serve.repository import LABELS_FILE, RepositoryError, read_config, staging, versions, write_model
 from serve.server import SERVERS, ServerError, TritonServer, choose_server, describe_exit
@@ -185,12 +185,6 @@ def sweep(server: TritonServer, args, points: list[Point], image_size: int, log=
     return rows
 
 
-def best_under(rows: list[dict], budget_ms: float) -> dict | None:
-    """Highest throughput among the points whose p99 is within the budget."""
-    within = [r for r in rows if "p99_ms" in r and r["p99_ms"] <= budget_ms]
-    return max(within, key=lambda r: r["throughput"], default=None)
-
-
 def link_or_copy(source: Path, target: Path) -> None:
     """Hard links share the artifact without copying it; a copy where a link is impossible (another file system)."""
     def one(src, dst):
@@ -333,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"model": args.model, "server": mode, "protocol": args.protocol, "latency_budget_ms": args.latency_budget_ms,
               "window_s": args.window_s, "machine": machine_info(),
               "load_average_1_5_15min": {"before": load_before, "after": load_after},
-              "settings": {k: report_name(v, args.out) if isinstance(v, Path) else str(v) for k, v in vars(args).items()},
+              "settings": report_settings(args, args.out),
               "note": "Measured with client and server on the same machine; on a shared, noisy machine absolute figures "
                       "drift (2x within minutes) and close points can swap places: re-run before trusting a ranking.",
               "best": best, "variant": variant if best else None, "variant_version": written[1],

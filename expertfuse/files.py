@@ -51,6 +51,11 @@ def report_name(path: str | os.PathLike, run_folder: str | os.PathLike) -> str:
         return path.name
 
 
+def report_settings(args, run_folder: str | os.PathLike) -> dict[str, str]:
+    """A command's flags (an argparse Namespace) as a report records them: paths by report_name, the rest as text."""
+    return {k: report_name(v, run_folder) if isinstance(v, Path) else str(v) for k, v in vars(args).items()}
+
+
 class LockBusy(UserError):
     """A lock another live process holds; `holder` names it (pid and command line)."""
 

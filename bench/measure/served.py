@@ -219,7 +219,6 @@ def measure_concurrency(url: str, protocol: str, model: str, image_size: int, ba
             if p.pid is not None:
                 p.terminate()
                 p.join()
-    after = server_statistics(url, protocol, model)
     errors = [e for r in reports for e in r["errors"]]
     if errors:
         raise RuntimeError(f"{model} over {protocol}: {errors[0]}")
@@ -236,7 +235,7 @@ def measure_concurrency(url: str, protocol: str, model: str, image_size: int, ba
            "requests": len(records), "client_processes": processes, "client_cpu_share": cpu_share,
            "client_busiest_thread_share": thread_share,
            "client_cpu_ms": sum(r["cpu_s"] for r in reports) / max(sum(len(r["records"]) for r in reports), 1) * 1e3,
-           **(server_split(before, after) if figures["measured"] else {})}
+           **(server_split(before, server_statistics(url, protocol, model)) if figures["measured"] else {})}
     return with_client_bound(row)
 
 
@@ -264,6 +263,12 @@ def window_figures(counts: list[int], latencies_ms: list[float], batch: int, win
     return {"measured": True, "stable": windows_agree([float(c) for c in counts], tolerance), "window_s": window_s,
             "window_throughputs": window_throughputs, "throughput": sum(counts) * batch / (len(counts) * window_s),
             **{f"p{q}_ms": float(np.percentile(latencies_ms, q)) for q in (50, 90, 95, 99)}}
+
+
+def best_under(rows: list[dict], budget_ms: float) -> dict | None:
+    """Highest throughput among the points whose p99 is within the budget."""
+    within = [r for r in rows if "p99_ms" in r and r["p99_ms"] <= budget_ms]
+    return max(within, key=lambda r: r["throughput"], default=None)
 
 
 MAX_WINDOW_GROWTH = 8  # a point whose windows caught too few requests is remeasured with windows up to 8 x as long
