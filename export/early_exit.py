@@ -35,7 +35,7 @@ from expertfuse.errors import UserError
 from expertfuse.parity import compare, float32_error, require
 from export.gate import expert_references, test_images
 from export.job import ExportJob
-from export.labelled import (EvalSet, LabelledData, accuracy_table, expert_logits, load_splits, shot_accuracy,
+from export.labelled import (GROUPS, EvalSet, LabelledData, accuracy_table, expert_logits, load_splits, shot_accuracy,
                              splits_record)
 from export.quantize import (Calibration, GraphWriter, Int8Settings, accuracy_gate, cpu_session, quantize_most_accurate,
                              run_logits, stamp_metadata, write_report)
@@ -48,7 +48,7 @@ AUTO_TOLERANCE_POINTS = 0.2
 AUTO_GRID = np.round(np.arange(0.0, 1.0, 0.01), 2).tolist() + [0.995, 0.999, 1.0]  # one global threshold
 GROUP_GRID = [0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995,
               0.998, 0.999, 1.0]  # each shot group's threshold, searched jointly
-SHOT_GROUPS = ("many", "medium", "few")
+SHOT_GROUPS = GROUPS[1:]  # many, medium, few: the groups an exit threshold is set for
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,13 @@ class ExitRule:
                             f"'auto[:TOLERANCE]', not {text!r}")
         return cls(*(values * 3 if len(values) == 1 else values))
 
+    @property
+    def is_global(self) -> bool:
+        """One threshold for every shot group."""
+        return self.many == self.medium == self.few
+
     def __str__(self) -> str:
-        values = {self.many, self.medium, self.few}
-        return f"{self.many:g}" if len(values) == 1 else f"{self.many:g},{self.medium:g},{self.few:g}"
+        return f"{self.many:g}" if self.is_global else f"{self.many:g},{self.medium:g},{self.few:g}"
 
     def per_class(self, train_counts: list[int], shot_rule: str) -> np.ndarray:
         """The threshold of every class (float32 [C], as the graph holds it), by the class's shot group."""
@@ -190,7 +194,7 @@ def choose_exit(logits: np.ndarray, data: EvalSet, order: list[int],
         row["ok"] = qualifies(row["accuracy"])
     cost = lambda r: (r["mean_experts"], -r["accuracy"]["overall"], -(r["accuracy"][tail] if tail else 0))  # noqa: E731
     chosen = min((r for r in rows if r["ok"]), key=cost)  # threshold 1.0 is the full ensemble: always there
-    best_global = min((r for r in rows if r["ok"] and len({*vars(r["rule"]).values()}) == 1), key=cost)
+    best_global = min((r for r in rows if r["ok"] and r["rule"].is_global), key=cost)
     why = (f"the cheapest of {len(rows)} settings (one global threshold, or one per shot group of the predicted "
            f"class) within {tolerance:g} points of the full ensemble on the {data.source}, overall "
            f"({chosen['accuracy']['overall']:.2f} vs {full['overall']:.2f})"
@@ -199,7 +203,7 @@ def choose_exit(logits: np.ndarray, data: EvalSet, order: list[int],
              f"{best_global['rule']}, runs {best_global['mean_experts']:.3f}")
     record = {"tolerance_points": tolerance, "tail_group": tail, "full_ensemble": full, "settings_scanned": len(rows),
               "chosen": row_record(chosen), "cheapest_global": row_record(best_global), "why": why,
-              "global_curve": [row_record(r) for r in rows if len({*vars(r["rule"]).values()}) == 1]}
+              "global_curve": [row_record(r) for r in rows if r["rule"].is_global]}
     return chosen["rule"], record
 
 

@@ -136,15 +136,20 @@ def _counts(targets, num_classes: int) -> list[int]:
     return np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).tolist()
 
 
+# synthetic: training draws seed s, evaluation s + EVALUATION_SEED, calibration s + CALIBRATION_SEED
+EVALUATION_SEED, CALIBRATION_SEED = 10_000, 20_000
+
+
 def _build_synthetic(opt: DataOptions) -> DataBundle:
     counts = longtail_counts(opt.synthetic_max, opt.synthetic_classes, opt.imb_factor, opt.lt_profile)
     train_x, train_y = synthetic.synthesize(counts, seed=opt.synthetic_seed)
-    test_x, test_y = synthetic.synthesize([opt.synthetic_test] * opt.synthetic_classes, seed=opt.synthetic_seed + 10_000)
+    test_x, test_y = synthetic.synthesize([opt.synthetic_test] * opt.synthetic_classes,
+                                          seed=opt.synthetic_seed + EVALUATION_SEED)
     classes = [f"pattern{c}" for c in range(opt.synthetic_classes)]
     return DataBundle(LabeledView(ArrayImages(train_x, train_y), train_y),
                       LabeledView(ArrayImages(test_x, test_y), test_y), classes, counts,
                       mean=synthetic.MEAN, std=synthetic.STD, augment="cifar-basic",
-                      test_name=f"synthetic seed {opt.synthetic_seed + 10_000}")
+                      test_name=f"synthetic seed {opt.synthetic_seed + EVALUATION_SEED}")
 
 
 def _cifar_class(num_classes: int):
@@ -246,11 +251,12 @@ class ImageFiles:
     so the check is cheap); everything else is skipped and remembered, so one warning can count and name it."""
 
     def __init__(self):
+        from torchvision.datasets.folder import IMG_EXTENSIONS  # here, not at the top: see _cifar_class
+        self.extensions = IMG_EXTENSIONS
         self.skipped: list[str] = []
 
     def __call__(self, path: str) -> bool:
-        from torchvision.datasets.folder import IMG_EXTENSIONS
-        if path.lower().endswith(IMG_EXTENSIONS):
+        if path.lower().endswith(self.extensions):
             try:
                 with Image.open(path):
                     return True
@@ -297,17 +303,17 @@ def _build_image_folder(opt: DataOptions) -> DataBundle:
                       list(train.classes), counts, test_name=f"{eval_dir.name}/", **size)
 
 
-CALIBRATION_SEED = 20_000  # synthetic: training draws seed s, evaluation s + 10,000, calibration s + 20,000
+HELD_OUT_SEED = 0  # the NumPy seed that draws the held-out calibration images
 
 
-def _held_out(bundle: DataBundle, per_class: int, seed: int = 0) -> tuple[LabeledView, str]:
+def _held_out(bundle: DataBundle, per_class: int) -> tuple[LabeledView, str]:
     """Training images the long-tail subsample left out (never trained on), `per_class` of each class drawn with
-    NumPy seed `seed` (all of a class's when it has fewer). The head class keeps all its images (CIFAR-LT: 5000 of
-    5000), so it has none to give: the split goes without it and says so."""
+    NumPy seed HELD_OUT_SEED (all of a class's when it has fewer). The head class keeps all its images (CIFAR-LT:
+    5000 of 5000), so it has none to give: the split goes without it and says so."""
     view = bundle.train
     targets = np.asarray(view.base.targets)
     unused = np.setdiff1d(np.arange(len(targets)), view.indices)
-    rng, picked, missing = np.random.RandomState(seed), [], []
+    rng, picked, missing = np.random.RandomState(HELD_OUT_SEED), [], []
     for c in range(len(bundle.classes)):
         pool = unused[targets[unused] == c]
         if not len(pool):
@@ -316,7 +322,7 @@ def _held_out(bundle: DataBundle, per_class: int, seed: int = 0) -> tuple[Labele
     if not picked:
         raise UserError("every training image is in the long-tail subsample: none is left to calibrate on; name a "
                         "split with --calib-split")
-    what = f"held-out training images (not in the long-tail subsample), {per_class} per class, seed {seed}"
+    what = f"held-out training images (not in the long-tail subsample), {per_class} per class, seed {HELD_OUT_SEED}"
     return (LabeledView(view.base, targets, sorted(picked)),
             what + (f"; none of {', '.join(missing)} (every one trained on)" if missing else ""))
 
