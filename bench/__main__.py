@@ -28,6 +28,7 @@ from bench.measure.inprocess import (References, available_runtimes, plan_varian
 from bench.measure.machine import machine_info
 from bench.report import markdown, write_all
 from bench.measure.served import PERF_ANALYZER_ENV, default_client_processes
+from bench.measure.timed_images import TIMED_IMAGES
 from bench.served_stage import run_served, served_target
 from expertfuse.cli import (choice_list, name_list, positive_float, positive_int, positive_int_list, run_cli,
                             unwind_on_signals)
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"checkpoint": report_name(args.ckpt, args.out), "machine": machine_info(),
               "settings": report_settings(args, args.out),
               "evaluation": {"source": data.source, "chosen_on": calibration.source, "images": len(data.labels),
+                             "timed_images": TIMED_IMAGES,
                              "calibration_images": len(calibration.labels), "shot_rule": data.shot_rule,
                              "train_counts": data.train_counts, "classes": job.classes},
               "inprocess": [], "served": {}, "ratios": [], "points": [], "single": f"expert{order[0]}", "decision": None,

@@ -33,6 +33,7 @@ from bench.measure.machine import describe_machine, machine_info
 from bench.report import ratio_rows, write_csv
 from bench.measure.runners import OrtRunner, TritonRunner, cycling_calls
 from bench.measure.served import measure_point
+from bench.measure.timed_images import random_images
 from expertfuse.cli import choice_list, positive_float, positive_int_list, run_cli
 from expertfuse.contract import INPUT, LOGITS
 from expertfuse.errors import UserError
@@ -181,7 +182,7 @@ def served_costs(job: ExportJob, repo: Path, concurrency: list[int], window_s: f
                                       **ratio(timed, num, den).to_dict()})
             for name, model in models.items():
                 for c in concurrency:
-                    point = measure_point(url, protocol, model, job.spec.input_size, 1, c, window_s=window_s)
+                    point = measure_point(url, protocol, model, random_images(job.spec.input_size), 1, c, window_s=window_s)
                     out["sweep"].append({"variant": name, **point})
         out["server_peak_rss_mib"] = process_tree_peak_mib(server.process.pid)
     return out

@@ -313,10 +313,15 @@ def ratios_table(ratios: list[dict]) -> list[str]:
 
 def latency_table(result: dict) -> list[str]:
     timed = [r for r in inprocess_rows(result) if "p50_ms" in r]
-    lines = ["## In-process latency (absolute)", "", "| variant | runtime | batch | p50 ms | p90 ms | p99 ms | images/s |",
-             "|---|---|---|---|---|---|---|"] if timed else []
-    lines += [f"| {r['variant']} | {r['runtime']} | {r['batch']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-              f"{r['p99_ms']:.2f} | {r['items_per_s']:.1f} |" for r in timed]
+    images = result["evaluation"].get("timed_images")
+    lines = ["## In-process latency (absolute)", "",
+             (f"Timed on {images} images of the {result['evaluation']['source']} (a fixed sample, the same for every "
+              "variant; experts run = per image on them)." if images else "Timed on random images (a run before "
+              "2026-12-05: an early-exit model's figure there is that of its first expert alone)."), "",
+             "| variant | runtime | batch | experts run | p50 ms | p90 ms | p99 ms | images/s |",
+             "|---|---|---|---|---|---|---|---|"] if timed else []
+    lines += [f"| {r['variant']} | {r['runtime']} | {r['batch']} | {_fmt(r.get('experts_run_timed'), '.2f')} | "
+              f"{r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {r['items_per_s']:.1f} |" for r in timed]
     lines += [f"- not timed: {r['variant']} on {r['runtime']}: {r.get('refused') or r.get('skipped')}"
               for r in result["inprocess"] if "refused" in r or "skipped" in r]
     return lines + [""]

@@ -22,6 +22,7 @@ from pathlib import Path
 from bench.measure.machine import describe_machine, machine_info
 from bench.report import write_csv
 from bench.measure.served import find_perf_analyzer, measure_concurrency, perf_analyzer_point
+from bench.measure.timed_images import random_images
 from expertfuse.cli import choice_list, name_list, positive_float, positive_int, positive_int_list, run_cli
 from expertfuse.errors import UserError
 from expertfuse.files import write_text
@@ -58,7 +59,7 @@ def image_size(repository: Path, model: str) -> int:
 
 def measure_both(args, server: TritonServer, binary: str, log=print) -> list[dict]:
     """Every (round, protocol, model, concurrency) by both generators, their order alternating per round."""
-    rows, sizes = [], {m: image_size(args.repository, m) for m in args.models}
+    rows, images = [], {m: random_images(image_size(args.repository, m)) for m in args.models}
     with tempfile.TemporaryDirectory(prefix="expertfuse-bench-") as tmp:
         for rnd in range(1, args.rounds + 1):
             order = ("perf_analyzer", "python") if rnd % 2 else ("python", "perf_analyzer")
@@ -67,9 +68,10 @@ def measure_both(args, server: TritonServer, binary: str, log=print) -> list[dic
                 for model in args.models:
                     for c in args.concurrency:
                         for generator in order:
-                            row = (perf_analyzer_point(binary, url, protocol, model, 1, c, args.window_s, Path(tmp))
+                            row = (perf_analyzer_point(binary, url, protocol, model, images[model], 1, c, args.window_s,
+                                                       Path(tmp))
                                    if generator == "perf_analyzer" else
-                                   measure_concurrency(url, protocol, model, sizes[model], 1, c, args.window_s,
+                                   measure_concurrency(url, protocol, model, images[model], 1, c, args.window_s,
                                                        max_processes=args.client_processes))
                             rows.append({"round": rnd, **{k: v for k, v in row.items() if k != "window_throughputs"}})
                             log(f"round {rnd} {protocol:<4} {model:<14} c={c:<3} {generator:<13} "

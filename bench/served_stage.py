@@ -9,10 +9,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from bench.decide import accuracy_columns, ratio_row
-from bench.measure.inprocess import EarlyExit, Variant, cheap_role, gate_and_score, make_runner, reference_key, served_experts
+from bench.measure.inprocess import (EarlyExit, Variant, cheap_role, gate_and_score, make_runner, reference_key,
+                                     served_experts, timing_inputs)
 from bench.measure.runners import TritonRunner, cycling_calls
 from bench.measure.served import choose_load_generator, measure_point, run_perf_analyzer
+from bench.measure.timed_images import timing_batches
 from expertfuse.errors import UserError
 from expertfuse.timing import MAX_EXTENSION, interleave, ratio
 from serve.protocols import PROTOCOLS, client_module
@@ -134,11 +138,13 @@ def score_model(url: str, protocol: str, name: str, role: str, params: dict, ctx
             **verdict}
 
 
-def sweep_model(args, url: str, protocol: str, name: str, size: int, workdir: Path | None, perf_analyzer) -> list[dict]:
+def sweep_model(args, url: str, protocol: str, name: str, images: np.ndarray, workdir: Path | None,
+                perf_analyzer) -> list[dict]:
+    """The concurrency sweep of one served model on the evaluation images (either load generator)."""
     if perf_analyzer:
-        return run_perf_analyzer(perf_analyzer, url, protocol, name, args.served_batch, args.concurrency, args.window_s,
-                                 workdir)
-    return [measure_point(url, protocol, name, size, args.served_batch, c, args.window_s,
+        return run_perf_analyzer(perf_analyzer, url, protocol, name, images, args.served_batch, args.concurrency,
+                                 args.window_s, workdir)
+    return [measure_point(url, protocol, name, images, args.served_batch, c, args.window_s,
                           max_processes=args.client_processes, client_kind=args.client) for c in args.concurrency]
 
 
@@ -172,7 +178,7 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
         runners["fused/in-process"] = make_runner(ctx.runtime, ctx.job, variant, ctx.workdir)
     batch = args.served_batch
     try:
-        inputs = {k: [r.prepare(ctx.data.pixels[i * batch:(i + 1) * batch]) for i in range(4)] for k, r in runners.items()}
+        inputs = {k: timing_inputs(r, timing_batches(ctx.data.pixels, batch)) for k, r in runners.items()}
         timing = interleave(cycling_calls(runners, inputs), calls_per_block=5, budget_s=args.budget_s,
                             max_s=MAX_EXTENSION * args.budget_s)
     finally:
@@ -220,7 +226,7 @@ def run_served(args, ctx, target: ServedTarget, log=print) -> dict:
                     f"few {row['accuracy']['few']:5.1f}%  agreement {row['accuracy']['agreement']:5.1f}%")
         timed = [m for m in result["models"] if "accuracy" in m and m["model_role"] in TIMED_ROLES]
         for m in timed:
-            for point in sweep_model(args, urls[m["protocol"]], m["protocol"], m["model"], ctx.data.pixels.shape[1],
+            for point in sweep_model(args, urls[m["protocol"]], m["protocol"], m["model"], ctx.data.pixels,
                                      workdir, perf_analyzer):
                 result["sweep"].append({**point, "model_role": m["model_role"]})
                 figures = (f"{point['throughput']:8.1f} img/s  p99 {point.get('p99_ms', float('nan')):7.2f} ms"

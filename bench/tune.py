@@ -28,9 +28,10 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from bench.measure.served import best_under, default_client_processes, measure_point
+from bench.measure.timed_images import random_images
 from expertfuse.cli import (non_negative_int_list, positive_float, positive_int, positive_int_list, run_cli,
                             unwind_on_signals)
-from expertfuse.contract import INPUT, check_model_name
+from expertfuse.contract import EXPERTS_RUN, INPUT, check_model_name
 from expertfuse.errors import NothingMeasured, UserError
 from expertfuse.files import report_name, report_settings, write_text
 from serve.protocols import PROTOCOLS
@@ -116,6 +117,9 @@ def check_model(repository: Path, model: str, max_batches: list[int]) -> tuple[p
     image = cfg.input[0] if len(cfg.input) == 1 else None
     if image is None or image.name != INPUT or image.data_type != pb.TYPE_UINT8 or list(image.dims)[2:] != [3]:
         raise UserError(f"{model}: the load generator sends UINT8 NHWC '{INPUT}' images; export with --input uint8-nhwc")
+    if any(output.name == EXPERTS_RUN for output in cfg.output):
+        raise UserError(f"{model} is an early-exit model: its cost depends on the images it gets, and tune sends random "
+                        "images (every one leaves after the first expert); tune its fused ensemble instead")
     if cfg.max_batch_size < 1 or not cfg.HasField("dynamic_batching"):
         raise UserError(f"{model}: no dynamic batching in its config, nothing to tune")
     too_big = [b for b in max_batches if b > cfg.max_batch_size or b < 1]
@@ -171,7 +175,7 @@ def sweep(server: TritonServer, args, points: list[Point], image_size: int, log=
             continue
         for c in args.concurrency:
             try:
-                row = measure_point(url, args.protocol, args.model, image_size, 1, c, args.window_s, log,
+                row = measure_point(url, args.protocol, args.model, random_images(image_size), 1, c, args.window_s, log,
                                     max_processes=args.client_processes)
             except Exception as exc:  # noqa: BLE001 - failed requests, or tritonclient's errors on statistics
                 check_running(server, f"measuring config {point.label} at concurrency {c}")

@@ -17,6 +17,7 @@ INPUT = "image"
 LOGITS = "logits"
 PROBS = "probs"
 EXPERT_LOGITS = "expert_logits"
+EXPERTS_RUN = "experts_run"  # early-exit models: how many experts each image went through
 
 INPUT_LAYOUTS = ("uint8-nhwc", "float-nchw")
 # graph input layout -> (Triton data type, Triton image format)

@@ -30,7 +30,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from expertfuse.contract import INPUT, LOGITS
+from expertfuse.contract import EXPERTS_RUN, INPUT, LOGITS
 from expertfuse.errors import UserError
 from expertfuse.parity import compare, float32_error, require
 from export.gate import expert_references, test_images
@@ -43,7 +43,6 @@ from export.triton import publish
 from serve.repository import ServingOptions, TensorSpec, staging
 from train.data.longtail import shot_groups
 
-EXPERTS_RUN = "experts_run"
 AUTO_TOLERANCE_POINTS = 0.2
 AUTO_GRID = np.round(np.arange(0.0, 1.0, 0.01), 2).tolist() + [0.995, 0.999, 1.0]  # one global threshold
 GROUP_GRID = [0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995,

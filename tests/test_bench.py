@@ -341,12 +341,13 @@ def test_served_sweep_beside_two_cpu_burners_reports_no_empty_window_as_measured
     """Two processes spinning on the 2 cores (bounded to 2 minutes, stopped by pid): a window that caught no request
     or too few is remeasured longer, and what is still short says so instead of giving a figure."""
     from bench.measure.served import MIN_WINDOW_REQUESTS
+    from bench.measure.timed_images import random_images
     from bench.served_stage import sweep_model
     burners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 120\n"
                                  "while time.time() < end: pass"]) for _ in range(2)]
     try:
         args = SimpleNamespace(served_batch=1, concurrency=[1, 4], window_s=0.02, client_processes=1, client="threads")
-        rows = sweep_model(args, triton.endpoints.grpc, "grpc", "ncl", 32, None, None)
+        rows = sweep_model(args, triton.endpoints.grpc, "grpc", "ncl", random_images(32), None, None)
     finally:
         for burner in burners:
             burner.terminate()

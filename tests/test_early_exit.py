@@ -157,3 +157,27 @@ def test_served_early_exit_model_equals_onnxruntime(tiny_checkpoint, early_exit_
             client.close()
     np.testing.assert_array_equal(result.as_numpy("experts_run"), expected_runs)
     np.testing.assert_allclose(result.as_numpy("logits"), expected_logits, rtol=1e-6, atol=1e-6)
+
+
+def test_costs_are_timed_on_evaluation_images_that_exit_as_the_split_does(tiny_checkpoint, early_exit_repository):
+    """Random pixels exit unlike real images (on the demo checkpoint all after the first expert, on this tiny model
+    none early), so an early-exit model timed on them is timed doing other work than it does: the bench times every
+    variant on a fixed sample of the evaluation split, and reports the experts the model ran on that sample."""
+    from bench.measure.inprocess import run_inprocess
+    from bench.measure.timed_images import random_images, timing_batches
+    job = job_for(tiny_checkpoint)
+    data = load_eval_set(job.checkpoint.data, job.spec, LabelledData(limit=120))
+    refs = References.build(job.model, data, gate_images=4)
+    [variant] = repository_variants(early_exit_repository, job.model.num_experts)
+    session = ort.InferenceSession(str(early_exit_repository / "ncl_early_exit" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    on_random = session.run(["experts_run"], {"image": random_images(32, 64)})[0].mean()
+    rows, _ = run_inprocess(job, ["onnxruntime-cpu"], [variant], refs, data, [1, 8], 0.2, early_exit_repository,
+                            log=lambda *a: None)
+    for batch in (1, 8):
+        timed = timing_batches(data.pixels, batch)
+        pool = {img.tobytes() for img in data.pixels}
+        assert all(img.tobytes() in pool for b in timed for img in b) and all(len(b) == batch for b in timed)
+        ran = np.concatenate([session.run(["experts_run"], {"image": b})[0][:, 0] for b in timed])
+        assert abs(ran.mean() - on_random) > 0.3, (ran.mean(), on_random)
+        assert rows[0]["timing"][batch]["experts_run_timed"] == pytest.approx(ran.mean())

@@ -6,6 +6,7 @@ import pytest
 
 from bench.measure.served import (choose_load_generator, default_client_processes, feeds_ratios, find_perf_analyzer, measure_concurrency,
                           perf_analyzer_point, with_client_bound)
+from bench.measure.timed_images import random_images
 from expertfuse.errors import UserError
 from tests.helpers import run_module
 from tests.test_serve_faults import one_line
@@ -23,8 +24,8 @@ def url_of(triton, protocol: str) -> str:
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("client", ["asyncio", "threads"])
 def test_python_load_generator_reports_latency_server_split_and_its_own_cpu(triton, protocol, client):
-    row = measure_concurrency(url_of(triton, protocol), protocol, "ncl_expert0", 32, 1, 4, window_s=0.3,
-                              client_kind=client)
+    row = measure_concurrency(url_of(triton, protocol), protocol, "ncl_expert0", random_images(32), 1, 4,
+                              window_s=0.3, client_kind=client)
     assert row["client"] == client and row["load_generator"] == "python" and row["requests"] > 0
     assert row["throughput"] > 0 and row["p99_ms"] >= row["p50_ms"] > 0 and row["mean_ms"] > 0
     assert row["server_exec_per_request"] <= 1.0 and row["client_cpu_ms"] > 0
@@ -36,8 +37,8 @@ def test_python_load_generator_reports_latency_server_split_and_its_own_cpu(trit
 def test_client_bound_when_one_python_process_drives_sixteen_requests(triton):
     """16 sync clients on threads of one process share its GIL: the client cannot keep 16 requests of a tiny model
     in flight, and the row says so and why; such a row feeds no ratio."""
-    row = measure_concurrency(triton.endpoints.grpc, "grpc", "ncl_expert0", 32, 1, 16, window_s=0.3,
-                              max_processes=1, client_kind="threads")
+    row = measure_concurrency(triton.endpoints.grpc, "grpc", "ncl_expert0", random_images(32), 1, 16,
+                              window_s=0.3, max_processes=1, client_kind="threads")
     assert row["client_bound"] and row["client_bound_why"], row
     assert not feeds_ratios(row)
 
@@ -89,8 +90,10 @@ def test_bench_refuses_a_perf_analyzer_that_does_not_run_in_one_line(triton, tin
 @needs_perf_analyzer
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_perf_analyzer_point_carries_the_fields_of_a_python_row(triton, protocol, tmp_path):
-    row = perf_analyzer_point(PERF_ANALYZER, url_of(triton, protocol), protocol, "ncl_expert0", 1, 2, 0.3, tmp_path)
-    python = measure_concurrency(url_of(triton, protocol), protocol, "ncl_expert0", 32, 1, 2, window_s=0.3)
+    row = perf_analyzer_point(PERF_ANALYZER, url_of(triton, protocol), protocol, "ncl_expert0", random_images(32),
+                              1, 2, 0.3, tmp_path)
+    python = measure_concurrency(url_of(triton, protocol), protocol, "ncl_expert0", random_images(32), 1, 2,
+                                 window_s=0.3)
     assert row["load_generator"] == "perf_analyzer" and row["concurrency"] == 2 and row["throughput"] > 0
     assert row["p99_ms"] >= row["p50_ms"] > 0 and row["mean_ms"] > 0 and row["client_cpu_ms"] > 0
     python_only = {"window_throughputs", "requests", "client_processes", "client_cpu_share",
@@ -111,3 +114,18 @@ def test_served_compare_writes_both_generators_side_by_side_without_machine_path
     readme = (out / "README.md").read_text()
     assert "| 2 | grpc | ncl_expert0 | 2 |" in readme and "Load average (1/5/15 min):" in readme
     assert str(tmp_path) not in readme + (out / "comparison.json").read_text() + proc.stdout.split("# Served")[-1]
+
+
+def test_perf_analyzer_is_fed_the_images_our_generator_times(tmp_path):
+    """perf_analyzer's --input-data file holds the timed sample, one batch-1 entry per image, in order: both load
+    generators drive a model with the same (evaluation) images, not perf_analyzer's one random tensor."""
+    import base64
+
+    import numpy as np
+
+    from bench.measure.served import perf_analyzer_input_data
+    from bench.measure.timed_images import timing_batches
+    images = random_images(8, 10, seed=3)
+    data = json.loads(perf_analyzer_input_data(images, 4, tmp_path / "images.json").read_text())["data"]
+    sent = np.stack([np.frombuffer(base64.b64decode(e["image"]["b64"]), np.uint8).reshape(8, 8, 3) for e in data])
+    np.testing.assert_array_equal(sent, np.concatenate(timing_batches(images, 4)))

@@ -13,6 +13,7 @@ import torch
 from bench.measure.evaluation import accuracy, batched_logits
 from export.labelled import EvalSet, expert_logits
 from bench.measure.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner, cycling_calls
+from bench.measure.timed_images import timed_index, timing_batches
 from expertfuse.parity import bench_tolerance, compare
 from expertfuse.timing import MAX_EXTENSION, Interleaved, interleave
 from export.early_exit import simulate
@@ -170,11 +171,14 @@ class References:
         images = parity_images(model.spec.input_size, gate_images)
         return cls(images, expert_logits(model, images), expert_logits(model, data.pixels))
 
-    def experts_run(self, experts: tuple[int, ...], early_exit: EarlyExit | None = None) -> float:
-        """Experts run per image on the labelled set: all of them, or as many as an early-exit model's exits let."""
+    def experts_run(self, experts: tuple[int, ...], early_exit: EarlyExit | None = None,
+                    images: np.ndarray | None = None) -> float:
+        """Experts run per image on the labelled set (or the `images` of it: an index): all of them, or as many as
+        an early-exit model's exits let."""
         if early_exit is None:
             return float(len(experts))
-        return float(simulate(self.labelled, list(early_exit.order), np.array(early_exit.class_thresholds))[1].mean())
+        logits = self.labelled if images is None else self.labelled[images]
+        return float(simulate(logits, list(early_exit.order), np.array(early_exit.class_thresholds))[1].mean())
 
     def of(self, experts: tuple[int, ...], labelled: bool = True, early_exit: EarlyExit | None = None) -> np.ndarray:
         """The PyTorch logits of the experts' mean, or of an early-exit model's per-sample exits."""
@@ -206,16 +210,23 @@ def gate_and_score(runner: Runner, experts: tuple[int, ...], precision: str, ref
                                 "experts_run": refs.experts_run(experts, early_exit)}}
 
 
-def timing_inputs(runner: Runner, size: int, batch: int, buffers: int = 4) -> list:
-    rng = np.random.RandomState(batch)
-    return [runner.prepare(rng.randint(0, 256, (batch, size, size, 3), dtype=np.uint8)) for _ in range(buffers)]
+def timing_inputs(runner: Runner, batches: list[np.ndarray]) -> list:
+    return [runner.prepare(b) for b in batches]
 
 
-def time_interleaved(runners: dict[str, Runner], size: int, batch: int, budget_s: float) -> Interleaved:
-    """All runners at one batch size, in randomized blocks so that load on the machine hits every one alike."""
-    inputs = {key: timing_inputs(r, size, batch) for key, r in runners.items()}
+def time_interleaved(runners: dict[str, Runner], batches: list[np.ndarray], budget_s: float) -> Interleaved:
+    """All runners on the same image batches (bench.measure.timed_images), in randomized blocks so that load on the
+    machine hits every one alike."""
+    inputs = {key: timing_inputs(r, batches) for key, r in runners.items()}
     return interleave(cycling_calls(runners, inputs), calls_per_block=3, warmup=2, budget_s=budget_s,
                       max_s=MAX_EXTENSION * budget_s)
+
+
+def timing_row(timing: Interleaved, key: str, batch: int, experts_run: float) -> dict:
+    """One variant's timing at one batch size, with the experts it ran per image on the timed images."""
+    if not timing.measured:
+        return {"measured": False, "not_measured": timing.not_measured}
+    return {**timing.summary(key, batch), "experts_run_timed": experts_run}
 
 
 def key_of(variant: str, runtime: str) -> str:
@@ -226,7 +237,7 @@ def run_inprocess(job, runtimes: list[str], variants: list[Variant], refs: Refer
                   batches: list[int], budget_s: float, workdir: Path, log=print) -> tuple[list[dict], dict]:
     """Gate and score every (variant, runtime), then time the admitted ones interleaved at each batch size.
     Returns (rows: one per variant/runtime with accuracy and per-batch latencies, {batch: Interleaved})."""
-    rows, runners = [], {}
+    rows, runners, timed_runs = [], {}, {}
     try:
         for runtime in runtimes:
             for variant in variants:
@@ -248,17 +259,19 @@ def run_inprocess(job, runtimes: list[str], variants: list[Variant], refs: Refer
                 log(f"  {variant.name:>16} {runtime:<16} top-1 {acc['overall']:5.1f}%  few {acc['few']:5.1f}%  "
                     f"agreement {acc['agreement']:5.1f}%")
                 runners[key_of(variant.name, runtime)] = runner
+                timed_runs[key_of(variant.name, runtime)] = {
+                    b: refs.experts_run(variant.experts, variant.early_exit, timed_index(len(data.pixels), b))
+                    for b in batches}
         timings = {}
         for batch in batches:
             log(f"  timing {len(runners)} variants interleaved at batch {batch}")
-            timings[batch] = time_interleaved(runners, job.spec.input_size, batch, budget_s)
+            timings[batch] = time_interleaved(runners, timing_batches(data.pixels, batch), budget_s)
             if not timings[batch].measured:
                 log(f"  batch {batch} NOT MEASURED: {timings[batch].not_measured}")
         for row in rows:
             key = key_of(row["variant"], row["runtime"])
             if key in runners:
-                row["timing"] = {b: t.summary(key, b) if t.measured else {"measured": False, "not_measured": t.not_measured}
-                                 for b, t in timings.items()}
+                row["timing"] = {b: timing_row(t, key, b, timed_runs[key][b]) for b, t in timings.items()}
         return rows, timings
     finally:
         for runner in runners.values():

@@ -8,8 +8,10 @@ Triton's statistics API, and the client's CPU per request: a row whose figure th
 """
 from __future__ import annotations
 
+import base64
 import csv
 import io
+import json
 import multiprocessing as mp
 import os
 import queue
@@ -24,38 +26,51 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.measure.timed_images import timing_batches
 from expertfuse.errors import UserError
 from expertfuse.timing import windows_agree
 from serve.protocols import client_module
 
 
-def _asyncio_loops(url: str, protocol: str, model: str, images: np.ndarray, clients: int, schedule, ready, go,
+def _requests(module, batches: list[np.ndarray]) -> list:
+    """One InferInput per image batch, built before the clock starts; the clients cycle through them."""
+    inputs = []
+    for images in batches:
+        request = module.InferInput("image", list(images.shape), "UINT8")
+        request.set_data_from_numpy(images)
+        inputs.append([request])
+    return inputs
+
+
+def _asyncio_loops(url: str, protocol: str, model: str, batches: list[np.ndarray], clients: int, schedule, ready, go,
                    records: list, errors: list) -> float:
     """`clients` closed-loop coroutines, each with its own tritonclient asyncio client (http.aio or grpc.aio), so
-    one connection per in-flight request; each sends one warm-up request before the process reports ready.
-    Returns usage_since(`go`) at the end of the last window."""
+    one connection per in-flight request, each cycling through the image batches from its own offset; each sends
+    one warm-up request before the process reports ready. Returns usage_since(`go`) at the end of the last window."""
     import asyncio
     aio = client_module(protocol, asyncio=True)
-    request = aio.InferInput("image", list(images.shape), "UINT8")
-    request.set_data_from_numpy(images)
+    requests = _requests(aio, batches)
     outputs = [aio.InferRequestedOutput("logits")]
 
-    async def loop(client, stop_at: float) -> None:
+    async def loop(client, offset: int, stop_at: float) -> None:
+        sent = offset
         while time.time() < stop_at:
             t0 = time.perf_counter()
-            await client.infer(model, [request], outputs=outputs)
+            await client.infer(model, requests[sent % len(requests)], outputs=outputs)
             records.append((time.time(), time.perf_counter() - t0))
+            sent += 1
 
     async def run() -> tuple[float, float]:
         used = (0.0, 0.0)
         connections = [aio.InferenceServerClient(url) for _ in range(clients)]
         try:
-            await asyncio.gather(*(c.infer(model, [request], outputs=outputs) for c in connections))
+            await asyncio.gather(*(c.infer(model, requests[0], outputs=outputs) for c in connections))
             ready.put(True)
             await asyncio.get_running_loop().run_in_executor(None, go.wait)
             start, (start_at, stop_at) = usage_now(), schedule[:]
             await asyncio.sleep(max(0.0, start_at - time.time()))
-            await asyncio.gather(*(loop(c, stop_at) for c in connections))
+            spread = max(len(requests) // clients, 1)
+            await asyncio.gather(*(loop(c, i * spread, stop_at) for i, c in enumerate(connections)))
             used = usage_since(start)
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the point
             errors.append(str(exc).splitlines()[0])
@@ -68,7 +83,7 @@ def _asyncio_loops(url: str, protocol: str, model: str, images: np.ndarray, clie
     return asyncio.run(run())
 
 
-def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, threads: int, schedule, ready, go,
+def _load_worker(url: str, protocol: str, model: str, batches: list[np.ndarray], threads: int, schedule, ready, go,
                  results, client_kind: str = "asyncio") -> None:
     """One client process: `threads` closed-loop clients (asyncio coroutines, or threads with sync clients). Each
     connects and sends one warm-up request, then the process reports ready and waits for the parent's `go`; the
@@ -76,7 +91,7 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
     time to the parent. Start-up (imports, connections) thus never falls inside a measurement window."""
     records, errors = [], []
     if client_kind == "asyncio":
-        used = _asyncio_loops(url, protocol, model, images, threads, schedule, ready, go, records, errors)
+        used = _asyncio_loops(url, protocol, model, batches, threads, schedule, ready, go, records, errors)
         start_at, stop_at = schedule[:]
         results.put({"records": records, "errors": errors, "cpu_s": used[0], "busiest_thread_s": used[1],
                      "wall_s": stop_at - start_at})
@@ -84,14 +99,16 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
     module = client_module(protocol)
     warmed, released = threading.Barrier(threads + 1), threading.Event()
 
-    def loop() -> None:
+    requests = _requests(module, batches)
+    spread = max(len(requests) // threads, 1)
+
+    def loop(offset: int) -> None:
         client = module.InferenceServerClient(url)
-        request = module.InferInput("image", list(images.shape), "UINT8")
-        request.set_data_from_numpy(images)
         outputs = [module.InferRequestedOutput("logits")]
+        sent = offset
         try:
             try:
-                client.infer(model, [request], outputs=outputs)  # connected and warm before any window opens
+                client.infer(model, requests[0], outputs=outputs)  # connected and warm before any window opens
             finally:
                 warmed.wait()
             released.wait()
@@ -100,14 +117,15 @@ def _load_worker(url: str, protocol: str, model: str, images: np.ndarray, thread
                 time.sleep(0.001)
             while time.time() < stop_at:
                 t0 = time.perf_counter()
-                client.infer(model, [request], outputs=outputs)
+                client.infer(model, requests[sent % len(requests)], outputs=outputs)
                 records.append((time.time(), time.perf_counter() - t0))
+                sent += 1
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the point
             errors.append(str(exc).splitlines()[0])
         finally:
             client.close()
 
-    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    workers = [threading.Thread(target=loop, args=(i * spread,)) for i in range(threads)]
     for w in workers:
         w.start()
     warmed.wait()
@@ -149,17 +167,25 @@ def usage_since(start: tuple[float, dict[int, int]]) -> tuple[float, float]:
 
 
 @contextmanager
-def terminal_signals_ignored():
-    """Processes started meanwhile inherit an ignored SIGINT (Python keeps it ignored): Ctrl-C at the terminal
-    reaches the whole process group, and only the parent should act on it (it stops the load processes)."""
+def load_processes_starting():
+    """While the load processes start: SIGINT ignored, so that they inherit it ignored (Ctrl-C at the terminal reaches
+    the whole process group, and only the parent should act on it: it stops them); and a SIGTERM held back until
+    every child has its arguments (its image batches go through a pipe, and a stop that cut that write short would
+    leave a child unpickling half of them, a traceback on the terminal, or started and never stopped). A SIGTERM
+    held back here is raised again on leaving, where the caller stops every child it started."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    held = []
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in held[:1]:
+            signal.raise_signal(signum)
 
 
 def server_statistics(url: str, protocol: str, model: str) -> dict:
@@ -185,20 +211,22 @@ READY_TIMEOUT_S = 120  # for every load process to import tritonclient, connect 
 MIN_WINDOW_REQUESTS = 5  # a window with fewer completed requests measured nothing worth a throughput
 
 
-def measure_concurrency(url: str, protocol: str, model: str, image_size: int, batch: int, concurrency: int,
+def measure_concurrency(url: str, protocol: str, model: str, images: np.ndarray, batch: int, concurrency: int,
                         window_s: float = 1.0, windows: int = 3, warmup_s: float = 0.5,
                         max_processes: int | None = None, tolerance: float = 0.1, client_kind: str = "asyncio") -> dict:
-    """One point of the sweep. Raises RuntimeError when requests fail."""
-    images = np.random.RandomState(concurrency).randint(0, 256, (batch, image_size, image_size, 3), dtype=np.uint8)
+    """One point of the sweep, requests of `batch` images cycling through `images` (uint8 NHWC: the timed sample,
+    bench.measure.timed_images). Raises RuntimeError when requests fail."""
+    batches = timing_batches(images, batch)
     processes = max(1, min(concurrency, max_processes or default_client_processes()))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
     ctx = mp.get_context("spawn")
     results, ready, go, schedule = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Array("d", 2)
     procs = [ctx.Process(target=_load_worker,
-                         args=(url, protocol, model, images, n, schedule, ready, go, results, client_kind))
-             for n in shares]
+                         args=(url, protocol, model, batches[i::processes] or batches, n, schedule, ready, go, results,
+                               client_kind))
+             for i, n in enumerate(shares)]
     try:
-        with terminal_signals_ignored():
+        with load_processes_starting():
             for p in procs:
                 p.start()
         try:
@@ -274,13 +302,13 @@ def best_under(rows: list[dict], budget_ms: float) -> dict | None:
 MAX_WINDOW_GROWTH = 8  # a point whose windows caught too few requests is remeasured with windows up to 8 x as long
 
 
-def measure_point(url: str, protocol: str, model: str, image_size: int, batch: int, concurrency: int,
+def measure_point(url: str, protocol: str, model: str, images: np.ndarray, batch: int, concurrency: int,
                   window_s: float = 1.0, log=print, **kwargs) -> dict:
     """measure_concurrency, remeasured with windows twice as long while a window completes too few requests, up to
     MAX_WINDOW_GROWTH x `window_s`; the last try is returned (not measured if it is still short)."""
     longest = window_s * MAX_WINDOW_GROWTH
     while True:
-        row = measure_concurrency(url, protocol, model, image_size, batch, concurrency, window_s, **kwargs)
+        row = measure_concurrency(url, protocol, model, images, batch, concurrency, window_s, **kwargs)
         if row["measured"] or window_s >= longest:
             return row
         log(f"  {model} over {protocol} c={concurrency}: {row['not_measured'].split(':')[0]}; "
@@ -388,36 +416,47 @@ PERF_ANALYZER_STABILITY = 10  # %, perf_analyzer's own default for 3 consecutive
 PERF_ANALYZER_TRIALS = 5  # windows before a level counts as unstable (perf_analyzer needs 3 that agree)
 
 
-def run_perf_analyzer(binary: str, url: str, protocol: str, model: str, batch: int, concurrencies: list[int],
-                      window_s: float, workdir: Path) -> list[dict]:
+def run_perf_analyzer(binary: str, url: str, protocol: str, model: str, images: np.ndarray, batch: int,
+                      concurrencies: list[int], window_s: float, workdir: Path) -> list[dict]:
     """One perf_analyzer run per listed concurrency (a start:end:step range would run other levels than 1,4,16),
     with its CPU time (getrusage of children) and the server's statistics around it for `client_bound`."""
-    return [perf_analyzer_point(binary, url, protocol, model, batch, level, window_s, workdir)
+    return [perf_analyzer_point(binary, url, protocol, model, images, batch, level, window_s, workdir)
             for level in concurrencies]
 
 
-def perf_analyzer_point(binary: str, url: str, protocol: str, model: str, batch: int, concurrency: int,
-                        window_s: float, workdir: Path) -> dict:
+def perf_analyzer_input_data(images: np.ndarray, batch: int, path: Path) -> Path:
+    """perf_analyzer's --input-data JSON: the timed sample (bench.measure.timed_images), one batch-1 entry per image
+    (base64 of its bytes), which perf_analyzer sends round-robin, so it drives the model with the images our own
+    generator sends instead of one random tensor reused for every request."""
+    timed = np.concatenate(timing_batches(images, batch))
+    entries = [{"image": {"b64": base64.b64encode(np.ascontiguousarray(image).tobytes()).decode()}} for image in timed]
+    path.write_text(json.dumps({"data": entries}))
+    return path
+
+
+def perf_analyzer_point(binary: str, url: str, protocol: str, model: str, images: np.ndarray, batch: int,
+                        concurrency: int, window_s: float, workdir: Path) -> dict:
     """One concurrency level. A level perf_analyzer cannot stabilize within its trials is rerun once with the
     stability check off (-s 100) and recorded stable: False, as the Python generator records it."""
     out = workdir / f"perf_{model}_{protocol}_c{concurrency}.csv"
+    data = perf_analyzer_input_data(images, batch, workdir / f"perf_{model}_b{batch}_images.json")
     for stability in (PERF_ANALYZER_STABILITY, 100):
         before, cpu0 = server_statistics(url, protocol, model), children_cpu_s()
         done = subprocess.run([binary, "-m", model, "-u", url, "-i", protocol, "-b", str(batch),
-                               "--concurrency-range", f"{concurrency}:{concurrency}",
+                               "--input-data", str(data), "--concurrency-range", f"{concurrency}:{concurrency}",
                                "--measurement-interval", str(int(window_s * 1000)), "-s", str(stability),
                                "-r", str(PERF_ANALYZER_TRIALS), "--verbose-csv", "-f", str(out)],
                               capture_output=True, text=True, timeout=600)
         cpu, after = children_cpu_s() - cpu0, server_statistics(url, protocol, model)
         if done.returncode == 0:
             break
-        if "stable" not in done.stdout + done.stderr:
+        if "stable" not in done.stdout + done.stderr or stability == 100:
             said = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()[-1]
             raise RuntimeError(f"{model} over {protocol}: perf_analyzer failed at concurrency {concurrency}: {said}")
     [row] = parse_perf_analyzer_csv(out.read_text())
     requests = max(after["success_count"] - before["success_count"], 1)
     return with_client_bound({"model": model, "protocol": protocol, "batch": batch, "client": "perf_analyzer",
-                              "load_generator": "perf_analyzer", **row, "measured": True,
+                              "load_generator": "perf_analyzer", **row, "measured": True, "window_s": window_s,
                               "stable": stability == PERF_ANALYZER_STABILITY, "client_cpu_ms": cpu / requests * 1e3,
                               "server_exec_per_request": server_split(before, after)["server_exec_per_request"]})
 
