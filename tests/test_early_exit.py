@@ -181,3 +181,9 @@ def test_costs_are_timed_on_evaluation_images_that_exit_as_the_split_does(tiny_c
         ran = np.concatenate([session.run(["experts_run"], {"image": b})[0][:, 0] for b in timed])
         assert abs(ran.mean() - on_random) > 0.3, (ran.mean(), on_random)
         assert rows[0]["timing"][batch]["experts_run_timed"] == pytest.approx(ran.mean())
+
+
+def test_tune_refuses_an_early_exit_model_it_could_only_drive_with_random_images(early_exit_repository):
+    from bench.tune import check_model
+    with pytest.raises(UserError, match="ncl_early_exit is an early-exit model: its cost depends on the images"):
+        check_model(early_exit_repository, "ncl_early_exit", [1])
