@@ -117,29 +117,29 @@ def read_pixels(view: LabeledView, indices, spec) -> np.ndarray:
     return np.stack([transform(view[int(i)][0]).permute(1, 2, 0).numpy() for i in indices])
 
 
-def load_eval_set(checkpoint: dict, spec, request: LabelledData, bundle: DataBundle | None = None) -> EvalSet:
-    """The labelled images as the served model receives them, with the checkpoint's shot groups."""
-    bundle = bundle or load_data(checkpoint, spec, request)
-    counts = list(checkpoint.get("train_counts") or bundle.train_counts)
-    labels = np.asarray(bundle.test.targets, dtype=np.int64)
-    keep = spread(labels, request.limit)
-    rule = (checkpoint.get("config") or {}).get("shot_rule", "strict")
-    dataset = data_options(checkpoint, request).dataset
-    return EvalSet(read_pixels(bundle.test, keep, spec), labels[keep], counts, rule,
-                   f"{dataset} evaluation split ({bundle.test_name}), {len(keep)} images")
-
-
-def load_calibration_set(checkpoint: dict, spec, request: LabelledData, bundle: DataBundle | None = None) -> EvalSet:
-    """The calibration split (disjoint from the evaluation split) as the served model receives it: where choices are
-    made."""
-    bundle = bundle or load_data(checkpoint, spec, request)
-    opts = data_options(checkpoint, request)
-    view, what = build_calibration(opts, bundle, request.calib_split, request.calib_per_class)
+def labelled_view(checkpoint: dict, spec, request: LabelledData, bundle: DataBundle, view, name: str) -> EvalSet:
+    """`request.limit` images of a labelled dataset view (spread over the classes) as the served model receives
+    them, with the checkpoint's shot groups; `name` says which split it is."""
     labels = np.asarray(view.targets, dtype=np.int64)
     keep = spread(labels, request.limit)
     rule = (checkpoint.get("config") or {}).get("shot_rule", "strict")
-    return EvalSet(read_pixels(view, keep, spec), labels[keep], list(checkpoint.get("train_counts") or bundle.train_counts),
-                   rule, f"{opts.dataset} calibration split ({what}), {len(keep)} images")
+    counts = list(checkpoint.get("train_counts") or bundle.train_counts)
+    return EvalSet(read_pixels(view, keep, spec), labels[keep], counts, rule,
+                   f"{data_options(checkpoint, request).dataset} {name}, {len(keep)} images")
+
+
+def load_eval_set(checkpoint: dict, spec, request: LabelledData, bundle: DataBundle | None = None) -> EvalSet:
+    """The evaluation split: where accuracy is scored."""
+    bundle = bundle or load_data(checkpoint, spec, request)
+    return labelled_view(checkpoint, spec, request, bundle, bundle.test, f"evaluation split ({bundle.test_name})")
+
+
+def load_calibration_set(checkpoint: dict, spec, request: LabelledData, bundle: DataBundle | None = None) -> EvalSet:
+    """The calibration split (disjoint from the evaluation split): where choices are made."""
+    bundle = bundle or load_data(checkpoint, spec, request)
+    view, what = build_calibration(data_options(checkpoint, request), bundle, request.calib_split,
+                                   request.calib_per_class)
+    return labelled_view(checkpoint, spec, request, bundle, view, f"calibration split ({what})")
 
 
 def load_splits(checkpoint: dict, spec, request: LabelledData) -> tuple[EvalSet, EvalSet]:

@@ -11,20 +11,21 @@ out=bench/results/cheap-cpu
 cheap=(--batches 1,64 --budget-s 8)
 for step in "$@"; do
   case $step in
-    demo)  # the demo checkpoint: NCL, 3 x ResNet-8, ncl-synthetic (what `python -m bench.demo` trains)
-      python -m train --preset ncl-synthetic --out "$runs/demo"
-      python -m bench.cheap --ckpt "$runs/demo/ncl.pt" --repository "$runs/cheap-demo" --out $out/demo "${cheap[@]}" ;;
+    demo)  # the demo checkpoint: NCL, 3 x ResNet-8, ncl-synthetic, 24 epochs (what `python -m bench.demo` trains)
+      [ -f "$runs/demo/train/ncl.pt" ] || python -m train --preset ncl-synthetic --out "$runs/demo/train"
+      python -m bench.cheap --ckpt "$runs/demo/train/ncl.pt" --repository "$runs/cheap-demo" --out $out/demo "${cheap[@]}" ;;
     served)  # the same repository plus the fused ensemble and each expert, served by Triton (HTTP and gRPC)
-      python -m export.onnx --ckpt "$runs/demo/ncl.pt" --out "$runs/cheap-demo" --max-batch 64
-      python -m export.onnx --ckpt "$runs/demo/ncl.pt" --out "$runs/cheap-demo" --max-batch 64 --naive-ensemble
-      python -m bench --ckpt "$runs/demo/ncl.pt" --repository "$runs/cheap-demo" --served --no-inprocess \
+      python -m export.onnx --ckpt "$runs/demo/train/ncl.pt" --out "$runs/cheap-demo" --max-batch 64
+      python -m export.onnx --ckpt "$runs/demo/train/ncl.pt" --out "$runs/cheap-demo" --max-batch 64 --naive-ensemble
+      python -m bench --ckpt "$runs/demo/train/ncl.pt" --repository "$runs/cheap-demo" --served --no-inprocess \
         --concurrency 1,4,16 --window-s 0.5 --client-processes 2 --batches 1 --out $out/demo-served ;;
-    cifar)  # real CIFAR-10-LT (IF 100): CE, 3 x ResNet-8, balanced softmax, 10 epochs
-      python -m train --preset ncl-cifar10-lt --method ce --num-experts 3 --arch resnet8 --balanced-softmax \
-        --dataset imagefolder --data-root "$data" --imb-factor 100 --epochs 10 --schedule warmup-cosine \
-        --warmup-epochs 1 --eval-every 10 --shot-rule strict --out "$runs/c10-ce3-r8"
-      python -m bench.cheap --ckpt "$runs/c10-ce3-r8/ce.pt" --data-root "$data" --calib-per-class 500 \
-        --repository "$runs/cheap-c10" --out $out/cifar10-lt-ce3-r8 "${cheap[@]}" ;;
+    cifar)  # real CIFAR-10-LT (IF 100): CE, 3 x ResNet-8, balanced softmax, 40 epochs (2 of warm-up), 2 threads
+      OMP_NUM_THREADS=2 python -m train --preset ncl-cifar10-lt --method ce --num-experts 3 --arch resnet8 \
+        --balanced-softmax --dataset imagefolder --data-root "$data" --imb-factor 100 --epochs 40 \
+        --schedule warmup-cosine --warmup-epochs 2 --eval-every 10 --shot-rule strict --workers 1 \
+        --out "$runs/c10/ce3-r8-e40"
+      python -m bench.cheap --ckpt "$runs/c10/ce3-r8-e40/ce.pt" --data-root "$data" --calib-per-class 500 \
+        --repository "$runs/cheap-c10" --out $out/cifar10-lt-ce3-r8-e40 "${cheap[@]}" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
