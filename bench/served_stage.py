@@ -19,7 +19,7 @@ from bench.measure.served import choose_load_generator, measure_point, run_perf_
 from bench.measure.timed_images import timing_batches
 from expertfuse.errors import UserError
 from expertfuse.timing import MAX_EXTENSION, interleave, ratio
-from serve.protocols import PROTOCOLS, client_module
+from serve.protocols import PROTOCOLS, client_module, model_config_dict, ready_model_names
 from serve.repository import string_parameters
 from serve.server import TritonServer, choose_server
 
@@ -39,12 +39,7 @@ def ready_models(url: str, protocol: str) -> dict[str, dict[str, str]]:
     module = client_module(protocol)
     client = module.InferenceServerClient(url)
     try:
-        index = client.get_model_repository_index()
-        entries = index.models if protocol == "grpc" else index
-        names = [m["name"] if isinstance(m, dict) else m.name for m in entries
-                 if (m.get("state") if isinstance(m, dict) else m.state) == "READY"]
-        configs = {n: client.get_model_config(n) for n in names}
-        return {n: string_parameters(c.config if protocol == "grpc" else c) for n, c in configs.items()}
+        return {n: string_parameters(model_config_dict(client, protocol, n)) for n in ready_model_names(client, protocol)}
     finally:
         client.close()
 

@@ -23,7 +23,7 @@ from expertfuse.cli import positive_int, run_cli
 from expertfuse.contract import KEY_PREFIX, ModelMetadata
 from expertfuse.errors import UserError
 from expertfuse.preprocess import graph_input, load_rgb, pixel_transform
-from serve.protocols import PROTOCOLS, client_module
+from serve.protocols import PROTOCOLS, client_module, model_config_dict, ready_model_names
 from serve.repository import string_parameters
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -83,15 +83,11 @@ def _reachable(client, protocol: str, url: str) -> None:
 def _model_config(client, protocol: str, model: str, version: str, url: str) -> dict:
     module = _client_module(protocol)
     try:
-        cfg = client.get_model_config(model, version)
+        return model_config_dict(client, protocol, model, version)
     except module.InferenceServerException as exc:
         served = [m["name"] if isinstance(m, dict) else m.name for m in _index(client, protocol)]
         raise ClientError(f"model {model!r}{f' version {version}' if version else ''} is not served at {url} "
                           f"(served: {', '.join(served) or 'none'}): {exc.message()[:120]}") from None
-    if protocol == "grpc":
-        from google.protobuf.json_format import MessageToDict
-        cfg = MessageToDict(cfg.config, preserving_proto_field_name=True)
-    return cfg
 
 
 def preprocessing_sizes(params: dict[str, str], model: str, input_size: int) -> tuple[int, int]:
@@ -117,9 +113,7 @@ def takes_images(cfg: dict) -> bool:
 
 def image_models(client, protocol: str) -> list[str]:
     """The READY models that take images."""
-    ready = [m for m in _index(client, protocol) if (m.get("state") if isinstance(m, dict) else m.state) == "READY"]
-    names = [m["name"] if isinstance(m, dict) else m.name for m in ready]
-    return [n for n in names if takes_images(_model_config(client, protocol, n, "", ""))]
+    return [n for n in ready_model_names(client, protocol) if takes_images(_model_config(client, protocol, n, "", ""))]
 
 
 def model_info(client, protocol: str, model: str, url: str, version: str = "") -> ModelInfo:

@@ -12,3 +12,20 @@ def client_module(protocol: str, asyncio: bool = False):
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be http or grpc, not {protocol!r}")
     return importlib.import_module(f"tritonclient.{protocol}" + (".aio" if asyncio else ""))
+
+
+def ready_model_names(client, protocol: str) -> list[str]:
+    """The READY models of a server's repository index (HTTP gives dicts, gRPC messages)."""
+    index = client.get_model_repository_index()
+    entries = index.models if protocol == "grpc" else index
+    return [m["name"] if isinstance(m, dict) else m.name for m in entries
+            if (m.get("state") if isinstance(m, dict) else m.state) == "READY"]
+
+
+def model_config_dict(client, protocol: str, model: str, version: str = "") -> dict:
+    """A served model's config as HTTP's JSON gives it, over either protocol."""
+    cfg = client.get_model_config(model, version)
+    if protocol == "grpc":
+        from google.protobuf.json_format import MessageToDict
+        cfg = MessageToDict(cfg.config, preserving_proto_field_name=True)
+    return cfg
