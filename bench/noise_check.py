@@ -22,7 +22,7 @@ import threading
 from pathlib import Path
 
 from export.labelled import LabelledData, expert_logits, load_eval_set
-from bench.measure.inprocess import Variant, make_runner, timing_inputs
+from bench.measure.inprocess import Variant, make_runner
 from bench.measure.timed_images import timing_batches
 from bench.measure.machine import describe_machine, machine_info
 from bench.measure.runners import cycling_calls
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         runners = {"ensemble": make_runner("onnxruntime-cpu", job, Variant("e", tuple(range(job.model.num_experts)),
                                                                             "grouped"), Path(tmp)),
                    "single": make_runner("onnxruntime-cpu", job, Variant("s", (best,)), Path(tmp))}
-        inputs = {k: timing_inputs(r, timing_batches(data.pixels, args.batch)) for k, r in runners.items()}
+        inputs = {k: r.prepare_all(timing_batches(data.pixels, args.batch)) for k, r in runners.items()}
         calls = cycling_calls(runners, inputs)
         results = {"interleaved_quiet": interleaved_ratio(calls, args.budget_s, None),
                    "interleaved_loaded": interleaved_ratio(calls, args.budget_s, Burner()),

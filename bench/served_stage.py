@@ -13,7 +13,7 @@ import numpy as np
 
 from bench.decide import accuracy_columns, ratio_row
 from bench.measure.inprocess import (EarlyExit, Variant, cheap_role, gate_and_score, make_runner, reference_key,
-                                     served_experts, timing_inputs)
+                                     served_experts)
 from bench.measure.runners import TritonRunner, cycling_calls
 from bench.measure.served import choose_load_generator, measure_point, run_perf_analyzer
 from bench.measure.timed_images import timing_batches
@@ -173,7 +173,7 @@ def served_interleave(args, urls: dict[str, str], timed: list[dict], ctx) -> tup
         runners["fused/in-process"] = make_runner(ctx.runtime, ctx.job, variant, ctx.workdir)
     batch = args.served_batch
     try:
-        inputs = {k: timing_inputs(r, timing_batches(ctx.data.pixels, batch)) for k, r in runners.items()}
+        inputs = {k: r.prepare_all(timing_batches(ctx.data.pixels, batch)) for k, r in runners.items()}
         timing = interleave(cycling_calls(runners, inputs), calls_per_block=5, budget_s=args.budget_s,
                             max_s=MAX_EXTENSION * args.budget_s)
     finally:

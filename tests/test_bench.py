@@ -149,6 +149,10 @@ def test_triton_runner_with_and_without_shared_memory(triton, tiny_checkpoint):
                 ref = reference_logits(job.model, job.opts.experts, torch.from_numpy(images), "uint8-nhwc").numpy()
                 assert compare(runner.logits(images), ref, BENCH_FP32).ok, (protocol, shm)
                 results.append(runner.logits(images))
+                regions = len(runner._regions)
+                parts = runner.prepare_all([images[:1], images[1:]])  # shm: one input region, each batch at its offset
+                assert len(runner._regions) == regions + 2 * shm
+                np.testing.assert_array_equal(np.concatenate([runner.run(p) for p in parts]), results[-1])
             finally:
                 runner.close()
     assert all(np.array_equal(results[0], r) for r in results[1:])

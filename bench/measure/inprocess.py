@@ -210,14 +210,10 @@ def gate_and_score(runner: Runner, experts: tuple[int, ...], precision: str, ref
                                 "experts_run": refs.experts_run(experts, early_exit)}}
 
 
-def timing_inputs(runner: Runner, batches: list[np.ndarray]) -> list:
-    return [runner.prepare(b) for b in batches]
-
-
 def time_interleaved(runners: dict[str, Runner], batches: list[np.ndarray], budget_s: float) -> Interleaved:
     """All runners on the same image batches (bench.measure.timed_images), in randomized blocks so that load on the
     machine hits every one alike."""
-    inputs = {key: timing_inputs(r, batches) for key, r in runners.items()}
+    inputs = {key: r.prepare_all(batches) for key, r in runners.items()}
     return interleave(cycling_calls(runners, inputs), calls_per_block=3, warmup=2, budget_s=budget_s,
                       max_s=MAX_EXTENSION * budget_s)
 
