@@ -16,11 +16,15 @@ from train.schedule import lr_factor, main_stage
 
 
 def test_cli_trains_ncl_on_synthetic_data_far_above_chance(tmp_path):
-    proc = run_module("train", "--preset", "ncl-synthetic", "--epochs", "4", "--out", str(tmp_path))
+    # 1000 evaluation images instead of the preset's 4000 (evaluation was a third of the test's time)
+    proc = run_module("train", "--preset", "ncl-synthetic", "--epochs", "4", "--synthetic-test", "50",
+                      "--out", str(tmp_path))
     assert "train ncl on synthetic" in proc.stdout and "epoch 4:" in proc.stdout
     data = load_checkpoint(tmp_path / "ncl.pt")
     ensemble = data["metrics"]["ensemble"]
-    assert ensemble["overall"] > 15, ensemble  # chance is 5 % (20 two-view classes; 4 of the preset's 24 epochs)
+    # Chance is 5 % (20 two-view classes; 4 of the preset's 24 epochs). Measured with these flags on 2026-12-05 over
+    # --seed/--synthetic-seed 42/0, 1/1, 2/2, 3/3: 22.6, 21.5, 24.8, 22.9 % (3 epochs gave 17.6-19.9 %: too close).
+    assert ensemble["overall"] > 15, ensemble
     assert set(ensemble) == {"overall", "many", "medium", "few"} and len(data["metrics"]["experts"]) == 3
     assert (tmp_path / "ncl_best.pt").is_file()
     with open(tmp_path / "log.csv") as f:
