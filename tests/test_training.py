@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from expertfuse.errors import UserError
-from tests.helpers import REPO, TINY_TRAIN, run_module
+from tests.helpers import REPO, TINY_TRAIN, run_module, train_cli
 from train.checkpoint import load_checkpoint, load_model, load_payload
 from train.config import TrainConfig, config_from_args
 from train.engine import train
@@ -50,7 +50,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_resume_refuses_another_model_and_a_finished_run_in_one_line(tmp_path):
-    run_module("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path))
+    train_cli(*TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path))
     cases = [(["--arch", "resnet20"], "holds a model with arch resnet8, the flags ask for arch resnet20: resume with "
                                       "the checkpoint's settings, or train the new model into another --out"),
              (["--num-experts", "2"], "holds a model with num_experts 3, the flags ask for num_experts 2"),
@@ -101,7 +101,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
-    run_module("train", "--method", "ncl", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path))
+    train_cli("--method", "ncl", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path))
     good = (tmp_path / "ncl.pt").read_bytes()
     proc = run_module("train", "--method", "ncl", *TINY_TRAIN, "--epochs", "1", "--lr", "1e8", "--out", str(tmp_path),
                       check=False)
@@ -182,4 +182,4 @@ def test_a_second_run_into_a_running_runs_folder_is_refused_naming_it(tmp_path):
     finally:
         first.kill()
         first.wait()
-    assert "done:" in run_module("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path)).stdout
+    assert "done:" in train_cli(*TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path)).stdout
