@@ -17,12 +17,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
-import torch
 
 from expertfuse.cli import positive_int, run_cli
 from expertfuse.contract import KEY_PREFIX, ModelMetadata
 from expertfuse.errors import UserError
-from expertfuse.preprocess import graph_input, load_rgb, pixel_transform
 from serve.protocols import PROTOCOLS, client_module, model_config_dict, ready_model_names
 from serve.repository import string_parameters
 
@@ -158,6 +156,9 @@ def collect_images(paths: list[str]) -> list[Path]:
 def read_images(files: list[Path], info: ModelInfo) -> tuple[list[Path], np.ndarray | None, list[str]]:
     """(the files read, their pixels as uint8 [N, size, size, 3], why each other file was not read): one bad file
     does not stop the rest (load_rgb: 8-bit RGB, 16-bit scaled, non-images named)."""
+    import torch  # here, not at the top: flags, server, model and files are checked without its seconds of start-up
+    from expertfuse.preprocess import load_rgb, pixel_transform
+
     transform = pixel_transform(info.resize, info.size)
     read, tensors, failures = [], [], []
     for f in files:
@@ -191,6 +192,8 @@ def cap_topk(topk: int, info: ModelInfo) -> int:
 def classify(url: str, protocol: str, model: str, files: list[Path], topk: int = 5, batch_size: int = 8,
              version: str = "") -> tuple[list[dict], list[str]]:
     """(top-k of every readable file, why each other file was not read)."""
+    from expertfuse.preprocess import graph_input  # torch: see read_images
+
     module = _client_module(protocol)
     url = server_address(url)
     client = module.InferenceServerClient(url)

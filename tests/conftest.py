@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from expertfuse.files import file_lock  # noqa: E402
-from tests.helpers import TINY_TRAIN, export_cli, run_module  # noqa: E402
+from tests.helpers import TINY_TRAIN, export_cli, train_cli  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ def built_once(run_root: Path, name: str, build) -> Path:
 def tiny_checkpoint(run_root) -> Path:
     """A real NCL checkpoint from 2 epochs of tiny training, shared by tests that only read it."""
     def train(out: Path) -> None:
-        run_module("train", "--method", "ncl", *TINY_TRAIN, "--epochs", "2", "--out", str(out))
+        train_cli("--method", "ncl", *TINY_TRAIN, "--epochs", "2", "--out", str(out))
     return built_once(run_root, "tiny-ncl", train) / "ncl.pt"
 
 

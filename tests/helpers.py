@@ -49,6 +49,18 @@ def export_cli(*args: str) -> SimpleNamespace:
     return SimpleNamespace(stdout=stdout.getvalue(), returncode=0)
 
 
+def train_cli(*args: str) -> SimpleNamespace:
+    """`python -m train ARGS` run in this process, for runs a test expects to succeed (as export_cli): the real
+    training steps without another process's torch start-up (seconds). Tests of exit codes, one-line errors and of
+    the lock between runs run the real process (run_module)."""
+    from train.config import config_from_args
+    from train.engine import train
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        train(config_from_args(list(args)))
+    return SimpleNamespace(stdout=stdout.getvalue(), returncode=0)
+
+
 def make_checkpoint(path: Path, **spec_fields) -> Path:
     """A checkpoint of an untrained network whose BatchNorm statistics were calibrated on real-looking images
     (fast, and with the activation scales of a trained model)."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from export.job import job_for
-from tests.helpers import export_cli, run_module
+from tests.helpers import export_cli, run_module, train_cli
 from tests.helpers import export_both_fusions, make_checkpoint
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
@@ -93,8 +93,8 @@ def test_dkf_architecture_matches_the_official_layout():
 
 
 def test_short_synthetic_run_learns_and_crt_freezes_the_trunk(tmp_path):
-    run_module("train", *SHIKE_TINY, "--epochs", "3", "--crt-epochs", "1", "--out", str(tmp_path / "crt"))
-    run_module("train", *SHIKE_TINY, "--epochs", "3", "--out", str(tmp_path / "plain"))
+    train_cli(*SHIKE_TINY, "--epochs", "3", "--crt-epochs", "1", "--out", str(tmp_path / "crt"))
+    train_cli(*SHIKE_TINY, "--epochs", "3", "--out", str(tmp_path / "plain"))
     crt, plain = load_checkpoint(tmp_path / "crt" / "shike.pt"), load_checkpoint(tmp_path / "plain" / "shike.pt")
     assert crt["metrics"]["ensemble"]["overall"] > 20  # chance: 10 % (3 epochs of the two-view synthetic set)
     a, b = crt["state_dict"], plain["state_dict"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from tests.helpers import export_cli, run_module
+from tests.helpers import export_cli, run_module, train_cli
 from tests.helpers import ort_logits
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
@@ -68,7 +68,7 @@ def test_class_aware_sampler_draws_pairs_from_balanced_classes():
 
 
 def test_ssd_trains_all_stages_and_exports_either_head(tmp_path):
-    run_module("train", *SSD_TINY, "--epochs", "3", "--ssd-slg-epochs", "1", "--ssd-sdl-epochs", "3",
+    train_cli(*SSD_TINY, "--epochs", "3", "--ssd-slg-epochs", "1", "--ssd-sdl-epochs", "3",
                "--ssd-lws-epochs", "1", "--out", str(tmp_path / "ssd"))
     data = load_checkpoint(tmp_path / "ssd" / "ssd.pt")
     assert data["spec"]["expert_names"] == ["hard", "soft"] and data["epoch"] == 8

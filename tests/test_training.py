@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from expertfuse.errors import UserError
-from tests.helpers import REPO, TINY_TRAIN, run_module
+from tests.helpers import REPO, TINY_TRAIN, run_module, train_cli
 from train.checkpoint import load_checkpoint, load_model, load_payload
 from train.config import TrainConfig, config_from_args
 from train.engine import train
@@ -16,11 +16,15 @@ from train.schedule import lr_factor, main_stage
 
 
 def test_cli_trains_ncl_on_synthetic_data_far_above_chance(tmp_path):
-    proc = run_module("train", "--preset", "ncl-synthetic", "--epochs", "4", "--out", str(tmp_path))
+    # 1000 evaluation images instead of the preset's 4000 (evaluation was a third of the test's time)
+    proc = run_module("train", "--preset", "ncl-synthetic", "--epochs", "4", "--synthetic-test", "50",
+                      "--out", str(tmp_path))
     assert "train ncl on synthetic" in proc.stdout and "epoch 4:" in proc.stdout
     data = load_checkpoint(tmp_path / "ncl.pt")
     ensemble = data["metrics"]["ensemble"]
-    assert ensemble["overall"] > 15, ensemble  # chance is 5 % (20 two-view classes; 4 of the preset's 24 epochs)
+    # Chance is 5 % (20 two-view classes; 4 of the preset's 24 epochs). Measured with these flags on 2026-12-05 over
+    # --seed/--synthetic-seed 42/0, 1/1, 2/2, 3/3: 22.6, 21.5, 24.8, 22.9 % (3 epochs gave 17.6-19.9 %: too close).
+    assert ensemble["overall"] > 15, ensemble
     assert set(ensemble) == {"overall", "many", "medium", "few"} and len(data["metrics"]["experts"]) == 3
     assert (tmp_path / "ncl_best.pt").is_file()
     with open(tmp_path / "log.csv") as f:
@@ -46,7 +50,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_resume_refuses_another_model_and_a_finished_run_in_one_line(tmp_path):
-    run_module("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path))
+    train_cli(*TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path))
     cases = [(["--arch", "resnet20"], "holds a model with arch resnet8, the flags ask for arch resnet20: resume with "
                                       "the checkpoint's settings, or train the new model into another --out"),
              (["--num-experts", "2"], "holds a model with num_experts 3, the flags ask for num_experts 2"),
@@ -97,7 +101,7 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
-    run_module("train", "--method", "ncl", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path))
+    train_cli("--method", "ncl", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path))
     good = (tmp_path / "ncl.pt").read_bytes()
     proc = run_module("train", "--method", "ncl", *TINY_TRAIN, "--epochs", "1", "--lr", "1e8", "--out", str(tmp_path),
                       check=False)
@@ -178,4 +182,4 @@ def test_a_second_run_into_a_running_runs_folder_is_refused_naming_it(tmp_path):
     finally:
         first.kill()
         first.wait()
-    assert "done:" in run_module("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path)).stdout
+    assert "done:" in train_cli(*TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path)).stdout

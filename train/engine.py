@@ -1,13 +1,11 @@
 """The training run: data, model, method and stages put together, then epochs of train / evaluate / save.
 
 The parts live in train/training/: the step and the epoch loop (loop.py), evaluation (evaluation.py), seeding,
-resume and the checkpoint payload (state.py), torchrun helpers (distributed.py), log.csv / TensorBoard (logs.py).
+resume and the checkpoint payload (state.py), torchrun helpers (distributed.py), log.csv / TensorBoard (logs.py),
+one run per output folder (lock.py).
 """
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +14,6 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from expertfuse.errors import UserError
-from expertfuse.files import LockBusy, file_lock
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig, load_preset, resolve_config
 from train.data.datasets import DATASET_GEOMETRY, DataBundle, DataOptions, Geometry, build_data
@@ -30,6 +27,7 @@ from train.schedule import Stage
 from train.training.distributed import Distributed
 from train.training.evaluation import evaluate, format_metrics, metrics_row, summarize
 from train.training.logs import EpochLogs
+from train.training.lock import output_folder_lock
 from train.training.loop import TrainStep, build_loader, build_optimizer, train_one_epoch
 from train.training.state import (Progress, epoch_payload, read_resume_state, restore, rng_state, seed_everything,
                                   training_state)
@@ -217,30 +215,6 @@ def save_epoch(run: Run, phase: Phase, progress: Progress, epoch: int, metrics: 
     payload.training = training_state(progress, run.model, run.method, phase.optimizer, phase.scheduler,
                                       run.scaler, rng)
     save_checkpoint(payload, run.last_path)
-
-
-RUN_LOCK = ".train.lock"
-
-
-@contextmanager
-def output_folder_lock(cfg: TrainConfig) -> Iterator[None]:
-    """One run per output folder (a fresh one or --resume): a second run into it would overwrite the first's
-    checkpoints and log as they are written. A flock the kernel drops when the run dies; under torchrun rank 0
-    takes it (the other ranks write nothing there)."""
-    if os.environ.get("RANK", "0") != "0":
-        yield
-        return
-    out = Path(cfg.out)
-    with ExitStack() as stack:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(file_lock(out / RUN_LOCK, wait=False))
-        except LockBusy as exc:
-            raise UserError(f"--out {out} is in use by another training run, {exc.holder}; wait for it to finish "
-                            "or choose another --out") from None
-        except OSError as exc:
-            raise UserError(f"--out {out}: {exc.strerror or exc}") from None
-        yield
 
 
 def train(cfg: TrainConfig) -> Path:
