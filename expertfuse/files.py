@@ -52,8 +52,10 @@ def report_name(path: str | os.PathLike, run_folder: str | os.PathLike) -> str:
 
 
 def report_settings(args, run_folder: str | os.PathLike) -> dict[str, str]:
-    """A command's flags (an argparse Namespace) as a report records them: paths by report_name, the rest as text."""
-    return {k: report_name(v, run_folder) if isinstance(v, Path) else str(v) for k, v in vars(args).items()}
+    """A command's flags (an argparse Namespace) as a report records them: paths (a Path, or text naming an absolute
+    path, e.g. --data-root) by report_name, the rest as text."""
+    return {k: report_name(v, run_folder) if isinstance(v, Path) or (isinstance(v, str) and os.path.isabs(v))
+            else str(v) for k, v in vars(args).items()}
 
 
 class LockBusy(UserError):

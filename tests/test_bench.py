@@ -527,3 +527,8 @@ def test_report_names_files_without_machine_paths(tmp_path):
     assert report_name(tmp_path / "train" / "ncl.pt", run) == "ncl.pt"
     assert report_name(run / "plots" / "a.png", run) == "plots/a.png" and report_name(run, run) == "."
     assert report_name(Path("runs/ncl/ncl.pt"), run) == "runs/ncl/ncl.pt"  # as typed, relative to where it ran
+    from argparse import Namespace
+    from expertfuse.files import report_settings
+    flags = Namespace(data_root=str(tmp_path / "cifar10"), ckpt=tmp_path / "ncl.pt", out=run, budget_s=8.0, model=None)
+    assert report_settings(flags, run) == {"data_root": "cifar10", "ckpt": "ncl.pt", "out": ".", "budget_s": "8.0",
+                                          "model": "None"}  # --data-root is text, not a Path: named all the same

@@ -8,7 +8,7 @@
 set -euo pipefail
 runs=$1; data=$2; shift 2
 out=bench/results/cheap-cpu
-cheap=(--batches 1,64 --budget-s 8)
+cheap=(--batches 1,64 --budget-s 30)
 for step in "$@"; do
   case $step in
     demo)  # the demo checkpoint: NCL, 3 x ResNet-8, ncl-synthetic, 24 epochs (what `python -m bench.demo` trains)
