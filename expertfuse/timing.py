@@ -105,12 +105,16 @@ class Interleaved:
                 "calls": int(flat.size), "rounds": self.rounds, "measured": True}
 
 
+SETTLED_EVERY = 5  # rounds between two checks of an interleaved run's `settled`
+
+
 def interleave(variants: dict[str, Callable[[int], object]], *, calls_per_block: int = 3, warmup: int = 2,
                min_rounds: int = MIN_ROUNDS, max_rounds: int = 200, budget_s: float = 10.0, max_s: float = float("inf"),
-               seed: int = 0) -> Interleaved:
+               seed: int = 0, settled: Callable[["Interleaved"], bool] | None = None) -> Interleaved:
     """Run every variant in blocks of `calls_per_block` calls, all variants once per round in a random order,
-    until `budget_s` seconds or `max_rounds` have passed; a run short of `min_rounds` by then is extended up to
-    `max_s` seconds, and one still short is returned as it is (`measured` false)."""
+    until `budget_s` seconds or `max_rounds` have passed, or, once `min_rounds` are in, `settled` says the run
+    already answers its question (checked every SETTLED_EVERY rounds); a run short of `min_rounds` by then is
+    extended up to `max_s` seconds, and one still short is returned as it is (`measured` false)."""
     rng = random.Random(seed)
     names = list(variants)
     for name in names:
@@ -130,6 +134,10 @@ def interleave(variants: dict[str, Callable[[int], object]], *, calls_per_block:
                 block.append(time.perf_counter() - t0)
                 call += 1
             samples[name].append(block)
+        done = len(samples[names[0]])
+        if settled and done >= min_rounds and done % SETTLED_EVERY == 0 and settled(
+                Interleaved(samples, min_rounds, time.perf_counter() - started)):
+            break
     return Interleaved(samples, min_rounds, time.perf_counter() - started)
 
 
@@ -186,13 +194,25 @@ def ratio(result: Interleaved, numerator: str, denominator: str, **kwargs) -> Ra
 def pick_fastest(runners: dict[str, Callable[[np.ndarray], object]], inputs: dict[int, np.ndarray],
                  budget_s: float = 6.0) -> tuple[str, dict[str, dict[int, float]]]:
     """The candidate with the lowest geometric-mean median latency over the batch sizes in `inputs`, every
-    (candidate, batch) pair interleaved with the others. Returns (best, medians in seconds)."""
+    (candidate, batch) pair interleaved with the others, for `budget_s` or until the leader is faster than every
+    other candidate at every batch size beyond noise (each ratio's 95% interval below 1). Returns (best, medians
+    in seconds)."""
     variants = {(name, b): (lambda i, run=run, x=x: run(x)) for name, run in runners.items() for b, x in inputs.items()}
+
+    def medians_of(run: Interleaved) -> dict[str, dict[int, float]]:
+        return {name: {b: run.median_s(f"{name}@{b}") for b in inputs} for name in runners}
+
+    def leader(medians: dict[str, dict[int, float]]) -> str:
+        return min(medians, key=lambda name: float(np.mean(np.log(list(medians[name].values())))))
+
+    def settled(run: Interleaved) -> bool:
+        best = leader(medians_of(run))
+        return all(ratio(run, f"{best}@{b}", f"{other}@{b}", boot=400).high < 1
+                   for other in runners if other != best for b in inputs)
     keyed = interleave({f"{n}@{b}": fn for (n, b), fn in variants.items()}, calls_per_block=2, min_rounds=5,
-                       budget_s=budget_s)
-    medians = {name: {b: keyed.median_s(f"{name}@{b}") for b in inputs} for name in runners}
-    score = {name: float(np.exp(np.mean(np.log(list(per.values()))))) for name, per in medians.items()}
-    return min(score, key=score.get), medians
+                       budget_s=budget_s, settled=settled)
+    medians = medians_of(keyed)
+    return leader(medians), medians
 
 
 def describe_choice(medians: dict[str, dict[int, float]], best: str) -> str:
