@@ -162,7 +162,7 @@ def check_running(server: TritonServer, doing: str) -> None:
 
 def sweep(server: TritonServer, args, points: list[Point], image_size: int, log=print) -> list[dict]:
     """Every point at every concurrency; a point whose load or requests fail is recorded, not fatal."""
-    base, rows = served_config(server, args.model), []
+    base, rows, images = served_config(server, args.model), [], random_images(image_size)
     url = server.endpoints.grpc if args.protocol == "grpc" else server.endpoints.http
     for n, point in enumerate(points, 1):
         fields = {"config": point.label, **asdict(point), "preferred": "+".join(map(str, point.preferred))}
@@ -175,7 +175,7 @@ def sweep(server: TritonServer, args, points: list[Point], image_size: int, log=
             continue
         for c in args.concurrency:
             try:
-                row = measure_point(url, args.protocol, args.model, random_images(image_size), 1, c, args.window_s, log,
+                row = measure_point(url, args.protocol, args.model, images, 1, c, args.window_s, log,
                                     max_processes=args.client_processes)
             except Exception as exc:  # noqa: BLE001 - failed requests, or tritonclient's errors on statistics
                 check_running(server, f"measuring config {point.label} at concurrency {c}")

@@ -159,8 +159,8 @@ class TritonRunner(Runner):
         offset) and one output region they reuse, so a timing over hundreds of batches maps two regions, not
         hundreds."""
         dtype = "UINT8" if batches[0].dtype == np.uint8 else "FP32"
-        output = self.module.InferRequestedOutput("logits")
         if not self.shared_memory:
+            output = self.module.InferRequestedOutput("logits")
             requests = [self.module.InferInput("image", list(b.shape), dtype) for b in batches]
             for request, images in zip(requests, batches):
                 request.set_data_from_numpy(images)
