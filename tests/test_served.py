@@ -126,6 +126,6 @@ def test_perf_analyzer_is_fed_the_images_our_generator_times(tmp_path):
     from bench.measure.served import perf_analyzer_input_data
     from bench.measure.timed_images import timing_batches
     images = random_images(8, 10, seed=3)
-    data = json.loads(perf_analyzer_input_data(images, 4, tmp_path / "images.json").read_text())["data"]
+    data = json.loads(perf_analyzer_input_data(images, 4, tmp_path).read_text())["data"]
     sent = np.stack([np.frombuffer(base64.b64decode(e["image"]["b64"]), np.uint8).reshape(8, 8, 3) for e in data])
     np.testing.assert_array_equal(sent, np.concatenate(timing_batches(images, 4)))

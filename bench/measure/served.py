@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import io
 import json
 import multiprocessing as mp
@@ -413,6 +414,7 @@ def parse_perf_analyzer_csv(text: str) -> list[dict]:
 
 
 PERF_ANALYZER_STABILITY = 10  # %, perf_analyzer's own default for 3 consecutive windows
+PERF_ANALYZER_UNCHECKED = 10_000  # %: a stability bound no three windows miss, i.e. the check off
 PERF_ANALYZER_TRIALS = 5  # windows before a level counts as unstable (perf_analyzer needs 3 that agree)
 
 
@@ -424,23 +426,26 @@ def run_perf_analyzer(binary: str, url: str, protocol: str, model: str, images: 
             for level in concurrencies]
 
 
-def perf_analyzer_input_data(images: np.ndarray, batch: int, path: Path) -> Path:
+def perf_analyzer_input_data(images: np.ndarray, batch: int, workdir: Path) -> Path:
     """perf_analyzer's --input-data JSON: the timed sample (bench.measure.timed_images), one batch-1 entry per image
     (base64 of its bytes), which perf_analyzer sends round-robin, so it drives the model with the images our own
-    generator sends instead of one random tensor reused for every request."""
-    timed = np.concatenate(timing_batches(images, batch))
-    entries = [{"image": {"b64": base64.b64encode(np.ascontiguousarray(image).tobytes()).decode()}} for image in timed]
-    path.write_text(json.dumps({"data": entries}))
+    generator sends instead of one random tensor reused for every request. Named by its content and written once
+    per run folder, however many levels and rounds send it."""
+    timed = np.ascontiguousarray(np.concatenate(timing_batches(images, batch)))
+    path = workdir / f"perf_images_{hashlib.sha1(timed.tobytes()).hexdigest()[:16]}.json"
+    if not path.exists():
+        entries = [{"image": {"b64": base64.b64encode(image.tobytes()).decode()}} for image in timed]
+        path.write_text(json.dumps({"data": entries}))
     return path
 
 
 def perf_analyzer_point(binary: str, url: str, protocol: str, model: str, images: np.ndarray, batch: int,
                         concurrency: int, window_s: float, workdir: Path) -> dict:
     """One concurrency level. A level perf_analyzer cannot stabilize within its trials is rerun once with the
-    stability check off (-s 100) and recorded stable: False, as the Python generator records it."""
+    stability check off (-s PERF_ANALYZER_UNCHECKED) and recorded stable: False, as the Python generator records it."""
     out = workdir / f"perf_{model}_{protocol}_c{concurrency}.csv"
-    data = perf_analyzer_input_data(images, batch, workdir / f"perf_{model}_b{batch}_images.json")
-    for stability in (PERF_ANALYZER_STABILITY, 100):
+    data = perf_analyzer_input_data(images, batch, workdir)
+    for stability in (PERF_ANALYZER_STABILITY, PERF_ANALYZER_UNCHECKED):
         before, cpu0 = server_statistics(url, protocol, model), children_cpu_s()
         done = subprocess.run([binary, "-m", model, "-u", url, "-i", protocol, "-b", str(batch),
                                "--input-data", str(data), "--concurrency-range", f"{concurrency}:{concurrency}",
@@ -450,7 +455,7 @@ def perf_analyzer_point(binary: str, url: str, protocol: str, model: str, images
         cpu, after = children_cpu_s() - cpu0, server_statistics(url, protocol, model)
         if done.returncode == 0:
             break
-        if "stable" not in done.stdout + done.stderr or stability == 100:
+        if "stable" not in done.stdout + done.stderr or stability == PERF_ANALYZER_UNCHECKED:
             said = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()[-1]
             raise RuntimeError(f"{model} over {protocol}: perf_analyzer failed at concurrency {concurrency}: {said}")
     [row] = parse_perf_analyzer_csv(out.read_text())
