@@ -27,7 +27,8 @@ from expertfuse.errors import ParityError
 from expertfuse.files import write_text
 from export.early_exit import Auto, expert_order, parse_threshold
 from export.job import job_for
-from export.labelled import CALIB_FLAGS, DATA_FLAGS, LabelledData, expert_logits, load_calibration_set
+from export.data_flags import CALIB_FLAGS, DATA_FLAGS, LabelledData
+from export.labelled import expert_logits, load_calibration_set
 from export.onnx import export_onnx
 from export.quantize import INT8_FLAGS, add_int8_args
 from serve.repository import versions

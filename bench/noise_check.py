@@ -21,7 +21,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from export.labelled import LabelledData, expert_logits, load_eval_set
+from export.data_flags import LabelledData
+from export.labelled import expert_logits, load_eval_set
 from bench.measure.inprocess import Variant, make_runner
 from bench.measure.timed_images import timing_batches
 from bench.measure.machine import describe_machine, machine_info

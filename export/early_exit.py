@@ -35,7 +35,8 @@ from expertfuse.errors import UserError
 from expertfuse.parity import compare, float32_error, require
 from export.gate import expert_references, test_images
 from export.job import ExportJob
-from export.labelled import (GROUPS, EvalSet, LabelledData, accuracy_table, expert_logits, load_splits, shot_accuracy,
+from export.data_flags import LabelledData
+from export.labelled import (GROUPS, EvalSet, accuracy_table, expert_logits, load_splits, shot_accuracy,
                              splits_record)
 from export.quantize import (Calibration, GraphWriter, Int8Settings, accuracy_gate, cpu_session, quantize_most_accurate,
                              run_logits, stamp_metadata, write_report)

@@ -31,7 +31,7 @@ from export.early_exit import add_early_exit_args, export_early_exit
 from export.gate import first_passing, test_images
 from export.graph import FUSIONS, InferenceGraph
 from export.job import ExportJob, build_job, with_experts
-from export.labelled import LabelledData
+from export.data_flags import LabelledData
 from export.naming import naive_ensemble_names
 from export.quantize import Int8Settings, add_int8_args, export_int8, write_report
 from export.request import DEFAULT_OPSET, ExportRequest, add_request_args, request_from_args, validate

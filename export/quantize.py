@@ -34,8 +34,9 @@ from expertfuse.errors import ParityError, UserError
 from expertfuse.preprocess import graph_input
 from expertfuse.timing import describe_choice, pick_fastest
 from export.job import ExportJob
-from export.labelled import (EvalSet, LabelledData, accuracy_table, add_data_args, calibration_pixels, load_splits,
-                             shot_accuracy, splits_record)
+from export.data_flags import LabelledData, add_data_args
+from export.labelled import (EvalSet, accuracy_table, calibration_pixels, load_splits, shot_accuracy,
+                             splits_record)
 from export.triton import publish
 from serve.repository import ServingOptions, staging
 

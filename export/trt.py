@@ -32,7 +32,7 @@ from expertfuse.timing import describe_choice, pick_fastest
 from export.gate import first_passing, test_images
 from export.graph import FUSIONS
 from export.job import ExportJob, build_job
-from export.labelled import LabelledData
+from export.data_flags import LabelledData
 from export.onnx import export_graph, onnx_file
 from export.quantize import Int8Settings, TensorRTInt8, add_int8_args
 from export.request import add_request_args, request_from_args, validate

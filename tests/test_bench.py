@@ -16,7 +16,8 @@ from types import SimpleNamespace
 
 from bench.decide import accuracy_columns, best_single, cost_accuracy, decision, inprocess_ratios, mark_pareto
 from bench.measure.evaluation import accuracy, collapsed, gain_interval
-from export.labelled import EvalSet, LabelledData, load_eval_set
+from export.data_flags import LabelledData
+from export.labelled import EvalSet, load_eval_set
 from bench.measure.inprocess import References, Variant, gate_and_score, make_runner, reference_key
 from bench.measure.machine import machine_info
 from bench.report import write_all

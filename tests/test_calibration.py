@@ -8,7 +8,8 @@ import pytest
 
 from expertfuse.errors import UserError
 from tests.test_data import _write_images, write_cifar10_tree
-from train.data.datasets import DataOptions, build_calibration, build_data
+from train.data.datasets import build_calibration, build_data
+from train.data.options import DataOptions
 
 
 def identities(view) -> set:

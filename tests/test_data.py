@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from train.data.datasets import DataOptions, build_data, read_image_list
+from train.data.datasets import build_data, read_image_list
+from train.data.options import DataOptions
 from train.data.synthetic import BOTH_VIEWS, _layout, badge_attributes, class_attributes, synthesize
 from train.data.transforms import eval_transform, train_transform
 from expertfuse.errors import UserError

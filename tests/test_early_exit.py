@@ -11,7 +11,8 @@ from export import early_exit as ee
 from bench.measure.inprocess import References, gate_and_score, make_runner, repository_variants
 from export import gate
 from export.job import job_for
-from export.labelled import EvalSet, LabelledData, load_eval_set
+from export.data_flags import LabelledData
+from export.labelled import EvalSet, load_eval_set
 from export.graph import reference_logits
 from export.onnx import export_graph, onnx_file
 from serve.server import TritonServer

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Subset
 from expertfuse.errors import UserError
 from train.checkpoint import save_checkpoint
 from train.config import TrainConfig, load_preset, resolve_config
-from train.data.datasets import DATASET_GEOMETRY, DataBundle, DataOptions, Geometry, build_data
+from train.data.datasets import DATASET_GEOMETRY, DataBundle, Geometry, build_data
+from train.data.options import DataOptions
 from train.data.longtail import shot_groups
 from train.data.transforms import eval_transform, training_transform
 from train.methods import get_method

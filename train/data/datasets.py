@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from train.data import synthetic
 from train.data.longtail import longtail_counts, select_longtail
+from train.data.options import DataOptions
 from expertfuse.errors import UserError
 from expertfuse.preprocess import load_rgb
 
@@ -56,23 +57,6 @@ IMAGE_LISTS = {
     "places-lt": ("Places_LT_train", "Places_LT_val", "Places_LT_test"),
     "inat2018": ("iNaturalist18_train", "iNaturalist18_val", "iNaturalist18_val"),
 }
-
-
-@dataclass
-class DataOptions:
-    dataset: str = "synthetic"
-    data_root: str = "data"
-    imb_factor: float = 100.0
-    lt_profile: str = "exp"
-    subset_mode: str = "shuffle"
-    download: bool = False
-    eval_split: str = "test"
-    train_list: str = ""
-    eval_list: str = ""
-    synthetic_classes: int = 10
-    synthetic_max: int = 300
-    synthetic_test: int = 100
-    synthetic_seed: int = 0
 
 
 @dataclass
