@@ -44,10 +44,11 @@ def _requests(module, batches: list[np.ndarray]) -> list:
 
 
 def _asyncio_loops(url: str, protocol: str, model: str, batches: list[np.ndarray], clients: int, schedule, ready, go,
-                   records: list, errors: list) -> float:
+                   records: list, errors: list) -> tuple[float, float, float]:
     """`clients` closed-loop coroutines, each with its own tritonclient asyncio client (http.aio or grpc.aio), so
     one connection per in-flight request, each cycling through the image batches from its own offset; each sends
-    one warm-up request before the process reports ready. Returns usage_since(`go`) at the end of the last window."""
+    one warm-up request before the process reports ready. Returns usage_since(the first window's start) at the end
+    of the last window."""
     import asyncio
     aio = client_module(protocol, asyncio=True)
     requests = _requests(aio, batches)
@@ -61,15 +62,16 @@ def _asyncio_loops(url: str, protocol: str, model: str, batches: list[np.ndarray
             records.append((time.time(), time.perf_counter() - t0))
             sent += 1
 
-    async def run() -> tuple[float, float]:
-        used = (0.0, 0.0)
+    async def run() -> tuple[float, float, float]:
+        used = (0.0, 0.0, 0.0)
         connections = [aio.InferenceServerClient(url) for _ in range(clients)]
         try:
             await asyncio.gather(*(c.infer(model, requests[0], outputs=outputs) for c in connections))
             ready.put(True)
             await asyncio.get_running_loop().run_in_executor(None, go.wait)
-            start, (start_at, stop_at) = usage_now(), schedule[:]
+            start_at, stop_at = schedule[:]
             await asyncio.sleep(max(0.0, start_at - time.time()))
+            start = usage_now()
             spread = max(len(requests) // clients, 1)
             await asyncio.gather(*(loop(c, i * spread, stop_at) for i, c in enumerate(connections)))
             used = usage_since(start)
@@ -92,10 +94,9 @@ def _load_worker(url: str, protocol: str, model: str, batches: list[np.ndarray],
     time to the parent. Start-up (imports, connections) thus never falls inside a measurement window."""
     records, errors = [], []
     if client_kind == "asyncio":
-        used = _asyncio_loops(url, protocol, model, batches, threads, schedule, ready, go, records, errors)
-        start_at, stop_at = schedule[:]
-        results.put({"records": records, "errors": errors, "cpu_s": used[0], "busiest_thread_s": used[1],
-                     "wall_s": stop_at - start_at})
+        cpu, busiest, wall = _asyncio_loops(url, protocol, model, batches, threads, schedule, ready, go, records,
+                                            errors)
+        results.put({"records": records, "errors": errors, "cpu_s": cpu, "busiest_thread_s": busiest, "wall_s": wall})
         return
     module = client_module(protocol)
     warmed, released = threading.Barrier(threads + 1), threading.Event()
@@ -132,14 +133,15 @@ def _load_worker(url: str, protocol: str, model: str, batches: list[np.ndarray],
     warmed.wait()
     ready.put(True)
     go.wait()
-    start, (start_at, stop_at) = usage_now(), schedule[:]
+    start_at, stop_at = schedule[:]
     released.set()
+    time.sleep(max(0.0, start_at - time.time()))
+    start = usage_now()
     time.sleep(max(0.0, stop_at - time.time()))
-    cpu, busiest = usage_since(start)  # while the clients' threads still exist
+    cpu, busiest, wall = usage_since(start)  # while the clients' threads still exist
     for w in workers:
         w.join()
-    results.put({"records": records, "errors": errors, "cpu_s": cpu, "busiest_thread_s": busiest,
-                 "wall_s": stop_at - start_at})
+    results.put({"records": records, "errors": errors, "cpu_s": cpu, "busiest_thread_s": busiest, "wall_s": wall})
 
 
 def thread_demand_ns() -> dict[int, int]:
@@ -155,16 +157,17 @@ def thread_demand_ns() -> dict[int, int]:
     return demand
 
 
-def usage_now() -> tuple[float, dict[int, int]]:
-    return time.process_time(), thread_demand_ns()
+def usage_now() -> tuple[float, float, dict[int, int]]:
+    return time.monotonic(), time.process_time(), thread_demand_ns()
 
 
-def usage_since(start: tuple[float, dict[int, int]]) -> tuple[float, float]:
-    """(process CPU seconds, the busiest thread's seconds on or waiting for a core) since `start` (usage_now)."""
-    cpu0, demand0 = start
+def usage_since(start: tuple[float, float, dict[int, int]]) -> tuple[float, float, float]:
+    """(process CPU seconds, the busiest thread's seconds on or waiting for a core, wall seconds) since `start`
+    (usage_now): one interval for all three, so a thread's share of the wall time cannot pass 1."""
+    wall0, cpu0, demand0 = start
     demand = thread_demand_ns()
     busiest = max((demand[t] - demand0[t] for t in demand if t in demand0), default=0)
-    return time.process_time() - cpu0, busiest / 1e9
+    return time.process_time() - cpu0, busiest / 1e9, time.monotonic() - wall0
 
 
 @contextmanager
