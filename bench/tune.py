@@ -27,6 +27,7 @@ from pathlib import Path
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from bench.measure.machine import machine_info
 from bench.measure.served import best_under, default_client_processes, measure_point
 from bench.measure.timed_images import random_images
 from expertfuse.cli import (non_negative_int_list, positive_float, positive_int, positive_int_list, run_cli,
@@ -38,8 +39,8 @@ from serve.protocols import PROTOCOLS
 from serve.repository import LABELS_FILE, RepositoryError, read_config, staging, versions, write_model
 from serve.server import SERVERS, ServerError, TritonServer, choose_server, describe_exit
 
-# torch (bench.measure.machine) and matplotlib are imported where used: the load generator's spawned client processes
-# re-import this module, and on a busy 2-core machine torch's import alone outlasted a measured window.
+# matplotlib is imported where used and torch never: the load generator's spawned client processes re-import this
+# module, and on a busy 2-core machine torch's import alone outlasted a measured window.
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from bench.measure.machine import machine_info
     args = build_parser().parse_args(argv)
     unwind_on_signals()
     variant = check_model_name(args.variant or f"{args.model}_tuned")

@@ -257,6 +257,14 @@ def test_bench_refuses_bad_load_flags_in_one_line(flags, tiny_checkpoint):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("python -m bench: error: argument")
 
 
+def test_bench_and_tune_parse_and_spawn_load_processes_without_torch():
+    """What a flag error and every spawned load process import (they re-import the command's module): no torch, no
+    ONNX Runtime, so a typo is refused at once and a client process is up in a fraction of a second."""
+    code = ("import sys, bench.__main__, bench.tune, bench.measure.served, bench.measure.machine; "
+            "print(sorted({'torch', 'torchvision', 'onnxruntime', 'onnx'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
 def test_served_bench_checks_every_server_before_measuring_anything(tiny_checkpoint, tmp_path):
     proc = run_module("bench", "--ckpt", str(tiny_checkpoint), "--eval-limit", "20", "--served", "--http-url",
                       "127.0.0.1:1", "--grpc-url", "127.0.0.1:2", "--out", str(tmp_path / "bench"), check=False)
