@@ -8,7 +8,8 @@ Every variant (each expert, the best-k subsets, the fused ensemble loop/grouped,
 models of the repository, and each served model over HTTP and gRPC) is checked against the checkpoint's PyTorch
 ensemble and scored on a labelled set (default: the checkpoint's own evaluation split) through the
 served input path; the compared variants are then timed in one interleaved run, so every ratio comes
-with its 95% interval. Writes bench.json, cost_accuracy.csv, inprocess.csv, served.csv, summary.md, plots.
+with its 95% interval. A variant the repository already holds, exported from this very checkpoint (same SHA-256),
+is gated and timed as that file rather than exported again. Writes bench.json, cost_accuracy.csv, inprocess.csv, served.csv, summary.md, plots.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-inprocess", action="store_true", help="skip the in-process variants")
     p.add_argument("--served", action="store_true", help="also measure through Triton")
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
-                   help="model repository: its INT8 and early-exit models are benched too; Triton is started on it "
+                   help="model repository: its INT8 and early-exit models are benched too, and its exports of this very "
+                        "checkpoint are timed as they are instead of exported again; Triton is started on it "
                         "unless --http-url/--grpc-url are given")
     p.add_argument("--server", default="auto", choices=SERVERS, help="which Triton to start [auto]")
     p.add_argument("--http-url", help="a running Triton's HTTP endpoint host:port")

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         step("classify images over gRPC", "serve.client", "--url", f"127.0.0.1:{grpc_port}", "--protocol", "grpc",
              "--model", "ncl", "--topk", "1", *map(str, images))
         step("bench every variant's accuracy and cost, in-process and served", "bench", "--ckpt", str(ckpt), "--served",
-             "--http-url", f"127.0.0.1:{http_port}", "--grpc-url", f"127.0.0.1:{grpc_port}",
+             "--http-url", f"127.0.0.1:{http_port}", "--grpc-url", f"127.0.0.1:{grpc_port}", "--repository", str(repo),
              "--runtimes", "torch-cpu,onnxruntime-cpu", "--out", str(bench_out), *bench_args)
     except StepFailed as exc:
         print(f"\ndemo stopped: {exc}", file=sys.stderr)

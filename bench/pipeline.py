@@ -12,7 +12,7 @@ from bench.decide import (best_single, cost_accuracy, decision, headline_runtime
                           scored)
 from bench.measure.evaluation import gain_interval
 from bench.measure.inprocess import (References, available_runtimes, plan_variants, reference_key, repository_variants,
-                                     run_inprocess)
+                                     run_inprocess, with_repository_exports)
 from bench.measure.machine import machine_info
 from bench.measure.timed_images import TIMED_IMAGES
 from bench.report import markdown, write_all
@@ -59,8 +59,13 @@ def runtimes_of(args) -> list[str]:
 
 
 def inprocess_stage(args, ctx: Context, runtimes: list[str], result: dict) -> None:
-    variants = plan_variants(ctx.expert_order) + repository_variants(args.repository, ctx.num_experts)
+    planned = with_repository_exports(plan_variants(ctx.expert_order), args.repository, ctx.job.checkpoint.sha256,
+                                      ctx.num_experts)
+    variants = planned + repository_variants(args.repository, ctx.num_experts)
     print(f"in-process: {len(variants)} variants on {', '.join(runtimes)}; batches {args.batches}")
+    reused = [f"{v.name} ({v.exported[0]})" for v in planned if v.exported]
+    if reused:
+        print(f"  the repository's exports of this checkpoint, gated and timed as they are: {', '.join(reused)}")
     rows, timings = run_inprocess(ctx.job, runtimes, variants, ctx.refs, ctx.data, args.batches, args.budget_s,
                                   ctx.workdir)
     ctx.runtime = headline_runtime(rows) or ctx.runtime

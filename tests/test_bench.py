@@ -18,7 +18,8 @@ from bench.decide import accuracy_columns, best_single, cost_accuracy, decision,
 from bench.measure.evaluation import accuracy, collapsed, gain_interval
 from export.data_flags import LabelledData
 from export.labelled import EvalSet, load_eval_set
-from bench.measure.inprocess import References, Variant, gate_and_score, make_runner, reference_key
+from bench.measure.inprocess import (References, Variant, gate_and_score, make_runner, plan_variants, reference_key,
+                                     with_repository_exports)
 from bench.measure.machine import machine_info
 from bench.report import write_all
 from bench.measure.runners import TritonRunner
@@ -159,14 +160,19 @@ def test_triton_runner_with_and_without_shared_memory(triton, tiny_checkpoint):
     assert all(np.array_equal(results[0], r) for r in results[1:])
 
 
-def test_served_bench_writes_json_csv_and_plots(triton, tiny_checkpoint, tmp_path):
+def test_served_bench_writes_json_csv_and_plots(triton, exported_repository, tiny_checkpoint, tmp_path):
     out = tmp_path / "bench"
     proc = run_module("bench", "--ckpt", str(tiny_checkpoint), "--runtimes", "onnxruntime-cpu", "--batches", "1,2",
                       "--budget-s", "0.5", "--eval-limit", "40", "--window-s", "0.1", "--served", "--http-url",
                       triton.endpoints.http, "--grpc-url", triton.endpoints.grpc, "--concurrency", "1,2",
-                      "--protocols", "grpc", "--client-processes", "2", "--shared-memory", "--out", str(out))
+                      "--protocols", "grpc", "--client-processes", "2", "--shared-memory", "--out", str(out),
+                      "--repository", str(exported_repository))
     assert "The ensemble (ensemble-" in proc.stdout and "## Cost and accuracy" in proc.stdout
     result = json.loads((out / "bench.json").read_text())
+    reused = {r["variant"]: r.get("exported_from") for r in result["inprocess"]}  # the repository's files, still gated
+    assert reused == {"expert0": "ncl_expert0", "expert1": "ncl_expert1", "expert2": "ncl_expert2", "best2": None,
+                      "ensemble-loop": None, "ensemble-grouped": "ncl", "ensemble-fp16": None}
+    assert all(r["parity_random"]["ok"] for r in result["inprocess"] if r.get("exported_from")), result["inprocess"]
     models = result["served"]["models"]
     assert {m["model_role"] for m in models} >= {"fused", "single", "naive"}
     assert all(m["parity_labelled"]["ok"] and m["parity_labelled"]["samples"] == 40 for m in models)
@@ -187,6 +193,17 @@ def test_served_bench_writes_json_csv_and_plots(triton, tiny_checkpoint, tmp_pat
         if written.suffix in (".json", ".md", ".csv"):
             text = written.read_text()
             assert str(tmp_path) not in text and str(tiny_checkpoint.parent) not in text, written.name
+
+
+def test_the_bench_reuses_only_the_repositorys_exports_of_the_same_checkpoint(exported_repository, tiny_checkpoint):
+    import hashlib
+    planned = plan_variants([0, 1, 2])
+    sha256 = hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
+    same = {v.name: v.exported for v in with_repository_exports(planned, exported_repository, sha256, 3)}
+    assert same["ensemble-grouped"] == ("ncl", exported_repository / "ncl" / "1" / "model.onnx")
+    assert [same[f"expert{k}"][0] for k in range(3)] == ["ncl_expert0", "ncl_expert1", "ncl_expert2"]
+    assert same["ensemble-loop"] is same["best2"] is same["ensemble-fp16"] is None  # not in the repository
+    assert all(v.exported is None for v in with_repository_exports(planned, exported_repository, "0" * 64, 3))
 
 
 def test_served_bench_refuses_a_server_running_another_model(triton, tiny_checkpoint, tmp_path):

@@ -3,17 +3,20 @@ INT8 or early-exit model of the repository, on torch / ONNX Runtime / TensorRT. 
 then the labelled set) and scored on the labelled set, then all are timed together, interleaved."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
+from tritonclient.grpc import model_config_pb2 as pb
 
 from bench.measure.evaluation import accuracy, batched_logits
 from export.labelled import EvalSet, expert_logits
 from bench.measure.runners import OrtRunner, Runner, TensorRTRunner, TorchRunner, cycling_calls
 from bench.measure.timed_images import timed_index, timing_batches
+from expertfuse.contract import LOGITS
 from expertfuse.parity import bench_tolerance, compare
 from expertfuse.timing import MAX_EXTENSION, Interleaved, interleave
 from export.early_exit import simulate
@@ -63,11 +66,13 @@ class Variant:
     onnx: Path | None = None  # a model already in the repository (INT8, early exit), run as it is
     subset: int = 0  # k when this is the best-k subset of experts (0: not on that curve)
     early_exit: EarlyExit | None = None
+    exported: tuple[str, Path] | None = None  # (model, .onnx) the repository's export of this very variant
 
     def describe(self) -> dict:
         return {"variant": self.name, "experts": list(self.experts), "fusion": self.fusion, "precision": self.precision,
                 **({"subset": self.subset} if self.subset else {}),
-                **({"early_exit_threshold": self.early_exit.threshold} if self.early_exit else {})}
+                **({"early_exit_threshold": self.early_exit.threshold} if self.early_exit else {}),
+                **({"exported_from": self.exported[0]} if self.exported else {})}
 
 
 def available_runtimes() -> list[str]:
@@ -104,22 +109,39 @@ def served_experts(params: dict[str, str], num_experts: int) -> tuple[int, ...]:
     return tuple(int(e) for e in text.split(",") if e.strip()) or tuple(range(num_experts))
 
 
-def repository_variants(repository: Path | None, num_experts: int) -> list[Variant]:
-    """Every INT8 and early-exit model in the repository, as its latest version's model.onnx."""
-    found = []
+def repository_models(repository: Path | None) -> Iterator[tuple[pb.ModelConfig, dict[str, str], Path]]:
+    """(config, string parameters, latest version's .onnx file) of every ONNX model in the repository."""
     for model_dir in sorted(repository.iterdir()) if repository and repository.is_dir() else []:
         try:
             cfg, latest = read_config(model_dir), versions(model_dir)
         except (RepositoryError, OSError, ValueError):
             continue
-        params = string_parameters(cfg)
         path = model_dir / str(latest[-1]) / "model.onnx" if latest else None
-        role = cheap_role(params)
-        if role and path is not None and path.exists():
-            found.append(Variant(f"{role}:{cfg.name}", served_experts(params, num_experts),
-                                 params.get("expertfuse_fusion", "loop"), params.get("expertfuse_precision", "fp32"),
-                                 onnx_file(path), early_exit=EarlyExit.of(params)))
-    return found
+        if path is not None and path.exists():
+            yield cfg, string_parameters(cfg), onnx_file(path)
+
+
+def repository_variants(repository: Path | None, num_experts: int) -> list[Variant]:
+    """Every INT8 and early-exit model in the repository."""
+    return [Variant(f"{role}:{cfg.name}", served_experts(params, num_experts), params.get("expertfuse_fusion", "loop"),
+                    params.get("expertfuse_precision", "fp32"), path, early_exit=EarlyExit.of(params))
+            for cfg, params, path in repository_models(repository) if (role := cheap_role(params))]
+
+
+def with_repository_exports(variants: list[Variant], repository: Path | None, checkpoint_sha256: str,
+                            num_experts: int) -> list[Variant]:
+    """The planned variants, each pointing at the repository's export of it where export.onnx made one from this very
+    checkpoint (its SHA-256) with the bench's graph options (uint8 input, logits only): the bench gates and times
+    the file the repository serves instead of exporting it again (seconds per graph at ResNet-8, more at real size).
+    Every other variant is exported as before."""
+    exports = {}
+    for cfg, params, path in repository_models(repository):
+        if (params.get("expertfuse_checkpoint_sha256") == checkpoint_sha256 and cheap_role(params) is None
+                and params.get("expertfuse_input_layout") == "uint8-nhwc" and [o.name for o in cfg.output] == [LOGITS]):
+            key = (served_experts(params, num_experts), params.get("expertfuse_fusion", "loop"),
+                   params.get("expertfuse_precision", "fp32"))
+            exports.setdefault(key, (cfg.name, path))
+    return [replace(v, exported=exports.get((v.experts, v.fusion, v.precision))) for v in variants]
 
 
 def make_runner(runtime: str, job, variant: Variant, workdir: Path) -> Runner:
@@ -136,15 +158,17 @@ def make_runner(runtime: str, job, variant: Variant, workdir: Path) -> Runner:
         device = "cuda" if "cuda" in runtime else "cpu"
         return TorchRunner(InferenceGraph(sub.model, sub.opts), device, cuda_graphs=runtime.endswith("cudagraphs"))
     folder = workdir / f"{'_'.join(map(str, variant.experts))}-{variant.fusion}-{variant.precision}"
-    if not (folder / "model.onnx").exists():
+    if variant.exported is None and not (folder / "model.onnx").exists():
         export_graph(sub, variant.fusion, folder, 18)
+    graph = variant.exported[1] if variant.exported else onnx_file(folder / "model.onnx")
     if runtime.startswith("onnxruntime"):
-        return OrtRunner(onnx_file(folder / "model.onnx"), runtime.split("-", 1)[1])
+        return OrtRunner(graph, runtime.split("-", 1)[1])
     if runtime == "tensorrt":
         from export.trt import build_plan, require_tensorrt
         size = job.spec.input_size
+        folder.mkdir(parents=True, exist_ok=True)
         plan = folder / "model.plan"
-        plan.write_bytes(build_plan(require_tensorrt(), onnx_file(folder / "model.onnx"), (size, size, 3),
+        plan.write_bytes(build_plan(require_tensorrt(), graph, (size, size, 3),
                                     (1, 32, 256), variant.precision == "fp16", 4.0, None, False))
         return TensorRTRunner(plan)
     raise ValueError(f"unknown runtime {runtime!r}; available: {', '.join(available_runtimes())}")
