@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from expertfuse.contract import INPUT
+
 PROTOCOLS = ("http", "grpc")
 
 
@@ -29,3 +31,15 @@ def model_config_dict(client, protocol: str, model: str, version: str = "") -> d
         from google.protobuf.json_format import MessageToDict
         cfg = MessageToDict(cfg.config, preserving_proto_field_name=True)
     return cfg
+
+
+def image_inputs(module, batches: list, with_data: bool = True) -> list:
+    """One image input per batch (UINT8 for uint8 pixels, else FP32) of `module`'s client, its data set unless the
+    caller passes the tensors another way (shared memory)."""
+    inputs = []
+    for images in batches:
+        request = module.InferInput(INPUT, list(images.shape), "UINT8" if images.dtype.name == "uint8" else "FP32")
+        if with_data:
+            request.set_data_from_numpy(images)
+        inputs.append(request)
+    return inputs

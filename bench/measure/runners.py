@@ -20,7 +20,7 @@ import torch
 from tritonclient.utils import InferenceServerException
 
 from expertfuse.errors import UserError
-from serve.protocols import client_module
+from serve.protocols import client_module, image_inputs
 
 
 def cycling_calls(runners: dict[str, "Runner"], inputs: dict[str, list]) -> dict[str, Callable[[int], object]]:
@@ -158,13 +158,9 @@ class TritonRunner(Runner):
         """One request per batch; with shared memory, all the batches in one input region (each request at its
         offset) and one output region they reuse, so a timing over hundreds of batches maps two regions, not
         hundreds."""
-        dtype = "UINT8" if batches[0].dtype == np.uint8 else "FP32"
         if not self.shared_memory:
             output = self.module.InferRequestedOutput("logits")
-            requests = [self.module.InferInput("image", list(b.shape), dtype) for b in batches]
-            for request, images in zip(requests, batches):
-                request.set_data_from_numpy(images)
-            return [(request, output, None) for request in requests]
+            return [(request, output, None) for request in image_inputs(self.module, batches)]
         import tritonclient.utils.shared_memory as shm
         key = f"expertfuse_bench_{os.getpid()}_{id(self):x}_{len(self._regions)}"  # unique across runners
         classes = self._classes()
@@ -172,9 +168,8 @@ class TritonRunner(Runner):
         region_out = self._region(f"{key}_out", max(len(b) for b in batches) * classes * 4)
         shm.set_shared_memory_region(region_in, batches)
         prepared, offset = [], 0
-        for images in batches:
-            request, output = self.module.InferInput("image", list(images.shape), dtype), \
-                self.module.InferRequestedOutput("logits")
+        for images, request in zip(batches, image_inputs(self.module, batches, with_data=False)):
+            output = self.module.InferRequestedOutput("logits")
             request.set_shared_memory(f"{key}_in", images.nbytes, offset)
             output.set_shared_memory(f"{key}_out", len(images) * classes * 4)
             prepared.append((request, output, (region_out, [len(images), classes])))

@@ -30,17 +30,12 @@ import numpy as np
 from bench.measure.timed_images import timing_batches
 from expertfuse.errors import UserError
 from expertfuse.timing import windows_agree
-from serve.protocols import client_module
+from serve.protocols import client_module, image_inputs
 
 
 def _requests(module, batches: list[np.ndarray]) -> list:
-    """One InferInput per image batch, built before the clock starts; the clients cycle through them."""
-    inputs = []
-    for images in batches:
-        request = module.InferInput("image", list(images.shape), "UINT8")
-        request.set_data_from_numpy(images)
-        inputs.append([request])
-    return inputs
+    """One request's inputs per image batch, built before the clock starts; the clients cycle through them."""
+    return [[request] for request in image_inputs(module, batches)]
 
 
 def _asyncio_loops(url: str, protocol: str, model: str, batches: list[np.ndarray], clients: int, schedule, ready, go,
