@@ -11,6 +11,8 @@ ONNX Runtime at batches 1, 2, 7 and max against PyTorch, and only then adds it t
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import sys
 import warnings
 from collections.abc import Iterator
@@ -49,12 +51,39 @@ def providers() -> list[str]:
     return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
 
 
+@contextmanager
+def torchlib_registry_built_once() -> Iterator[None]:
+    """torch.onnx builds its registry of torchlib functions anew for every export, re-parsing the source of ~500
+    onnxscript functions (~0.5 s here: a third of a small graph's export). A command that exports several graphs
+    (auto's two fusions, the naive ensemble's experts, the early-exit stages) builds it once per opset: an export
+    without a custom translation table, as ours are, only reads it. Where torch's internals differ, each export
+    builds its own as before."""
+    try:
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+        build = ONNXRegistry.__dict__["from_torchlib"]
+    except (ImportError, KeyError, ValueError):
+        yield
+        return
+    default_opset = inspect.signature(build.__func__).parameters["opset_version"].default
+    ONNXRegistry.from_torchlib = classmethod(
+        lambda cls, opset_version=default_opset: torchlib_registry(build.__func__, cls, opset_version))
+    try:
+        yield
+    finally:
+        ONNXRegistry.from_torchlib = build
+
+
+@functools.cache
+def torchlib_registry(build, registry_class, opset_version: int):
+    return build(registry_class, opset_version=opset_version)
+
+
 def export_graph(job: ExportJob, fusion: str, folder: Path, opset: int) -> Path:
     """Export the graph with `fusion` to folder/model.onnx: a file, or (over 2 GB) the folder layout
     Triton expects for external data, model.onnx/model.onnx plus its weight file. Returns that artifact."""
     graph = InferenceGraph(job.model, replace(job.opts, fusion=fusion)).eval()
     example = test_images(job, 2)["random"]  # batch >= 2, or torch.export specializes the batch to 1
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torchlib_registry_built_once():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(graph, (example,), dynamo=True, dynamic_shapes=({0: "batch"},),
                                     input_names=[INPUT], output_names=job.opts.output_names,

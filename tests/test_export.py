@@ -5,11 +5,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch.onnx._internal.exporter._registration import ONNXRegistry
 
 from expertfuse.contract import ModelMetadata
 from export.graph import reference_logits
 from export.job import LoadedCheckpoint, job_for
-from export.onnx import written_opset
+from export.onnx import torchlib_registry, written_opset
 from serve.repository import parse
 from tests.helpers import export_both_fusions, export_cli, make_checkpoint, ort_logits, run_module
 from train.checkpoint import load_model
@@ -94,7 +95,13 @@ def test_reexport_adds_a_version_and_overwrite_replaces(tmp_path):
         export_cli("--ckpt", str(ckpt), "--out", str(repo), "--fusion", "loop", "--max-batch", "4", *extra)
         return sorted(p.name for p in (repo / "ncl").iterdir() if p.is_dir())
     assert export_and_list() == ["1"]
+    builds = torchlib_registry.cache_info().misses
     assert export_and_list() == ["1", "2"]
+    # the second export of this process reused torch.onnx's torchlib registry, wrote the same graph, and left
+    # torch's own registry builder in place
+    assert torchlib_registry.cache_info().misses == builds
+    assert onnx.load(str(repo / "ncl" / "1" / "model.onnx")).graph == onnx.load(str(repo / "ncl" / "2" / "model.onnx")).graph
+    assert ONNXRegistry.__dict__["from_torchlib"].__func__.__module__ == ONNXRegistry.__module__
     assert export_and_list("--overwrite") == ["1"]
 
 
