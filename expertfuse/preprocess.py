@@ -3,19 +3,22 @@
 A served model receives RGB uint8 pixels (shorter side resized to `resize`, center crop `size`) and
 normalizes them inside the graph with the checkpoint's mean/std. Training's evaluation, export's
 PyTorch reference, the client and tests all go through these functions, so all see the same numbers.
+torch and torchvision are imported where a function needs them: the client reads images at the model's size
+without either (their start-up is seconds; its requests are not).
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from expertfuse.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
     from torchvision.transforms import v2
 
 
@@ -25,8 +28,26 @@ def pixel_transform(resize: int, size: int) -> v2.Compose:
     return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
 
 
+def served_pixels(image, resize: int, size: int) -> np.ndarray:
+    """PIL image / HWC uint8 array -> uint8 [size, size, 3], the pixels a served model receives: exactly
+    pixel_transform's. An image whose shorter side already is `resize` is only center-cropped, in numpy
+    (torchvision's resize returns such an image as it is); the rest are resampled by torchvision."""
+    array = np.asarray(image)
+    height, width = array.shape[:2]
+    if array.ndim == 3 and array.shape[2] == 3 and min(height, width) == resize >= size:
+        top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))  # as v2.CenterCrop
+        return np.ascontiguousarray(array[top:top + size, left:left + size], dtype=np.uint8)
+    return _cached_pixel_transform(resize, size)(image).permute(1, 2, 0).numpy()
+
+
+@functools.cache
+def _cached_pixel_transform(resize: int, size: int) -> v2.Compose:
+    return pixel_transform(resize, size)
+
+
 def normalize_ops(mean, std) -> list:
     """uint8 [.., 3, H, W] -> float (x/255 - mean)/std: the ops training appends to its pixel pipelines."""
+    import torch
     from torchvision.transforms import v2
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
@@ -38,9 +59,11 @@ def eval_transform(resize: int, size: int, mean, std) -> v2.Compose:
 
 
 def normalize_pixels(pixels: torch.Tensor, mean, std, layout: str = "uint8-nhwc",
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A batch of graph inputs (uint8 NHWC, or float NCHW holding 0..255) -> normalized float NCHW (float64 for
-    the export gate's reference)."""
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A batch of graph inputs (uint8 NHWC, or float NCHW holding 0..255) -> normalized float NCHW (float32, or
+    float64 for the export gate's reference)."""
+    import torch
+    dtype = dtype or torch.float32
     x = pixels.permute(0, 3, 1, 2) if layout == "uint8-nhwc" else pixels
     x = x.to(dtype) / 255.0
     m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1)
@@ -50,6 +73,7 @@ def normalize_pixels(pixels: torch.Tensor, mean, std, layout: str = "uint8-nhwc"
 
 def folded_normalization(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) with normalize_pixels(x) == x * scale - shift: one multiply-add inside a graph."""
+    import torch
     std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return 1.0 / (255.0 * std_t), torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) / std_t
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from expertfuse.errors import UserError
-from expertfuse.preprocess import graph_input, normalize_pixels, pixel_transform
+from expertfuse.preprocess import graph_input, normalize_pixels, served_pixels
 from export.data_flags import DATA_FLAGS, LabelledData
 from train.data.datasets import DataBundle, LabeledView, build_calibration, build_data
 from train.data.options import DataOptions
@@ -70,8 +70,7 @@ def load_data(checkpoint: dict, spec, request: LabelledData) -> DataBundle:
 
 def read_pixels(view: LabeledView, indices, spec) -> np.ndarray:
     """uint8 [N, H, W, 3] of the chosen items, preprocessed like a served request."""
-    transform = pixel_transform(spec.resize, spec.input_size)
-    return np.stack([transform(view[int(i)][0]).permute(1, 2, 0).numpy() for i in indices])
+    return np.stack([served_pixels(view[int(i)][0], spec.resize, spec.input_size) for i in indices])
 
 
 def labelled_view(checkpoint: dict, spec, request: LabelledData, bundle: DataBundle, view, name: str) -> EvalSet:

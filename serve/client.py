@@ -21,6 +21,7 @@ import numpy as np
 from expertfuse.cli import positive_int, run_cli
 from expertfuse.contract import KEY_PREFIX, ModelMetadata
 from expertfuse.errors import UserError
+from expertfuse.preprocess import graph_input, load_rgb, served_pixels
 from serve.protocols import PROTOCOLS, client_module, model_config_dict, ready_model_names
 from serve.repository import string_parameters
 
@@ -156,19 +157,15 @@ def collect_images(paths: list[str]) -> list[Path]:
 def read_images(files: list[Path], info: ModelInfo) -> tuple[list[Path], np.ndarray | None, list[str]]:
     """(the files read, their pixels as uint8 [N, size, size, 3], why each other file was not read): one bad file
     does not stop the rest (load_rgb: 8-bit RGB, 16-bit scaled, non-images named)."""
-    import torch  # here, not at the top: flags, server, model and files are checked without its seconds of start-up
-    from expertfuse.preprocess import load_rgb, pixel_transform
-
-    transform = pixel_transform(info.resize, info.size)
-    read, tensors, failures = [], [], []
+    read, pixels, failures = [], [], []
     for f in files:
         try:
-            tensors.append(transform(load_rgb(f)))
+            pixels.append(served_pixels(load_rgb(f), info.resize, info.size))
         except UserError as exc:
             failures.append(str(exc))
             continue
         read.append(f)
-    return read, torch.stack(tensors).permute(0, 2, 3, 1).numpy() if tensors else None, failures
+    return read, np.stack(pixels) if pixels else None, failures
 
 
 def parse_classification(entries) -> list[dict]:
@@ -192,8 +189,6 @@ def cap_topk(topk: int, info: ModelInfo) -> int:
 def classify(url: str, protocol: str, model: str, files: list[Path], topk: int = 5, batch_size: int = 8,
              version: str = "") -> tuple[list[dict], list[str]]:
     """(top-k of every readable file, why each other file was not read)."""
-    from expertfuse.preprocess import graph_input  # torch: see read_images
-
     module = _client_module(protocol)
     url = server_address(url)
     client = module.InferenceServerClient(url)

@@ -104,6 +104,26 @@ def test_one_normalization_for_training_export_and_graph():
     torch.testing.assert_close(as_float, batch)
 
 
+@pytest.mark.parametrize("height,width,resize,size", [(32, 32, 32, 32), (32, 37, 32, 32), (41, 36, 36, 31),
+                                                       (48, 40, 32, 32), (20, 20, 32, 32), (300, 256, 256, 224)])
+def test_served_pixels_are_the_pixel_transforms_with_or_without_resampling(height, width, resize, size):
+    """Images already at the shorter side `resize` are only cropped, in numpy; the rest go through torchvision:
+    either way the pixels the served model gets are pixel_transform's, from a PIL image or an HWC array."""
+    array = np.random.RandomState(height + width).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    expected = preprocess.pixel_transform(resize, size)(array).permute(1, 2, 0).numpy()
+    for image in (array, Image.fromarray(array)):
+        got = preprocess.served_pixels(image, resize, size)
+        assert got.dtype == np.uint8 and np.array_equal(got, expected)
+
+
+def test_the_client_reads_images_at_the_models_size_without_torch():
+    code = ("import sys, numpy as np, serve.client; from expertfuse.preprocess import served_pixels; "
+            "served_pixels(np.zeros((32, 40, 3), np.uint8), 32, 32); "
+            "print(sorted({'torch', 'torchvision', 'onnxruntime'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout == "[]\n"
+
+
 def test_16_bit_images_are_scaled_not_saturated(tmp_path):
     ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")
