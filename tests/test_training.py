@@ -93,7 +93,7 @@ def test_cli_errors_are_one_line(tmp_path):
     for args, message in [(["--preset", "nope"], "unknown preset"),
                           (["--epochs", "0"], "--epochs must be at least 1, not 0; pass e.g. --epochs 400"),
                           (["--resume", "--out", str(tmp_path)], "no checkpoint at"),
-                          (["--method", "magic"], "unknown method"),
+                          (["--method", "magic"], "--method must be ce, ncl, shike, ecl or ssd, not 'magic'"),
                           (["--dataset", "cifar10-lt", "--data-root", str(tmp_path)], "pass --download")]:
         proc = run_module("train", *args, check=False)
         assert proc.returncode == 2, proc.stderr
@@ -120,6 +120,12 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(
 def test_config_values_are_checked_up_front(flags, message):
     with pytest.raises(UserError, match=f"^{message}"):
         config_from_args(flags)
+
+
+def test_the_methods_the_config_accepts_are_the_registered_ones():
+    from train.config import METHOD_NAMES
+    from train.methods import METHODS
+    assert sorted(METHOD_NAMES) == sorted(METHODS)
 
 
 def test_train_checks_a_config_built_in_code(tmp_path):

@@ -7,8 +7,12 @@ from train.training.lock import output_folder_lock
 
 
 def main() -> None:
-    config = config_from_args()  # flags, values and the --out folder's lock before torch is imported: a typo or
-    with output_folder_lock(config):  # a second run into a busy folder is refused at once
+    # Flags, values, the --out folder's lock and --resume's checkpoint before torch is imported: a typo, a second
+    # run into a busy folder or nothing to resume is refused at once.
+    config = config_from_args()
+    with output_folder_lock(config):
+        if config.resume:
+            config.resume_checkpoint()
         from train.engine import train
         train(config)
 

@@ -14,6 +14,10 @@ import yaml
 
 from expertfuse.errors import UserError
 
+# The methods train.methods registers (a test holds the two equal): known here so that a misspelled --method is
+# refused before torch is imported.
+METHOD_NAMES = ("ce", "ncl", "shike", "ecl", "ssd")
+
 
 def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw}) if not isinstance(default, list) \
@@ -23,7 +27,7 @@ def _opt(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # What and where
-    method: str = _opt("ncl", "training method (ce, ncl, shike, ecl, ssd)")
+    method: str = _opt("ncl", f"training method ({', '.join(METHOD_NAMES)})")
     dataset: str = _opt("synthetic", "synthetic | cifar10-lt | cifar100-lt | imagenet-lt | places-lt | inat2018 | imagefolder")
     data_root: str = _opt("data", "dataset folder (CIFAR pickles, image lists + images, or an ImageFolder tree)")
     download: bool = _opt(False, "download CIFAR through torchvision if missing")
@@ -128,6 +132,21 @@ class TrainConfig:
                                 f"not {getattr(self, name)!r}")
         return self
 
+    def resume_checkpoint(self) -> Path:
+        """The checkpoint --resume continues from; one line if there is none (asked once the --out folder is
+        locked: a run still writing its first checkpoint there is named instead)."""
+        if not self.last_checkpoint.is_file():
+            raise UserError(f"--resume: no checkpoint at {self.last_checkpoint}")
+        return self.last_checkpoint
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return Path(self.out) / f"{self.method}.pt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return Path(self.out) / f"{self.method}_best.pt"
+
 
 # What a run needs of each value (validate() checks these before anything is built).
 _RULES = [
@@ -140,8 +159,8 @@ _RULES = [
       "ssd_slg_batch_size", "momentum", "weight_decay", "eta_min", "input_size", "resize"),
      lambda v: v >= 0, "0 or more"),
 ]
-_CHOICES = {"amp": ("auto", "bf16", "fp16", "off"), "schedule": ("multistep", "cosine", "warmup-cosine"),
-            "shortcut": ("A", "B")}
+_CHOICES = {"method": METHOD_NAMES, "amp": ("auto", "bf16", "fp16", "off"),
+            "schedule": ("multistep", "cosine", "warmup-cosine"), "shortcut": ("A", "B")}
 
 
 def _holds(rule, value) -> bool:

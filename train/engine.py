@@ -89,14 +89,6 @@ class Run:
         self.starts = np.cumsum([0] + [s.epochs for s in self.stages]).tolist()
 
     @property
-    def last_path(self) -> Path:
-        return Path(self.cfg.out) / f"{self.cfg.method}.pt"
-
-    @property
-    def best_path(self) -> Path:
-        return Path(self.cfg.out) / f"{self.cfg.method}_best.pt"
-
-    @property
     def total_epochs(self) -> int:
         return self.starts[-1]
 
@@ -179,7 +171,7 @@ def announce(run: Run, progress: Progress) -> None:
     print(f"model {run.spec.describe()}, {sum(p.numel() for p in run.model.parameters()) / 1e6:.2f} M parameters")
     print(f"device {run.env.device} x{run.env.world}, amp {run.dtype or 'off'}, epochs "
           f"{progress.start_epoch + 1}..{run.total_epochs}, batch {cfg.batch_size}, lr {cfg.lr} ({cfg.schedule}), "
-          f"writing {run.last_path}")
+          f"writing {run.cfg.last_checkpoint}")
 
 
 def run_epoch(run: Run, phase: Phase, epoch: int, tests: DataLoader) -> tuple[dict, dict | None]:
@@ -212,10 +204,10 @@ def save_epoch(run: Run, phase: Phase, progress: Progress, epoch: int, metrics: 
     payload = epoch_payload(run.cfg, run.spec, run.data, run.method, run.model, metrics, epoch)
     if metrics is not None and run.method.selection_metric(metrics) > progress.best_acc:
         progress.best_acc, progress.best_epoch = run.method.selection_metric(metrics), epoch + 1
-        save_checkpoint(payload, run.best_path)
+        save_checkpoint(payload, run.cfg.best_checkpoint)
     payload.training = training_state(progress, run.model, run.method, phase.optimizer, phase.scheduler,
                                       run.scaler, rng)
-    save_checkpoint(payload, run.last_path)
+    save_checkpoint(payload, run.cfg.last_checkpoint)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -255,6 +247,6 @@ def _train(cfg: TrainConfig, env: Distributed) -> Path:
     if logs is not None:
         logs.close()
     if env.main and metrics is not None:
-        print(f"done: {run.last_path} (last), {run.best_path} (best: epoch {progress.best_epoch}, "
+        print(f"done: {run.cfg.last_checkpoint} (last), {run.cfg.best_checkpoint} (best: epoch {progress.best_epoch}, "
               f"{progress.best_acc:.2f}%)")
-    return run.last_path
+    return run.cfg.last_checkpoint

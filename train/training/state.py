@@ -53,9 +53,7 @@ class Progress:
 def read_resume_state(run) -> dict:
     """The checkpoint --resume continues from, refusing one without training state, one of another model than the
     flags build, and one that has trained all its epochs already."""
-    path, cfg = run.last_path, run.cfg
-    if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}")
+    path, cfg = run.cfg.resume_checkpoint(), run.cfg
     state = load_checkpoint(path)
     if "training" not in state:
         raise UserError(f"--resume: {path} holds no training state")
