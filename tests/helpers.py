@@ -61,6 +61,14 @@ def train_cli(*args: str) -> SimpleNamespace:
     return SimpleNamespace(stdout=stdout.getvalue(), returncode=0)
 
 
+def convert_cli(*args: str) -> None:
+    """`python -m train.convert ARGS` run in this process, for conversions a test expects to succeed (as
+    train_cli); refusals run the real process (run_module)."""
+    from train.convert import build_parser, convert
+    with contextlib.redirect_stdout(io.StringIO()):
+        convert(build_parser().parse_args(list(args)))
+
+
 def make_checkpoint(path: Path, **spec_fields) -> Path:
     """A checkpoint of an untrained network whose BatchNorm statistics were calibrated on real-looking images
     (fast, and with the activation scales of a trained model)."""

@@ -1,7 +1,7 @@
 import torch
 import pytest
 
-from tests.helpers import run_module
+from tests.helpers import convert_cli, run_module
 from train.checkpoint import (CheckpointError, CheckpointPayload, load_checkpoint, load_model, load_payload,
                               save_checkpoint)
 from train.models import ModelSpec, build_model
@@ -103,8 +103,8 @@ def test_convert_official_ncl(tmp_path, moco):
     if not moco:
         assert len(state) == 564
     torch.save({"state_dict": state, "epoch": 400, "best_result": 54.4, "best_epoch": 390}, tmp_path / "official.pth")
-    run_module("train.convert", "--from", "ncl", "--src", str(tmp_path / "official.pth"),
-               "--out", str(tmp_path / "ncl.pt"), "--dataset", "cifar100-lt")
+    convert_cli("--from", "ncl", "--src", str(tmp_path / "official.pth"), "--out", str(tmp_path / "ncl.pt"),
+                "--dataset", "cifar100-lt")
     model, data = load_model(tmp_path / "ncl.pt")
     assert data["spec"]["arch"] == "resnet32" and data["spec"]["num_experts"] == 3
     assert len(model.state_dict()) == 564

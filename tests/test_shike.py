@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from export.job import job_for
-from tests.helpers import export_cli, run_module, train_cli
+from tests.helpers import convert_cli, export_cli, train_cli
 from tests.helpers import export_both_fusions, make_checkpoint
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
@@ -151,8 +151,8 @@ def test_convert_official_shike(tmp_path):
     state = official_shike_state()
     assert len(state) == 366
     torch.save({"epoch": 200, "architecture": "resnet32", "state_dict": state, "best_acc1": 56.34}, tmp_path / "s.pth.tar")
-    run_module("train.convert", "--from", "shike", "--src", str(tmp_path / "s.pth.tar"), "--out", str(tmp_path / "shike.pt"),
-               "--dataset", "cifar100-lt")
+    convert_cli("--from", "shike", "--src", str(tmp_path / "s.pth.tar"), "--out", str(tmp_path / "shike.pt"),
+                "--dataset", "cifar100-lt")
     model, data = load_model(tmp_path / "shike.pt")
     spec = data["spec"]
     assert (spec["fusion"], spec["shared_stages"], spec["shortcut"], spec["head"]) == ("dkf", 3, "B", "normed")
@@ -161,8 +161,8 @@ def test_convert_official_shike(tmp_path):
     assert torch.equal(ours["experts.2.fusion.units.1.1.running_var"], state["shallow_exps.2.convs.StridedConv1.conv.1.running_var"])
     assert torch.equal(ours["trunk.layer2.0.shortcut.0.weight"], state["layer2.0.shortcut.0.weight"])
     assert len(ours) == 366 - 3  # the stage-1 heads are not served
-    run_module("train.convert", "--from", "shike", "--src", str(tmp_path / "s.pth.tar"), "--out", str(tmp_path / "s1.pt"),
-               "--stage1-heads")
+    convert_cli("--from", "shike", "--src", str(tmp_path / "s.pth.tar"), "--out", str(tmp_path / "s1.pt"),
+                "--stage1-heads")
     assert torch.equal(load_model(tmp_path / "s1.pt")[0].state_dict()["experts.0.head.weight"], state["classifiers.0.weight"].t())
 
 

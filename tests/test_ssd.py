@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from tests.helpers import export_cli, run_module, train_cli
+from tests.helpers import convert_cli, export_cli, run_module, train_cli
 from tests.helpers import ort_logits
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
@@ -111,7 +111,7 @@ def test_convert_official_ssd_stage3_and_lws_checkpoints(tmp_path):
         stage3[f"module.{head}.weight"], stage3[f"module.{head}.bias"] = torch.randn(1000, 2048), torch.randn(1000)
     stage3["module.classifier_t.scales"] = torch.rand(1000)
     torch.save({"epoch": 135, "state_dict": stage3, "optimizer": {}, "best_acc1": 55.4}, tmp_path / "s3.pth.tar")
-    run_module("train.convert", "--from", "ssd", "--src", str(tmp_path / "s3.pth.tar"), "--out", str(tmp_path / "s3.pt"))
+    convert_cli("--from", "ssd", "--src", str(tmp_path / "s3.pth.tar"), "--out", str(tmp_path / "s3.pt"))
     model, data = load_model(tmp_path / "s3.pt")
     assert data["spec"]["arch"] == "resnext50_32x4d" and data["spec"]["expert_names"] == ["hard", "soft"]
     assert torch.equal(model.state_dict()["experts.1.head.weight"], stage3["module.classifier_kd.weight"])
@@ -121,7 +121,7 @@ def test_convert_official_ssd_stage3_and_lws_checkpoints(tmp_path):
     stage4["module.classifier.fc.weight"], stage4["module.classifier.fc.bias"] = torch.randn(1000, 2048), torch.randn(1000)
     stage4["module.classifier.scales"] = torch.rand(1000) + 0.5
     torch.save({"epoch": 5, "state_dict": stage4}, tmp_path / "s4.pth.tar")
-    run_module("train.convert", "--from", "ssd", "--src", str(tmp_path / "s4.pth.tar"), "--out", str(tmp_path / "s4.pt"))
+    convert_cli("--from", "ssd", "--src", str(tmp_path / "s4.pth.tar"), "--out", str(tmp_path / "s4.pt"))
     model, data = load_model(tmp_path / "s4.pt")
     assert data["spec"]["expert_names"] == ["hard"]
     folded = stage4["module.classifier.fc.weight"] * stage4["module.classifier.scales"][:, None]
