@@ -16,20 +16,20 @@ from train.schedule import lr_factor, main_stage
 
 
 def test_cli_trains_ncl_on_synthetic_data_far_above_chance(tmp_path):
-    # 1000 evaluation images instead of the preset's 4000 (evaluation was a third of the test's time)
-    proc = run_module("train", "--preset", "ncl-synthetic", "--epochs", "4", "--synthetic-test", "50",
-                      "--out", str(tmp_path))
-    assert "train ncl on synthetic" in proc.stdout and "epoch 4:" in proc.stdout
+    # 1000 evaluation images instead of the preset's 4000 (evaluation was a third of the test's time); the flags'
+    # errors and the --out lock are the real process's tests (below), this one trains in the worker (train_cli)
+    out = train_cli("--preset", "ncl-synthetic", "--epochs", "3", "--synthetic-test", "50", "--out", str(tmp_path))
+    assert "train ncl on synthetic" in out.stdout and "epoch 3:" in out.stdout
     data = load_checkpoint(tmp_path / "ncl.pt")
     ensemble = data["metrics"]["ensemble"]
-    # Chance is 5 % (20 two-view classes; 4 of the preset's 24 epochs). Measured with these flags on 2026-12-05 over
-    # --seed/--synthetic-seed 42/0, 1/1, 2/2, 3/3: 22.6, 21.5, 24.8, 22.9 % (3 epochs gave 17.6-19.9 %: too close).
-    assert ensemble["overall"] > 15, ensemble
+    # Chance is 5 % (20 two-view classes; 3 of the preset's 24 epochs). Measured with these flags on 2026-12-05 over
+    # --seed/--synthetic-seed 42/0, 1/1, 2/2, 3/3: 17.6-19.9 % (4 epochs: 21.5-24.8 %).
+    assert ensemble["overall"] > 12, ensemble
     assert set(ensemble) == {"overall", "many", "medium", "few"} and len(data["metrics"]["experts"]) == 3
     assert (tmp_path / "ncl_best.pt").is_file()
     with open(tmp_path / "log.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"] and "test_few" in rows[0]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and "test_few" in rows[0]
     model, _ = load_model(tmp_path / "ncl.pt")
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 20)
 
