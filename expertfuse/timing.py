@@ -20,6 +20,9 @@ import numpy as np
 
 RELIABLE_HALF_WIDTH = 0.10  # a ratio whose 95% interval reaches further than +-10% is flagged unreliable
 MIN_ROUNDS = 10  # an interleaved run with fewer rounds measured nothing worth a ratio or a percentile
+# Two candidates whose latency ratio lies within +-5% (its 95% interval) are a tie: timing them longer would not
+# change which one is worth serving.
+TIE_WITHIN = 0.05
 MAX_EXTENSION = 4  # a run short of MIN_ROUNDS at the end of its budget may go on to 4 x the budget
 
 
@@ -173,17 +176,25 @@ def describe_ratio(r: dict) -> str:
 def ratio_of_medians(numerator: list[list[float]], denominator: list[list[float]], *, boot: int = 2000,
                      seed: int = 0) -> Ratio:
     """median(numerator) / median(denominator) over paired rounds, bootstrapping rounds for the interval."""
-    rounds = min(len(numerator), len(denominator))
-    num = [np.asarray(b) for b in numerator[:rounds]]
-    den = [np.asarray(b) for b in denominator[:rounds]]
-    value = float(np.median(np.concatenate(num)) / np.median(np.concatenate(den)))
+    return geomean_ratio_of_medians([(numerator, denominator)], boot=boot, seed=seed)
+
+
+def geomean_ratio_of_medians(pairs: list[tuple[list[list[float]], list[list[float]]]], *, boot: int = 2000,
+                             seed: int = 0) -> Ratio:
+    """The geometric mean over `pairs` of median(numerator) / median(denominator) (e.g. one pair per batch size),
+    over paired rounds, bootstrapping rounds (the same ones for every pair) for the interval."""
+    rounds = min(len(blocks) for pair in pairs for blocks in pair)
+    arrays = [[[np.asarray(b) for b in blocks[:rounds]] for blocks in pair] for pair in pairs]
+
+    def statistic(pick) -> float:
+        return float(np.exp(np.mean([np.log(np.median(np.concatenate([num[j] for j in pick])) /
+                                             np.median(np.concatenate([den[j] for j in pick])))
+                                      for num, den in arrays])))
     rng = np.random.default_rng(seed)
-    stats = np.empty(boot)
-    for i in range(boot):
-        pick = rng.integers(0, rounds, rounds)
-        stats[i] = np.median(np.concatenate([num[j] for j in pick])) / np.median(np.concatenate([den[j] for j in pick]))
+    stats = [statistic(rng.integers(0, rounds, rounds)) for _ in range(boot)]
     low, high = np.percentile(stats, [2.5, 97.5])
-    return Ratio(value, float(low), float(high), rounds, int(sum(len(b) for b in num) + sum(len(b) for b in den)))
+    samples = sum(len(b) for pair in arrays for blocks in pair for b in blocks)
+    return Ratio(statistic(range(rounds)), float(low), float(high), rounds, int(samples))
 
 
 def ratio(result: Interleaved, numerator: str, denominator: str, **kwargs) -> Ratio:
@@ -194,9 +205,9 @@ def ratio(result: Interleaved, numerator: str, denominator: str, **kwargs) -> Ra
 def pick_fastest(runners: dict[str, Callable[[np.ndarray], object]], inputs: dict[int, np.ndarray],
                  budget_s: float = 6.0) -> tuple[str, dict[str, dict[int, float]]]:
     """The candidate with the lowest geometric-mean median latency over the batch sizes in `inputs`, every
-    (candidate, batch) pair interleaved with the others, for `budget_s` or until the leader is faster than every
-    other candidate at every batch size beyond noise (each ratio's 95% interval below 1). Returns (best, medians
-    in seconds)."""
+    (candidate, batch) pair interleaved with the others, for `budget_s` or until that choice is settled: against
+    every other candidate, the leader's geometric-mean latency ratio is below 1 beyond noise, or the two are a
+    tie (the ratio's 95% interval below 1, or within TIE_WITHIN of it). Returns (best, medians in seconds)."""
     variants = {(name, b): (lambda i, run=run, x=x: run(x)) for name, run in runners.items() for b, x in inputs.items()}
 
     def medians_of(run: Interleaved) -> dict[str, dict[int, float]]:
@@ -205,10 +216,14 @@ def pick_fastest(runners: dict[str, Callable[[np.ndarray], object]], inputs: dic
     def leader(medians: dict[str, dict[int, float]]) -> str:
         return min(medians, key=lambda name: float(np.mean(np.log(list(medians[name].values())))))
 
+    def faster_or_tied(best: str, other: str, run: Interleaved) -> bool:
+        r = geomean_ratio_of_medians([(run.samples_s[f"{best}@{b}"], run.samples_s[f"{other}@{b}"]) for b in inputs],
+                                     boot=400)
+        return r.high < 1 or (r.low > 1 - TIE_WITHIN and r.high < 1 + TIE_WITHIN)
+
     def settled(run: Interleaved) -> bool:
         best = leader(medians_of(run))
-        return all(ratio(run, f"{best}@{b}", f"{other}@{b}", boot=400).high < 1
-                   for other in runners if other != best for b in inputs)
+        return all(faster_or_tied(best, other, run) for other in runners if other != best)
     keyed = interleave({f"{n}@{b}": fn for (n, b), fn in variants.items()}, calls_per_block=2, min_rounds=5,
                        budget_s=budget_s, settled=settled)
     medians = medians_of(keyed)

@@ -256,19 +256,22 @@ def test_auto_fusion_keeps_the_candidate_fastest_over_both_batch_sizes():
     assert best == "grouped" and medians["loop"][8] >= 0.004
 
 
-def test_an_interleaved_run_stops_once_settled_and_auto_fusion_once_one_candidate_leads_everywhere():
+def test_an_interleaved_run_stops_once_settled_and_auto_fusion_once_its_choice_is_settled():
     """A run whose question is answered stops at the next check after its minimum rounds, not at its budget; so
-    `--fusion auto` stops timing once one fusion is faster at every batch size beyond noise (above, where each
-    wins at one batch size, it takes its whole budget)."""
+    `--fusion auto` stops timing once one fusion's geometric-mean latency is lower beyond noise (also where each
+    wins at one batch size, as above) or the two are a tie (within 5%: timing longer would not change what is
+    worth serving)."""
     import time
     from expertfuse.timing import SETTLED_EVERY, interleave, pick_fastest
     run = interleave({"a": lambda i: None, "b": lambda i: None}, min_rounds=7, budget_s=30, settled=lambda r: True)
     assert run.rounds == 2 * SETTLED_EVERY  # the first check at or after 7 rounds
-    delays = {"loop": {1: 0.004, 8: 0.008}, "grouped": {1: 0.001, 8: 0.002}}
-    runners = {name: (lambda x, d=d: time.sleep(d[len(x)])) for name, d in delays.items()}
-    started = time.monotonic()
-    best, _ = pick_fastest(runners, {1: np.zeros(1), 8: np.zeros(8)}, budget_s=30)
-    assert best == "grouped" and time.monotonic() - started < 25  # settled long before its 30 s budget
+    for delays, winners in [({"loop": {1: 0.004, 8: 0.008}, "grouped": {1: 0.001, 8: 0.002}}, {"grouped"}),
+                            ({"loop": {1: 0.003, 8: 0.004}, "grouped": {1: 0.001, 8: 0.009}}, {"grouped"}),
+                            ({"loop": {1: 0.002, 8: 0.004}, "grouped": {1: 0.002, 8: 0.004}}, {"loop", "grouped"})]:
+        runners = {name: (lambda x, d=d: time.sleep(d[len(x)])) for name, d in delays.items()}
+        started = time.monotonic()
+        best, _ = pick_fastest(runners, {1: np.zeros(1), 8: np.zeros(8)}, budget_s=30)
+        assert best in winners and time.monotonic() - started < 25, delays  # settled long before its 30 s budget
 
 
 def test_trt_config_maps_profiles_to_instance_groups_with_cuda_graphs(tmp_path):
