@@ -38,27 +38,32 @@ def run_module(*args: str, env: dict | None = None, timeout: int = 600, check: b
     return proc
 
 
-def export_cli(*args: str) -> SimpleNamespace:
-    """`python -m export.onnx ARGS` run by its own entry function in this process, for exports a test expects to
-    succeed: the exporter's imports and torch.onnx's registry (seconds) are paid once per test worker instead of once
-    per export. Tests of exit codes, one-line errors and signals run the real process (run_module)."""
+def in_process(entry, args, check: bool) -> SimpleNamespace:
+    """An entry function run on `args` through the commands' one CLI runner, in this process: (returncode, stdout,
+    stderr) as the command would give them; with `check`, a non-zero exit fails the test with its stderr."""
+    from expertfuse.cli import run_cli
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = run_cli(lambda: entry(list(args)))
+    if check and code != 0:
+        raise AssertionError(f"exited {code}: {stderr.getvalue()[-3000:]}")
+    return SimpleNamespace(stdout=stdout.getvalue(), stderr=stderr.getvalue(), returncode=code)
+
+
+def export_cli(*args: str, check: bool = True) -> SimpleNamespace:
+    """`python -m export.onnx ARGS` run by its own entry function in this process: the exporter's imports and
+    torch.onnx's registry (seconds) are paid once per test worker instead of once per export. Tests of signals, of
+    what a process leaves behind and of each command's own one-line errors run the real process (run_module)."""
     from export.onnx import export_onnx
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        export_onnx(list(args))
-    return SimpleNamespace(stdout=stdout.getvalue(), returncode=0)
+    return in_process(export_onnx, args, check)
 
 
-def train_cli(*args: str) -> SimpleNamespace:
-    """`python -m train ARGS` run in this process, for runs a test expects to succeed (as export_cli): the real
-    training steps without another process's torch start-up (seconds). Tests of exit codes, one-line errors and of
-    the lock between runs run the real process (run_module)."""
+def train_cli(*args: str, check: bool = True) -> SimpleNamespace:
+    """`python -m train ARGS` run in this process (as export_cli): the real training steps without another
+    process's torch start-up (seconds)."""
     from train.config import config_from_args
     from train.engine import train
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        train(config_from_args(list(args)))
-    return SimpleNamespace(stdout=stdout.getvalue(), returncode=0)
+    return in_process(lambda argv: train(config_from_args(argv)), args, check)
 
 
 def convert_cli(*args: str) -> None:

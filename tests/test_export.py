@@ -153,7 +153,7 @@ def test_parity_failure_writes_nothing_and_exits_1(tmp_path):
     repo = tmp_path / "repo"
     export_cli("--ckpt", str(ckpt), "--out", str(repo), "--fusion", "loop", "--max-batch", "4")
     before = sorted(tmp_path.rglob("*"))
-    proc = run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(repo), "--fusion", "grouped", "--max-batch", "4",
+    proc = export_cli("--ckpt", str(ckpt), "--out", str(repo), "--fusion", "grouped", "--max-batch", "4",
                       "--parity-factor", "0", check=False)
     assert proc.returncode == 1 and "disagrees with PyTorch" in proc.stderr and "nothing written" in proc.stderr
     assert "<= 0 x PyTorch float32's own error" in proc.stderr and "Traceback" not in proc.stderr

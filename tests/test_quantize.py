@@ -57,7 +57,7 @@ def test_gate_refuses_constant_calibration_and_writes_nothing(tiny_checkpoint, t
 def test_bad_flags_are_one_line_errors(tiny_checkpoint, tmp_path):
     proc = run_module("export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path), "--int8", "--fp16", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    proc = run_module("export.onnx", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path), "--early-exit", "2", check=False)
+    proc = export_cli("--ckpt", str(tiny_checkpoint), "--out", str(tmp_path), "--early-exit", "2", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 

@@ -39,9 +39,9 @@ def test_cheap_paths_of_a_real_size_checkpoint_refuse_without_its_data(tmp_path)
     """--int8 and --early-exit need the labelled images the checkpoint names (CIFAR-100 here): without them, one
     line saying where they were looked for and how to get them, before any export work."""
     ckpt = preset_checkpoint("ncl-cifar100-lt", tmp_path / "ncl.pt")
-    for flag in (["--int8"], ["--early-exit", "auto"]):
-        proc = run_module("export.onnx", "--ckpt", str(ckpt), "--out", str(tmp_path / "repo"),
-                          "--data-root", str(tmp_path / "no-data"), *flag, check=False)
+    for flag, in_worker in ((["--int8"], False), (["--early-exit", "auto"], True)):  # the command, then its runner here
+        args = ("--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--data-root", str(tmp_path / "no-data"), *flag)
+        proc = export_cli(*args, check=False) if in_worker else run_module("export.onnx", *args, check=False)
         assert proc.returncode == 2 and "CIFAR-100 not found" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "repo").exists()
 

@@ -55,8 +55,9 @@ def test_resume_refuses_another_model_and_a_finished_run_in_one_line(tmp_path):
                                       "the checkpoint's settings, or train the new model into another --out"),
              (["--num-experts", "2"], "holds a model with num_experts 3, the flags ask for num_experts 2"),
              ([], "has trained all 1 epochs already; nothing to train (raise --epochs to train further)")]
-    for flags, message in cases:
-        proc = run_module("train", *TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path), "--resume", *flags, check=False)
+    for (flags, message), in_worker in zip(cases, (False, True, True)):  # the command, then its runner here
+        args = (*TINY_TRAIN, "--epochs", "1", "--out", str(tmp_path), "--resume", *flags)
+        proc = train_cli(*args, check=False) if in_worker else run_module("train", *args, check=False)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert lines[0].startswith(f"error: --resume: {tmp_path / 'ncl.pt'} {message}"), lines[0]
