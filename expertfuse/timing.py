@@ -184,17 +184,21 @@ def geomean_ratio_of_medians(pairs: list[tuple[list[list[float]], list[list[floa
     """The geometric mean over `pairs` of median(numerator) / median(denominator) (e.g. one pair per batch size),
     over paired rounds, bootstrapping rounds (the same ones for every pair) for the interval."""
     rounds = min(len(blocks) for pair in pairs for blocks in pair)
-    arrays = [[[np.asarray(b) for b in blocks[:rounds]] for blocks in pair] for pair in pairs]
+    draws = np.vstack([np.arange(rounds), np.random.default_rng(seed).integers(0, rounds, (boot, rounds))])
+    log_ratios = np.mean([np.log(_medians_of_draws(num[:rounds], draws) / _medians_of_draws(den[:rounds], draws))
+                          for num, den in pairs], axis=0)  # row 0: the rounds as measured; then each resample
+    low, high = np.percentile(np.exp(log_ratios[1:]), [2.5, 97.5])
+    samples = sum(len(b) for pair in pairs for blocks in pair for b in blocks[:rounds])
+    return Ratio(float(np.exp(log_ratios[0])), float(low), float(high), rounds, int(samples))
 
-    def statistic(pick) -> float:
-        return float(np.exp(np.mean([np.log(np.median(np.concatenate([num[j] for j in pick])) /
-                                             np.median(np.concatenate([den[j] for j in pick])))
-                                      for num, den in arrays])))
-    rng = np.random.default_rng(seed)
-    stats = [statistic(rng.integers(0, rounds, rounds)) for _ in range(boot)]
-    low, high = np.percentile(stats, [2.5, 97.5])
-    samples = sum(len(b) for pair in arrays for blocks in pair for b in blocks)
-    return Ratio(statistic(range(rounds)), float(low), float(high), rounds, int(samples))
+
+def _medians_of_draws(blocks: list[list[float]], draws: np.ndarray) -> np.ndarray:
+    """For each row of round indices, the median of those rounds' samples together (all rows at once where every
+    round holds as many samples)."""
+    if len({len(b) for b in blocks}) == 1:
+        return np.median(np.asarray(blocks, dtype=float)[draws].reshape(len(draws), -1), axis=1)
+    arrays = [np.asarray(b, dtype=float) for b in blocks]
+    return np.array([np.median(np.concatenate([arrays[j] for j in row])) for row in draws])
 
 
 def ratio(result: Interleaved, numerator: str, denominator: str, **kwargs) -> Ratio:
