@@ -116,16 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     train_args = ["train", "--preset", "ncl-synthetic", "--out", str(out / "train")]
     # Shorter than `python -m bench`'s defaults (batches 1,8,64, 8 s per batch, concurrency 1..16) so that the
     # whole demo stays under 10 minutes on 2 cores; the full bench keeps its defaults.
-    bench_args = ["--batches", "1,64", "--budget-s", "4", "--window-s", "0.5", "--concurrency", "1,4,16",
-                  "--client-processes", "2"]
+    bench_args = ["--runtimes", "torch-cpu,onnxruntime-cpu", "--batches", "1,64", "--budget-s", "4", "--window-s",
+                  "0.5", "--concurrency", "1,4,16", "--client-processes", "2"]
     fusion = []  # auto: both fusions exported and timed, the faster served
     if a.quick:
-        # The test suite's run: the fusion named (auto costs a second export and seconds of timing) and one
-        # concurrency in the served sweep; every step still runs, on both protocols.
+        # The test suite's run: the fusion named (auto costs a second export and seconds of timing), ONNX Runtime
+        # alone in-process and one concurrency in the served sweep; every step still runs, on both protocols.
         train_args += ["--synthetic-max", "50", "--imb-factor", "10", "--synthetic-test", "10",
                        "--epochs", str(a.epochs or 1)]
-        bench_args = ["--batches", "1,4", "--budget-s", "1", "--window-s", "0.2", "--concurrency", "1",
-                      "--client-processes", "1", "--eval-limit", "40"]
+        bench_args = ["--runtimes", "onnxruntime-cpu", "--batches", "1,4", "--budget-s", "1", "--window-s", "0.2",
+                      "--concurrency", "1", "--client-processes", "1", "--eval-limit", "40"]
         fusion = ["--fusion", "grouped"]
     elif a.epochs:
         train_args += ["--epochs", str(a.epochs)]
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
              "--model", "ncl", "--topk", "1", *map(str, images))
         step("bench every variant's accuracy and cost, in-process and served", "bench", "--ckpt", str(ckpt), "--served",
              "--http-url", f"127.0.0.1:{http_port}", "--grpc-url", f"127.0.0.1:{grpc_port}", "--repository", str(repo),
-             "--runtimes", "torch-cpu,onnxruntime-cpu", "--out", str(bench_out), *bench_args)
+             "--out", str(bench_out), *bench_args)
     except StepFailed as exc:
         print(f"\ndemo stopped: {exc}", file=sys.stderr)
         return 1

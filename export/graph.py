@@ -115,7 +115,7 @@ def expert_reference_logits(model: MultiExpertNet, experts: tuple[int, ...], ima
     cast with .double(): the export gate's reference)."""
     dtype = next(model.parameters()).dtype
     x = normalize_pixels(images, model.spec.mean, model.spec.std, layout, dtype)
-    return model.eval()(x)[:, list(experts)]
+    return model.eval()(x, experts=list(experts))
 
 
 def reference_logits(model: MultiExpertNet, experts: tuple[int, ...], images: torch.Tensor,

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A tiny but real training setup: 3 ResNet-8 experts on a few hundred synthetic images.
 TINY_TRAIN = ["--dataset", "synthetic", "--arch", "resnet8", "--synthetic-max", "120", "--imb-factor", "20",
-              "--synthetic-test", "30", "--batch-size", "32", "--lr", "0.05", "--warmup-epochs", "0",
+              "--synthetic-test", "10", "--batch-size", "32", "--lr", "0.05", "--warmup-epochs", "0",
               "--schedule", "multistep", "--milestones", "--hcm-n", "3"]
 
 

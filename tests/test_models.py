@@ -60,3 +60,13 @@ def test_option_a_shortcut_subsamples_and_zero_pads_channels():
     out = ShortcutA(planes=8)(x)
     assert out.shape == (1, 8, 2, 2)
     assert torch.equal(out[:, 2:6], x[:, :, ::2, ::2]) and not out[:, :2].any() and not out[:, 6:].any()
+
+
+@pytest.mark.parametrize("shared_stages", [0, 2])
+def test_some_experts_run_alone_give_exactly_their_logits_of_the_whole_network(shared_stages):
+    """What an export of some experts is checked against: those experts run (in the order asked), the rest not."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="resnet8", num_classes=5, num_experts=3, shared_stages=shared_stages)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x, experts=[2, 0]), model(x)[:, [2, 0]])

@@ -62,20 +62,24 @@ class MultiExpertNet(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features of every expert, [B, K, D]."""
+    def forward_features(self, x: torch.Tensor, experts: list[int] | None = None) -> torch.Tensor:
+        """Pooled features of every expert (or of `experts`, in that order), [B, K, D]."""
         trunk_outputs = self.trunk(x) if self.trunk is not None else [x]
-        return torch.stack([expert.features(trunk_outputs) for expert in self.experts], dim=1)
+        return torch.stack([self.experts[k].features(trunk_outputs) for k in self._chosen(experts)], dim=1)
 
-    def heads(self, features: torch.Tensor) -> torch.Tensor:
-        """Per-expert logits [B, K, C] from per-expert features [B, K, D]."""
-        return torch.stack([expert.head(features[:, k]) for k, expert in enumerate(self.experts)], dim=1)
+    def heads(self, features: torch.Tensor, experts: list[int] | None = None) -> torch.Tensor:
+        """Per-expert logits [B, K, C] from per-expert features [B, K, D] (of `experts`, when given)."""
+        return torch.stack([self.experts[k].head(features[:, i]) for i, k in enumerate(self._chosen(experts))], dim=1)
 
-    def forward(self, x: torch.Tensor, with_features: bool = False):
-        """Per-expert logits [B, K, C] (and the features [B, K, D] with `with_features`)."""
-        features = self.forward_features(x)
-        logits = self.heads(features)
+    def forward(self, x: torch.Tensor, with_features: bool = False, experts: list[int] | None = None):
+        """Per-expert logits [B, K, C] (and the features [B, K, D] with `with_features`); with `experts`, only
+        those experts run (an export of some of them is checked without running the rest)."""
+        features = self.forward_features(x, experts)
+        logits = self.heads(features, experts)
         return (logits, features) if with_features else logits
+
+    def _chosen(self, experts: list[int] | None) -> list[int]:
+        return list(range(len(self.experts))) if experts is None else list(experts)
 
 
 def build_model(spec: ModelSpec) -> MultiExpertNet:
