@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from tests.helpers import convert_cli, export_cli, run_module, train_cli
+from tests.helpers import convert_cli, export_cli, train_cli
 from tests.helpers import ort_logits
 from train.checkpoint import load_checkpoint, load_model
 from train.config import config_from_args
@@ -87,7 +87,7 @@ def test_ssd_trains_all_stages_and_exports_either_head(tmp_path):
                    "--head", head, "--fusion", "grouped", "--max-batch", "4")
         got = ort_logits(tmp_path / "repo" / f"ssd_{head}" / "1" / "model.onnx", images)
         assert np.abs(got - ref[:, index].numpy()).max() <= 1e-4
-    proc = run_module("export.onnx", "--ckpt", str(tmp_path / "ssd" / "ssd.pt"), "--head", "medium", check=False)
+    proc = export_cli("--ckpt", str(tmp_path / "ssd" / "ssd.pt"), "--head", "medium", check=False)
     assert proc.returncode == 2 and "heads are hard, soft" in proc.stderr
 
 
