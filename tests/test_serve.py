@@ -125,19 +125,24 @@ def test_bad_requests_fail_while_the_server_keeps_serving(triton):
 
 
 def test_client_cli_classifies_a_real_image_file(triton, tmp_path):
+    """A JPEG larger than the model's input (resampled, as training's evaluation does) over HTTP; one already at
+    its shorter side (center-cropped only) over gRPC, with the client's and with image_client's flags."""
     from train.data.synthetic import synthesize
-    pixels = synthesize([1], seed=5, image_size=48)[0][0]
-    Image.fromarray(pixels).save(tmp_path / "cat.jpg")
-    for protocol, url in (("http", triton.endpoints.http), ("grpc", triton.endpoints.grpc)):
+    large, wide = tmp_path / "large", tmp_path / "wide"
+    for folder, pixels in ((large, synthesize([1], seed=5, image_size=48)[0][0]),
+                           (wide, np.pad(synthesize([1], seed=5, image_size=32)[0][0], ((0, 0), (3, 4), (0, 0))))):
+        folder.mkdir()
+        Image.fromarray(pixels).save(folder / "cat.jpg")
+    for protocol, url, folder in (("http", triton.endpoints.http, large), ("grpc", triton.endpoints.grpc, wide)):
         proc = run_module("serve.client", "--url", url, "--protocol", protocol, "--model", "ncl", "--topk", "3",
-                          str(tmp_path))
+                          str(folder))
         lines = proc.stdout.strip().splitlines()
-        assert len(lines) == 3 and lines[0].startswith(f"{tmp_path / 'cat.jpg'}  pattern")
+        assert len(lines) == 3 and lines[0].startswith(f"{folder / 'cat.jpg'}  pattern")
     proc = run_module("serve.client", "-u", f"http://{triton.endpoints.grpc}/v2", "-i", "grpc", "-m", "ncl", "-x", "1",
-                      str(tmp_path / "cat.jpg"))  # image_client's flags; a URL pasted with scheme and path
+                      str(wide / "cat.jpg"))  # image_client's flags; a URL pasted with scheme and path
     assert proc.stdout.startswith(lines[0]) and not proc.stderr
     proc = run_module("serve.client", "--url", triton.endpoints.grpc, "--protocol", "grpc", "--model", "nope",
-                      str(tmp_path / "cat.jpg"), check=False)
+                      str(wide / "cat.jpg"), check=False)
     assert proc.returncode == 2 and "is not served" in _one_line(proc.stderr) and "ncl_naive" in proc.stderr
 
 
