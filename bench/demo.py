@@ -1,4 +1,5 @@
-"""python -m bench.demo: the whole product on the embedded synthetic data, with the real CLIs in sequence.
+"""python -m bench.demo: the whole product on the embedded synthetic data, with the real CLIs in sequence (each run
+as its `python -m` command runs it, in this process; the server in its own).
 
   train NCL (3 x ResNet-8, 24 CPU epochs) -> export ONNX (fused ensemble, and every expert alone
   plus the naive Triton ensemble) -> start Triton -> classify images over HTTP and gRPC -> bench single
@@ -12,11 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import shlex
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from PIL import Image
@@ -32,13 +35,30 @@ class StepFailed(Exception):
 
 
 def step(title: str, *args: str) -> None:
-    command = [sys.executable, "-m", *args]
     print(f"\n== {title}\n$ python -m {shlex.join(args)}", flush=True)
     started = time.monotonic()
-    code = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    code = run_as_main(*args)
     if code != 0:
         raise StepFailed(f"{title}: python -m {args[0]} exited with code {code}")
     print(f"-- {title}: done in {time.monotonic() - started:.0f} s", flush=True)
+
+
+def run_as_main(module: str, *args: str) -> int:
+    """`python -m module args` run in this process, as that command runs it (the module as __main__ with that
+    command line; processes it spawns start from it): its exit code. One process for the steps pays torch's
+    start-up and the exporter's first-use costs once instead of once per step (seconds each)."""
+    saved = sys.argv
+    sys.argv = [module, *args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    except Exception:  # a bug in the step: its traceback, as its own process would print it
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def start_server(repository: Path, http_port: int, grpc_port: int, metrics_port: int) -> subprocess.Popen:
