@@ -31,7 +31,9 @@ from train.data.synthetic import synthesize
 
 
 class StepFailed(Exception):
-    pass
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 def step(title: str, *args: str) -> None:
@@ -39,25 +41,31 @@ def step(title: str, *args: str) -> None:
     started = time.monotonic()
     code = run_as_main(*args)
     if code != 0:
-        raise StepFailed(f"{title}: python -m {args[0]} exited with code {code}")
+        raise StepFailed(f"{title}: python -m {args[0]} exited with code {code}", code)
     print(f"-- {title}: done in {time.monotonic() - started:.0f} s", flush=True)
 
 
 def run_as_main(module: str, *args: str) -> int:
     """`python -m module args` run in this process, as that command runs it (the module as __main__ with that
     command line; processes it spawns start from it): its exit code. One process for the steps pays torch's
-    start-up and the exporter's first-use costs once instead of once per step (seconds each)."""
-    saved = sys.argv
+    start-up and the exporter's first-use costs once instead of once per step (seconds each). The signal handlers
+    a step installs (Ctrl-C, SIGTERM) end with it."""
+    saved = sys.argv, {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     sys.argv = [module, *args]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)  # sys.exit("message"), as Python prints it
+        return 1
     except Exception:  # a bug in the step: its traceback, as its own process would print it
         traceback.print_exc()
         return 1
     finally:
-        sys.argv = saved
+        sys.argv = saved[0]
+        for sig, handler in saved[1].items():
+            signal.signal(sig, handler)
     return 0
 
 
@@ -136,16 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     train_args = ["train", "--preset", "ncl-synthetic", "--out", str(out / "train")]
     # Shorter than `python -m bench`'s defaults (batches 1,8,64, 8 s per batch, concurrency 1..16) so that the
     # whole demo stays under 10 minutes on 2 cores; the full bench keeps its defaults.
-    bench_args = ["--runtimes", "torch-cpu,onnxruntime-cpu", "--batches", "1,64", "--budget-s", "4", "--window-s",
-                  "0.5", "--concurrency", "1,4,16", "--client-processes", "2"]
+    bench_args = ["--batches", "1,64", "--budget-s", "4", "--window-s", "0.5", "--concurrency", "1,4,16",
+                  "--client-processes", "2"]
     fusion = []  # auto: both fusions exported and timed, the faster served
     if a.quick:
-        # The test suite's run: the fusion named (auto costs a second export and seconds of timing), ONNX Runtime
-        # alone in-process and one concurrency in the served sweep; every step still runs, on both protocols.
+        # The test suite's run: the fusion named (auto costs a second export and seconds of timing) and one
+        # concurrency in the served sweep; every step still runs, on both runtimes and both protocols.
         train_args += ["--synthetic-max", "50", "--imb-factor", "10", "--synthetic-test", "10",
                        "--epochs", str(a.epochs or 1)]
-        bench_args = ["--runtimes", "onnxruntime-cpu", "--batches", "1,4", "--budget-s", "1", "--window-s", "0.2",
-                      "--concurrency", "1", "--client-processes", "1", "--eval-limit", "40"]
+        bench_args = ["--batches", "1,4", "--budget-s", "1", "--window-s", "0.2", "--concurrency", "1",
+                      "--client-processes", "1", "--eval-limit", "40"]
         fusion = ["--fusion", "grouped"]
     elif a.epochs:
         train_args += ["--epochs", str(a.epochs)]
@@ -165,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
              "--model", "ncl", "--topk", "1", *map(str, images))
         step("bench every variant's accuracy and cost, in-process and served", "bench", "--ckpt", str(ckpt), "--served",
              "--http-url", f"127.0.0.1:{http_port}", "--grpc-url", f"127.0.0.1:{grpc_port}", "--repository", str(repo),
-             "--out", str(bench_out), *bench_args)
+             "--runtimes", "torch-cpu,onnxruntime-cpu", "--out", str(bench_out), *bench_args)
     except StepFailed as exc:
         print(f"\ndemo stopped: {exc}", file=sys.stderr)
-        return 1
+        return exc.code  # the step's own: 2 for a refused input, 130 / 143 for Ctrl-C / SIGTERM
     finally:
         if server is not None:
             stop_server(server)

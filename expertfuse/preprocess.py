@@ -30,11 +30,11 @@ def pixel_transform(resize: int, size: int) -> v2.Compose:
 
 def served_pixels(image, resize: int, size: int) -> np.ndarray:
     """PIL image / HWC uint8 array -> uint8 [size, size, 3], the pixels a served model receives: exactly
-    pixel_transform's. An image whose shorter side already is `resize` is only center-cropped, in numpy
-    (torchvision's resize returns such an image as it is); the rest are resampled by torchvision."""
+    pixel_transform's. An 8-bit RGB image whose shorter side already is `resize` is only center-cropped, in numpy
+    (torchvision's resize returns such an image as it is); the rest go through torchvision."""
     array = np.asarray(image)
     height, width = array.shape[:2]
-    if array.ndim == 3 and array.shape[2] == 3 and min(height, width) == resize >= size:
+    if array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3 and min(height, width) == resize >= size:
         top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))  # as v2.CenterCrop
         return np.ascontiguousarray(array[top:top + size, left:left + size], dtype=np.uint8)
     return _cached_pixel_transform(resize, size)(image).permute(1, 2, 0).numpy()

@@ -210,8 +210,9 @@ def pick_fastest(runners: dict[str, Callable[[np.ndarray], object]], inputs: dic
                  budget_s: float = 6.0) -> tuple[str, dict[str, dict[int, float]]]:
     """The candidate with the lowest geometric-mean median latency over the batch sizes in `inputs`, every
     (candidate, batch) pair interleaved with the others, for `budget_s` or until that choice is settled: against
-    every other candidate, the leader's geometric-mean latency ratio is below 1 beyond noise, or the two are a
-    tie (the ratio's 95% interval below 1, or within TIE_WITHIN of it). Returns (best, medians in seconds)."""
+    every other candidate, the leader's geometric-mean latency ratio is faster beyond noise (its 95% interval's
+    upper end below 1, from 5 rounds on) or a tie (the whole interval within 1 +- TIE_WITHIN, from MIN_ROUNDS
+    rounds on: a narrow interval from few rounds is no proof of a tie). Returns (best, medians in seconds)."""
     variants = {(name, b): (lambda i, run=run, x=x: run(x)) for name, run in runners.items() for b, x in inputs.items()}
 
     def medians_of(run: Interleaved) -> dict[str, dict[int, float]]:
@@ -223,7 +224,7 @@ def pick_fastest(runners: dict[str, Callable[[np.ndarray], object]], inputs: dic
     def faster_or_tied(best: str, other: str, run: Interleaved) -> bool:
         r = geomean_ratio_of_medians([(run.samples_s[f"{best}@{b}"], run.samples_s[f"{other}@{b}"]) for b in inputs],
                                      boot=400)
-        return r.high < 1 or (r.low > 1 - TIE_WITHIN and r.high < 1 + TIE_WITHIN)
+        return r.high < 1 or (run.rounds >= MIN_ROUNDS and r.low > 1 - TIE_WITHIN and r.high < 1 + TIE_WITHIN)
 
     def settled(run: Interleaved) -> bool:
         best = leader(medians_of(run))

@@ -11,8 +11,6 @@ ONNX Runtime at batches 1, 2, 7 and max against PyTorch, and only then adds it t
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import sys
 import warnings
 from collections.abc import Iterator
@@ -36,6 +34,7 @@ from export.job import ExportJob, build_job, with_experts
 from export.data_flags import LabelledData
 from export.naming import naive_ensemble_names
 from export.quantize import Int8Settings, add_int8_args, export_int8, write_report
+from export.torchlib import torchlib_registry_built_once
 from export.request import DEFAULT_OPSET, ExportRequest, add_request_args, request_from_args, validate
 from export.triton import publish_set, serving_options, signature, staged_model
 from serve.repository import ServingOptions, StagedModel, naive_ensemble_models, staging
@@ -49,33 +48,6 @@ def providers() -> list[str]:
     available = ort.get_available_providers()
     cuda = "CUDAExecutionProvider" in available and torch.cuda.is_available()
     return (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
-
-
-@contextmanager
-def torchlib_registry_built_once() -> Iterator[None]:
-    """torch.onnx builds its registry of torchlib functions anew for every export, re-parsing the source of ~500
-    onnxscript functions (~0.5 s here: a third of a small graph's export). A command that exports several graphs
-    (auto's two fusions, the naive ensemble's experts, the early-exit stages) builds it once per opset: an export
-    without a custom translation table, as ours are, only reads it. Where torch's internals differ, each export
-    builds its own as before."""
-    try:
-        from torch.onnx._internal.exporter._registration import ONNXRegistry
-        build = ONNXRegistry.__dict__["from_torchlib"]
-    except (ImportError, KeyError, ValueError):
-        yield
-        return
-    default_opset = inspect.signature(build.__func__).parameters["opset_version"].default
-    ONNXRegistry.from_torchlib = classmethod(
-        lambda cls, opset_version=default_opset: torchlib_registry(build.__func__, cls, opset_version))
-    try:
-        yield
-    finally:
-        ONNXRegistry.from_torchlib = build
-
-
-@functools.cache
-def torchlib_registry(build, registry_class, opset_version: int):
-    return build(registry_class, opset_version=opset_version)
 
 
 def export_graph(job: ExportJob, fusion: str, folder: Path, opset: int) -> Path:

@@ -44,7 +44,10 @@ def in_process(entry, args, check: bool) -> SimpleNamespace:
     from expertfuse.cli import run_cli
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = run_cli(lambda: entry(list(args)))
+        try:
+            code = run_cli(lambda: entry(list(args)))
+        except SystemExit as exc:  # argparse's own usage errors
+            code = exc.code
     if check and code != 0:
         raise AssertionError(f"exited {code}: {stderr.getvalue()[-3000:]}")
     return SimpleNamespace(stdout=stdout.getvalue(), stderr=stderr.getvalue(), returncode=code)

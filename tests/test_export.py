@@ -10,7 +10,8 @@ from torch.onnx._internal.exporter._registration import ONNXRegistry
 from expertfuse.contract import ModelMetadata
 from export.graph import reference_logits
 from export.job import LoadedCheckpoint, job_for
-from export.onnx import torchlib_registry, written_opset
+from export.onnx import written_opset
+from export.torchlib import torchlib_registry
 from serve.repository import parse
 from tests.helpers import export_both_fusions, export_cli, make_checkpoint, ort_logits, run_module
 from train.checkpoint import load_model
