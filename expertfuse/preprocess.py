@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from torchvision.transforms import v2
 
 
+@functools.cache  # stateless: one per (resize, size) serves every image
 def pixel_transform(resize: int, size: int) -> v2.Compose:
     """PIL image / HWC uint8 array -> uint8 tensor [3, size, size]."""
     from torchvision.transforms import v2  # here, not at the top: importing torchvision costs every CLI a second
@@ -37,12 +38,7 @@ def served_pixels(image, resize: int, size: int) -> np.ndarray:
     if array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3 and min(height, width) == resize >= size:
         top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))  # as v2.CenterCrop
         return np.ascontiguousarray(array[top:top + size, left:left + size], dtype=np.uint8)
-    return _cached_pixel_transform(resize, size)(image).permute(1, 2, 0).numpy()
-
-
-@functools.cache
-def _cached_pixel_transform(resize: int, size: int) -> v2.Compose:
-    return pixel_transform(resize, size)
+    return pixel_transform(resize, size)(image).permute(1, 2, 0).numpy()
 
 
 def normalize_ops(mean, std) -> list:

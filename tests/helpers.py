@@ -69,12 +69,11 @@ def train_cli(*args: str, check: bool = True) -> SimpleNamespace:
     return in_process(lambda argv: train(config_from_args(argv)), args, check)
 
 
-def convert_cli(*args: str) -> None:
+def convert_cli(*args: str) -> SimpleNamespace:
     """`python -m train.convert ARGS` run in this process, for conversions a test expects to succeed (as
     train_cli); refusals run the real process (run_module)."""
     from train.convert import build_parser, convert
-    with contextlib.redirect_stdout(io.StringIO()):
-        convert(build_parser().parse_args(list(args)))
+    return in_process(lambda argv: convert(build_parser().parse_args(argv)), args, check=True)
 
 
 def make_checkpoint(path: Path, **spec_fields) -> Path:

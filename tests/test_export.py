@@ -13,7 +13,7 @@ from export.job import LoadedCheckpoint, job_for
 from export.onnx import written_opset
 from export.torchlib import torchlib_registry
 from serve.repository import parse
-from tests.helpers import export_both_fusions, export_cli, make_checkpoint, ort_logits, run_module
+from tests.helpers import export_both_fusions, export_cli, in_process, make_checkpoint, ort_logits, run_module
 from train.checkpoint import load_model
 from train.data.synthetic import synthesize
 
@@ -106,19 +106,14 @@ def test_reexport_adds_a_version_and_overwrite_replaces(tmp_path):
     assert export_and_list("--overwrite") == ["1"]
 
 
-def run_export(capsys, module: str, *argv: str) -> tuple[int, str, str]:
+def run_export(module: str, *argv: str) -> tuple[int, str, str]:
     """Run an export entry point in this process through the one CLI runner: (exit code, stdout, stderr)."""
-    from expertfuse.cli import run_cli
     main = getattr(__import__(f"export.{module}", fromlist=["_"]), f"export_{module}")
-    try:
-        code = run_cli(lambda: main(list(argv)))
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    result = in_process(main, argv, check=False)
+    return result.returncode, result.stdout, result.stderr
 
 
-def test_bad_arguments_are_refused_before_any_export_work(tmp_path, capsys):
+def test_bad_arguments_are_refused_before_any_export_work(tmp_path):
     ckpt = make_checkpoint(tmp_path / "m.pt", num_experts=2)
     repo = tmp_path / "repo"
     (tmp_path / "not-a-checkpoint.pt").write_bytes(b"\x00" * 64)
@@ -141,10 +136,10 @@ def test_bad_arguments_are_refused_before_any_export_work(tmp_path, capsys):
              (["--ckpt", str(ckpt), "--instance-kind", "cpu", "--gpus", "0"], "GPU instances only"),
              (["--ckpt", str(ckpt), "--naive-ensemble", "--probs"], "--naive-ensemble serves logits only")]
     for args, message in cases:
-        code, out, err = run_export(capsys, "onnx", "--fusion", "grouped", "--max-batch", "4", "--out", str(repo), *args)
+        code, out, err = run_export("onnx", "--fusion", "grouped", "--max-batch", "4", "--out", str(repo), *args)
         assert code == 2 and message in err and "Traceback" not in err, (args, err)
         assert out == "", (args, out)  # refused before the export started (it prints its first line then)
-    code, _, err = run_export(capsys, "onnx", "--ckpt", str(ckpt), "--version-policy", "newest")
+    code, _, err = run_export("onnx", "--ckpt", str(ckpt), "--version-policy", "newest")
     assert code == 2 and "version policy must be latest:N" in err
     assert sorted(tmp_path.rglob("*")) == before  # nothing created: no repository, no staging folder
 
@@ -297,7 +292,7 @@ def test_trt_config_maps_profiles_to_instance_groups_with_cuda_graphs(tmp_path):
     assert json.loads((model_dir / "1" / "build.json").read_text()) == {"tensorrt": "10.x"}
 
 
-def test_trt_one_profile_without_cuda_graphs_and_refused_settings(tmp_path, capsys):
+def test_trt_one_profile_without_cuda_graphs_and_refused_settings(tmp_path):
     from export.trt import prepare, publish_plan
     ckpt = make_checkpoint(tmp_path / "m.pt")
     job, settings = prepare(["--ckpt", str(ckpt), "--out", str(tmp_path / "repo"), "--max-batch", "64",
@@ -306,14 +301,13 @@ def test_trt_one_profile_without_cuda_graphs_and_refused_settings(tmp_path, caps
     cfg = parse((publish_plan(job, settings, tmp_path / "model.plan", {}, "loop")[0] / "config.pbtxt").read_text())
     assert [list(g.profile) for g in cfg.instance_group] == [["0"]] and not cfg.HasField("optimization")
     assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU and not cfg.dynamic_batching.preferred_batch_size
-    capsys.readouterr()
     for args, message in [(["--instance-kind", "cpu"], "TensorRT plans run on GPU instances"),
                           (["--profiles", "1-8,4-16"], "ascending batch ranges that do not overlap"),
                           (["--profiles", "8-4"], "1 <= MIN <= OPT <= MAX"),
                           (["--profiles", "1-8", "--opt-batch", "4"], "--profiles replaces --min-batch/--opt-batch"),
                           (["--profiles", "1-8", "--max-batch", "16"], "differs from the largest profile's 8"),
                           (["--name", "../evil"], "cannot be served by Triton")]:
-        code, out, err = run_export(capsys, "trt", "--ckpt", str(ckpt), "--out", str(tmp_path / "r2"), *args)
+        code, out, err = run_export("trt", "--ckpt", str(ckpt), "--out", str(tmp_path / "r2"), *args)
         assert code == 2 and message in err and out == "", (args, err)
 
 
