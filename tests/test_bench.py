@@ -160,39 +160,40 @@ def test_triton_runner_with_and_without_shared_memory(triton, tiny_checkpoint):
     assert all(np.array_equal(results[0], r) for r in results[1:])
 
 
-def test_served_bench_writes_json_csv_and_plots(triton, exported_repository, tiny_checkpoint, tmp_path):
+def test_served_bench_writes_json_csv_and_plots(triton, tiny_checkpoint, tmp_path):
+    """The served stage alone (the demo's test covers the in-process stage and both together): a sweep over gRPC with
+    two client processes and the interleaved run through shared memory."""
     out = tmp_path / "bench"
-    proc = run_module("bench", "--ckpt", str(tiny_checkpoint), "--runtimes", "onnxruntime-cpu", "--batches", "1,2",
-                      "--budget-s", "0.5", "--eval-limit", "40", "--window-s", "0.1", "--served", "--http-url",
-                      triton.endpoints.http, "--grpc-url", triton.endpoints.grpc, "--concurrency", "1,2",
-                      "--protocols", "grpc", "--client-processes", "2", "--shared-memory", "--out", str(out),
-                      "--repository", str(exported_repository))
-    assert "The ensemble (ensemble-" in proc.stdout and "## Cost and accuracy" in proc.stdout
+    proc = run_module("bench", "--ckpt", str(tiny_checkpoint), "--no-inprocess", "--eval-limit", "40", "--budget-s",
+                      "0.5", "--window-s", "0.1", "--served", "--http-url", triton.endpoints.http, "--grpc-url",
+                      triton.endpoints.grpc, "--concurrency", "1,2", "--protocols", "grpc", "--client-processes", "2",
+                      "--shared-memory", "--out", str(out))
+    assert "## Cost and accuracy" in proc.stdout and "in-process:" not in proc.stdout
     result = json.loads((out / "bench.json").read_text())
-    reused = {r["variant"]: r.get("exported_from") for r in result["inprocess"]}  # the repository's files, still gated
-    assert reused == {"expert0": "ncl_expert0", "expert1": "ncl_expert1", "expert2": "ncl_expert2", "best2": None,
-                      "ensemble-loop": None, "ensemble-grouped": "ncl", "ensemble-fp16": None}
-    assert all(r["parity_random"]["ok"] for r in result["inprocess"] if r.get("exported_from")), result["inprocess"]
+    assert result["inprocess"] == [] and {p["where"] for p in result["points"]} == {"triton-grpc"}
     models = result["served"]["models"]
     assert {m["model_role"] for m in models} >= {"fused", "single", "naive"}
     assert all(m["parity_labelled"]["ok"] and m["parity_labelled"]["samples"] == 40 for m in models)
     assert next(m for m in models if m["model"] == f"ncl_{result['single']}")["model_role"] == "single"
     fused = [r for r in result["served"]["sweep"] if r["model_role"] == "fused"]
     assert [r["concurrency"] for r in fused] == [1, 2] and fused[0]["p99_ms"] >= fused[0]["p50_ms"] > 0
+    assert {r["client_processes"] for r in result["served"]["sweep"]} == {1, 2}
     names = {r["ratio_name"] for r in result["ratios"]}
-    assert {"ensemble / single", "grouped / loop", "fused / naive (served)", "served / in-process"} <= names
+    assert {"fused / naive (served)", "served / in-process", "ensemble / single (served)"} <= names
     assert all(r["ci95"][0] <= r["ratio"] <= r["ci95"][1] and r["samples"] > 0 for r in result["ratios"])
-    assert {p["where"] for p in result["points"]} == {"onnxruntime-cpu", "triton-grpc"}
     assert result["machine"]["cores"] >= 1 and "torch" in result["machine"]["packages"]
     header = (out / "served.csv").read_text().splitlines()[0]
     assert "throughput" in header and "p95_ms" in header
-    for name in ("cost_accuracy.png", "served_latency_throughput.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result["checkpoint"] == "ncl.pt" and result["plots"] == ["cost_accuracy.png", "served_latency_throughput.png"]
-    for written in out.iterdir():  # no machine path: not the checkpoint's folder, not the run's
+    assert (out / "served_latency_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_no_machine_path(out, tmp_path, tiny_checkpoint.parent)
+
+
+def assert_no_machine_path(out: Path, *folders: Path) -> None:
+    """A bench's written reports name no folder of this machine (the checkpoint's, the run's)."""
+    for written in out.iterdir():
         if written.suffix in (".json", ".md", ".csv"):
             text = written.read_text()
-            assert str(tmp_path) not in text and str(tiny_checkpoint.parent) not in text, written.name
+            assert not [str(f) for f in folders if str(f) in text], written.name
 
 
 def test_the_bench_reuses_only_the_repositorys_exports_of_the_same_checkpoint(exported_repository, tiny_checkpoint):
@@ -245,10 +246,26 @@ def test_demo_pipeline_runs_end_to_end_in_reduced_form(tmp_path):
                   "bench every variant's accuracy and cost", "what the ensemble buys", "training check:",
                   "Triton stopped", "demo finished"):
         assert title in proc.stdout, title
-    summary = (tmp_path / "demo" / "bench" / "summary.md").read_text()
+    bench = tmp_path / "demo" / "bench"
+    summary = (bench / "summary.md").read_text()
     assert summary.splitlines()[2].lstrip("*").startswith("The ensemble (ensemble-")
     # the served ratios, or, when a loaded machine left their interleaved run short of rounds, the reason they are not
     assert "fused / naive (served)" in summary or "- the served ratios and costs (interleaved at concurrency 1): " in summary
+    result = json.loads((bench / "bench.json").read_text())
+    for runtime in ("torch-cpu", "onnxruntime-cpu"):  # the repository's files of this checkpoint, still gated
+        reused = {r["variant"]: r.get("exported_from") for r in result["inprocess"] if r["runtime"] == runtime}
+        assert reused == {"expert0": "ncl_expert0", "expert1": "ncl_expert1", "expert2": "ncl_expert2", "best2": None,
+                          "ensemble-loop": None, "ensemble-grouped": "ncl", "ensemble-fp16": None}, runtime
+    assert all(r["parity_random"]["ok"] for r in result["inprocess"] if r.get("exported_from")), result["inprocess"]
+    assert {"ensemble / single", "grouped / loop", "fp16 / fp32"} <= {r["ratio_name"] for r in result["ratios"]}
+    assert {p["where"] for p in result["points"]} >= {"onnxruntime-cpu", "triton-http", "triton-grpc"}
+    assert {m["protocol"] for m in result["served"]["models"]} == {"http", "grpc"}
+    rows = list(csv.DictReader(open(bench / "cost_accuracy.csv")))
+    assert {"name", "overall", "few", "cost_b1", "cost_b1_low"} <= set(rows[0]) and len(rows) == len(result["points"])
+    assert result["checkpoint"] == "ncl.pt" and result["plots"] == ["cost_accuracy.png", "served_latency_throughput.png"]
+    for name in result["plots"]:
+        assert (bench / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_no_machine_path(bench, tmp_path)
 
 
 def test_demo_training_check_names_a_collapsed_expert_and_an_ensemble_behind_its_best_expert():
