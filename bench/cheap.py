@@ -1,6 +1,6 @@
 """python -m bench.cheap: cost and accuracy of the cheaper variants next to the FP32 single expert and ensemble.
 
-  python -m bench.cheap --ckpt runs/ncl/ncl.pt --out bench/results/cheap-cpu [--early-exit auto[:TOL]|T|MANY,MEDIUM,FEW]
+  python -m bench.cheap --ckpt runs/ncl/ncl.pt --out bench/results/cheap-cpu [--early-exit auto[:TOL[:CONF]]|T|MANY,MEDIUM,FEW]
       [--batches 1,64] [--budget-s 8] [--repository DIR] [INT8 flags] [training data and calibration flags]
 
 Exports, through export.onnx (each one gated as the export gates it; a refused one is reported and left
@@ -40,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, type=Path)
     p.add_argument("--out", type=Path, default=Path("bench/results/cheap-cpu"))
     p.add_argument("--repository", type=Path, help="where the cheap variants are exported (default: a temporary one)")
-    p.add_argument("--early-exit", type=parse_threshold, default=Auto(), metavar="auto[:TOL]|T|MANY,MEDIUM,FEW",
+    p.add_argument("--early-exit", type=parse_threshold, default=Auto(), metavar="auto[:TOL[:CONF]]|T|MANY,MEDIUM,FEW",
                    help="[auto]")
     p.add_argument("--batches", type=positive_int_list, default=[1, 64], help="[1,64]")
     p.add_argument("--budget-s", type=positive_float, default=8.0, help="seconds of interleaved timing per batch size [8]")

@@ -14,7 +14,9 @@ output, `experts_run` (INT64 [B, 1]), says how many experts each image went thro
 `auto` chooses the order and the thresholds on the calibration split (export.labelled: disjoint from the
 evaluation split, which only scores them): the cheapest setting (fewest experts per image) whose top-1
 overall and on the tail classes (few-shot; medium-shot where the split has no few-shot class) stays
-within the tolerance of the full ensemble.
+within the tolerance of the full ensemble at a stated confidence (default 95%: the one-sided lower bound of
+the paired difference, not its point estimate). Among thousands of settings, the cheapest whose point estimate
+is within the tolerance is mostly the luckiest on that split, and falls short on the next images.
 
 The graph is composed with the onnx API from per-expert graphs (FP32, or INT8 QDQ from
 export.quantize): NonZero / Gather select the unsure rows, ScatterND writes them back.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
+from statistics import NormalDist
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +39,8 @@ from expertfuse.parity import compare, float32_error, require
 from export.gate import expert_references, test_images
 from export.job import ExportJob
 from export.data_flags import LabelledData
-from export.labelled import (GROUPS, EvalSet, accuracy_table, expert_logits, load_splits, shot_accuracy,
-                             splits_record)
+from export.labelled import (GROUPS, EvalSet, accuracy_table, class_weights, difference_lower_bounds, expert_logits,
+                             load_splits, shot_accuracy, splits_record)
 from export.quantize import (Calibration, GraphWriter, Int8Settings, accuracy_gate, cpu_session, quantize_most_accurate,
                              run_logits, stamp_metadata, write_report)
 from export.triton import publish
@@ -45,6 +48,7 @@ from serve.repository import ServingOptions, TensorSpec, staging
 from train.data.longtail import shot_groups
 
 AUTO_TOLERANCE_POINTS = 0.2
+AUTO_CONFIDENCE = 0.95  # one-sided: the chosen setting is within the tolerance with this confidence
 AUTO_GRID = np.round(np.arange(0.0, 1.0, 0.01), 2).tolist() + [0.995, 0.999, 1.0]  # one global threshold
 GROUP_GRID = [0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995,
               0.998, 0.999, 1.0]  # each shot group's threshold, searched jointly
@@ -88,31 +92,37 @@ class ExitRule:
 
 @dataclass(frozen=True)
 class Auto:
-    """--early-exit auto[:TOLERANCE]: choose on the calibration split, within TOLERANCE points of the ensemble."""
+    """--early-exit auto[:TOLERANCE[:CONFIDENCE]]: choose on the calibration split, within TOLERANCE points of the
+    ensemble at CONFIDENCE (0.5: the point estimate)."""
     tolerance: float = AUTO_TOLERANCE_POINTS
+    confidence: float = AUTO_CONFIDENCE
 
     def __str__(self) -> str:
-        return f"auto:{self.tolerance:g}"
+        return f"auto:{self.tolerance:g}:{self.confidence:g}"
 
 
 def parse_threshold(text: str) -> ExitRule | Auto:
-    """argparse type: 'auto[:TOLERANCE]', a threshold in [0, 1], or three (many,medium,few)."""
+    """argparse type: 'auto[:TOLERANCE[:CONFIDENCE]]', a threshold in [0, 1], or three (many,medium,few)."""
     if text == "auto" or text.startswith("auto:"):
         try:
-            tolerance = float(text[5:]) if text != "auto" else AUTO_TOLERANCE_POINTS
+            given = [float(v) for v in text.split(":")[1:3]] if text.count(":") <= 2 else None
         except ValueError:
-            tolerance = -1.0
-        if not tolerance >= 0:
-            raise UserError(f"--early-exit auto:TOLERANCE takes points of top-1, 0 or more, not {text!r}")
-        return Auto(tolerance)
+            given = None
+        tolerance, confidence = (given or []) + [AUTO_TOLERANCE_POINTS, AUTO_CONFIDENCE][len(given or []):]
+        if given is None or not (tolerance >= 0 and 0.5 <= confidence < 1):
+            raise UserError(f"--early-exit auto[:TOLERANCE[:CONFIDENCE]] takes points of top-1 (0 or more) and a "
+                            f"confidence in [0.5, 1) (0.5: the point estimate), not {text!r}")
+        return Auto(tolerance, confidence)
     return ExitRule.parse(text)
 
 
 def add_early_exit_args(p) -> None:
-    p.add_argument("--early-exit", type=parse_threshold, default=None, metavar="THRESHOLD|MANY,MEDIUM,FEW|auto[:TOL]",
+    p.add_argument("--early-exit", type=parse_threshold, default=None,
+                   metavar="THRESHOLD|MANY,MEDIUM,FEW|auto[:TOL[:CONF]]",
                    help="experts best first; an image leaves once max softmax of the mean so far exceeds the threshold "
                         "of its predicted class's shot group (auto: the cheapest setting within TOL points, default "
-                        f"{AUTO_TOLERANCE_POINTS}, of the ensemble overall and on the tail, chosen on the calibration split)")
+                        f"{AUTO_TOLERANCE_POINTS}, of the ensemble overall and on the tail at confidence CONF, default "
+                        f"{AUTO_CONFIDENCE}, chosen on the calibration split)")
 
 
 def expert_order(logits: np.ndarray, labels: np.ndarray, experts: tuple[int, ...]) -> list[int]:
@@ -151,14 +161,21 @@ class Stages:
         self.confidence = (shifted / shifted.sum(-1, keepdims=True)).max(-1)  # [N, K]
         self.predicted = means.argmax(-1)  # [N, K]
         self.data = data
+        self.full_hits = self.predicted[:, -1] == data.labels
+        self.weights = class_weights(data)
 
-    def score(self, rule: ExitRule) -> dict:
-        """Top-1 by shot group and mean experts per image under `rule`, as simulate would give them."""
+    def score(self, rule: ExitRule, z: float | None = None) -> dict:
+        """Top-1 by shot group and mean experts per image under `rule`, as simulate would give them; with `z`, also
+        the lower bounds (z standard errors) of its difference from the full ensemble (points)."""
         limit = rule.per_class(self.data.train_counts, self.data.shot_rule)
         leaves = self.confidence[:, :-1] > limit[self.predicted[:, :-1]]
         stage = np.concatenate([leaves, np.ones((len(leaves), 1), bool)], 1).argmax(1)
         predicted = self.predicted[np.arange(len(stage)), stage]
-        return {"accuracy": shot_accuracy(predicted, self.data), "mean_experts": float(stage.mean() + 1)}
+        scored = {"accuracy": shot_accuracy(predicted, self.data), "mean_experts": float(stage.mean() + 1)}
+        if z is not None:
+            scored["lower_bound"] = difference_lower_bounds(predicted == self.data.labels, self.full_hits, self.data, z,
+                                                            self.weights)
+        return scored
 
 
 def tail_group(data: EvalSet) -> str | None:
@@ -178,30 +195,35 @@ def candidate_rules(data: EvalSet) -> list[ExitRule]:
     return list(dict.fromkeys(rules))
 
 
-def choose_exit(logits: np.ndarray, data: EvalSet, order: list[int],
-                tolerance: float = AUTO_TOLERANCE_POINTS) -> tuple[ExitRule, dict]:
+def choose_exit(logits: np.ndarray, data: EvalSet, order: list[int], tolerance: float = AUTO_TOLERANCE_POINTS,
+                confidence: float = AUTO_CONFIDENCE) -> tuple[ExitRule, dict]:
     """On the calibration split: the cheapest rule (fewest experts per image; then the more accurate) whose top-1
-    stays within `tolerance` points of the full ensemble overall and on the tail group. Returns it and the
-    record of the choice: the full ensemble, the chosen rule, the cheapest global threshold that qualifies, why,
-    and the global-threshold curve."""
+    stays within `tolerance` points of the full ensemble overall and on the tail group, at `confidence` (the
+    one-sided lower bound of the paired difference; 0.5: its point estimate). Returns it and the record of the
+    choice: the full ensemble, the chosen rule, the cheapest global threshold that qualifies, why, and the
+    global-threshold curve."""
     full = shot_accuracy(logits[:, order].mean(1).argmax(1), data)
-    tail, stages = tail_group(data), Stages(logits, order, data)
+    tail, stages, z = tail_group(data), Stages(logits, order, data), NormalDist().inv_cdf(confidence)
 
-    def qualifies(acc: dict) -> bool:
-        return acc["overall"] >= full["overall"] - tolerance and (tail is None or acc[tail] >= full[tail] - tolerance)
-    rows = [{"rule": rule, **stages.score(rule)} for rule in candidate_rules(data)]
+    def qualifies(lower: dict) -> bool:  # a group without an image in the split bounds nothing
+        return lower["overall"] >= -tolerance and (tail is None or lower.get(tail, 0.0) >= -tolerance)
+    rows = [{"rule": rule, **stages.score(rule, z)} for rule in candidate_rules(data)]
     for row in rows:
-        row["ok"] = qualifies(row["accuracy"])
+        row["ok"] = qualifies(row["lower_bound"])
     cost = lambda r: (r["mean_experts"], -r["accuracy"]["overall"], -(r["accuracy"][tail] if tail else 0))  # noqa: E731
     chosen = min((r for r in rows if r["ok"]), key=cost)  # threshold 1.0 is the full ensemble: always there
     best_global = min((r for r in rows if r["ok"] and r["rule"].is_global), key=cost)
+    bound = lambda group: chosen["lower_bound"].get(group, 0.0)  # noqa: E731
     why = (f"the cheapest of {len(rows)} settings (one global threshold, or one per shot group of the predicted "
-           f"class) within {tolerance:g} points of the full ensemble on the {data.source}, overall "
-           f"({chosen['accuracy']['overall']:.2f} vs {full['overall']:.2f})"
-           + (f" and on {tail}-shot classes ({chosen['accuracy'][tail]:.2f} vs {full[tail]:.2f})" if tail else "")
+           f"class) within {tolerance:g} points of the full ensemble at {confidence:.0%} confidence on the "
+           f"{data.source}, overall ({chosen['accuracy']['overall']:.2f} vs {full['overall']:.2f}, lower bound of "
+           f"the difference {bound('overall'):+.2f})"
+           + (f" and on {tail}-shot classes ({chosen['accuracy'][tail]:.2f} vs {full[tail]:.2f}, lower bound "
+              f"{bound(tail):+.2f})" if tail else "")
            + f": {chosen['mean_experts']:.3f} experts per image; the cheapest global threshold within it, "
              f"{best_global['rule']}, runs {best_global['mean_experts']:.3f}")
-    record = {"tolerance_points": tolerance, "tail_group": tail, "full_ensemble": full, "settings_scanned": len(rows),
+    record = {"tolerance_points": tolerance, "confidence": confidence, "tail_group": tail, "full_ensemble": full,
+              "settings_scanned": len(rows),
               "chosen": row_record(chosen), "cheapest_global": row_record(best_global), "why": why,
               "global_curve": [row_record(r) for r in rows if r["rule"].is_global]}
     return chosen["rule"], record
@@ -210,7 +232,7 @@ def choose_exit(logits: np.ndarray, data: EvalSet, order: list[int],
 def row_record(row: dict) -> dict:
     """A scanned setting as the report keeps it."""
     return {"threshold": str(row["rule"]), "calibration": row["accuracy"], "calibration_mean_experts": row["mean_experts"],
-            "ok": row["ok"]}
+            "calibration_lower_bound": row["lower_bound"], "ok": row["ok"]}
 
 
 def _inline(model: onnx.ModelProto, prefix: str, image: str, logits: str) -> onnx.GraphProto:
@@ -357,8 +379,8 @@ class EarlyExitPlan:
     def make(cls, job: ExportJob, calibration: EvalSet, data: EvalSet, threshold: ExitRule | Auto) -> "EarlyExitPlan":
         chosen_on = expert_logits(job.model, calibration.pixels)
         order = expert_order(chosen_on, calibration.labels, job.opts.experts)
-        rule, choice = choose_exit(chosen_on, calibration, order, threshold.tolerance) if isinstance(threshold, Auto) \
-            else (threshold, {})
+        rule, choice = choose_exit(chosen_on, calibration, order, threshold.tolerance, threshold.confidence) \
+            if isinstance(threshold, Auto) else (threshold, {})
         logits = expert_logits(job.model, data.pixels)
         if choice:
             score_on_evaluation(choice, logits, data, order)

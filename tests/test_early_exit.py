@@ -12,7 +12,7 @@ from bench.measure.inprocess import References, gate_and_score, make_runner, rep
 from export import gate
 from export.job import job_for
 from export.data_flags import LabelledData
-from export.labelled import EvalSet, load_eval_set
+from export.labelled import EvalSet, difference_lower_bounds, load_eval_set
 from export.graph import reference_logits
 from export.onnx import export_graph, onnx_file
 from serve.server import TritonServer
@@ -114,11 +114,64 @@ def test_auto_protects_the_tail_cheaper_than_any_global_threshold():
     assert not any(r["ok"] for r in record["global_curve"] if r["calibration_mean_experts"] < best_global["calibration_mean_experts"])
 
 
+def lucky_trap(per_class: int) -> tuple[np.ndarray, EvalSet]:
+    """Logits [8 * per_class, 3, 8]: the first expert is as sure of every image and as accurate as the full
+    ensemble (80%), but right on other images: a fifth of them it gets right and the ensemble wrong, a fifth the
+    other way round. Stopping after it costs nothing in accuracy on this split, by the luck of the draw: on other
+    images the two differ by points either way. After two experts the mean predicts what the ensemble does."""
+    labels = np.repeat(np.arange(8), per_class)
+    n, wrong = len(labels), (labels + 1) % 8
+    kind = np.arange(n) % 20 // 4  # per class: 0 first expert only right, 1 ensemble only right, 2-4 both right
+    first = np.where(kind == 1, wrong, labels)
+    others = np.where(kind == 0, wrong, labels)
+    logits = np.zeros((n, 3, 8))
+    logits[np.arange(n), 0, first] = 5.0
+    logits[np.arange(n), 1, others] = logits[np.arange(n), 2, others] = 20.0
+    counts = [400, 300, 200, 150, 60, 40, 15, 10]  # strict rule: many 0-3, medium 4-5, few 6-7
+    return logits, EvalSet(np.zeros((n, 1, 1, 3), np.uint8), labels, counts, "strict", "constructed")
+
+
+def test_auto_refuses_a_setting_whose_match_with_the_ensemble_is_luck():
+    logits, data = lucky_trap(per_class=100)
+    point, _ = ee.choose_exit(logits, data, [0, 1, 2], confidence=0.5)  # the point estimate: first expert only
+    assert ee.Stages(logits, [0, 1, 2], data).score(point)["mean_experts"] == 1.0
+    rule, record = ee.choose_exit(logits, data, [0, 1, 2])  # 95%: its 0.0 difference could be -3.7 points
+    chosen = record["chosen"]
+    assert chosen["calibration_mean_experts"] == 2.0 and record["confidence"] == 0.95
+    assert chosen["calibration_lower_bound"]["overall"] == 0.0 and "at 95% confidence" in record["why"]
+    lucky = next(r for r in record["global_curve"] if r["threshold"] == "0")
+    assert not lucky["ok"] and lucky["calibration_lower_bound"]["overall"] < -1.0
+    assert lucky["calibration"]["overall"] == record["full_ensemble"]["overall"]
+
+
+def test_difference_lower_bounds_cover_the_true_difference_as_often_as_stated():
+    """Two classifiers right on the same easy images, the second more often in three classes: on 2,000 random
+    splits the 95% lower bound of (first - second) lies below the true difference in about 95% of them, overall
+    (sample-weighted) and in a group of two classes weighed equally (the strict rule)."""
+    rng = np.random.default_rng(0)
+    per_class = np.array([300, 200, 400, 400])
+    labels = np.repeat(np.arange(4), per_class)
+    data = EvalSet(np.zeros((len(labels), 1, 1, 3), np.uint8), labels, [500, 400, 15, 10], "strict", "constructed")
+    first, second = np.array([0.8, 0.7, 0.5, 0.3]), np.array([0.8, 0.75, 0.6, 0.38])
+    truth = {"overall": 100 * float((first - second) @ per_class / per_class.sum()),
+             "few": 100 * float((first - second)[2:].mean())}
+    covered = {"overall": 0, "few": 0}
+    for _ in range(2000):
+        u = rng.random(len(labels))
+        bounds = difference_lower_bounds(u < first[labels], u < second[labels], data, z=1.645)
+        for group in covered:
+            covered[group] += bounds[group] <= truth[group]
+    assert all(0.92 < n / 2000 < 0.975 for n in covered.values()), covered  # 0.929-0.955 over three seeds
+    same = difference_lower_bounds(labels == 0, labels == 0, data, z=1.645)
+    assert same == {"overall": 0.0, "many": 0.0, "few": 0.0}  # identical predictions: nothing to doubt
+
+
 def test_exit_rules_parse_and_refuse_in_one_line():
     assert ee.parse_threshold("0.9") == ee.ExitRule(0.9, 0.9, 0.9) and str(ee.ExitRule(0.9, 0.9, 0.9)) == "0.9"
     assert str(ee.parse_threshold("0.8,0.95,1")) == "0.8,0.95,1"
-    assert ee.parse_threshold("auto") == ee.Auto(0.2) and ee.parse_threshold("auto:0.5").tolerance == 0.5
-    for bad in ("2", "0.5,0.6", "x", "auto:-1"):
+    assert ee.parse_threshold("auto") == ee.Auto(0.2, 0.95) and ee.parse_threshold("auto:0.5") == ee.Auto(0.5, 0.95)
+    assert ee.parse_threshold("auto:0.3:0.5") == ee.Auto(0.3, 0.5)  # 0.5: the point estimate
+    for bad in ("2", "0.5,0.6", "x", "auto:-1", "auto:", "auto:0.2:1", "auto:0.2:0.4", "auto:0.2:0.9:1", "auto:nan"):
         with pytest.raises(UserError):
             ee.parse_threshold(bad)
 
