@@ -7,6 +7,7 @@ ports (a server's lifetime must belong to one process)."""
 from __future__ import annotations
 
 import os
+import shutil
 
 # Before torch is imported (tests.helpers imports it): two workers on two cores must not each spin up a thread per
 # core, in their own process or in the `python -m` processes they start.
@@ -55,6 +56,15 @@ def exported_repository(tiny_checkpoint, run_root) -> Path:
         export_cli(*common, "--fusion", "grouped")
         export_cli(*common, "--naive-ensemble")
     return built_once(run_root, "repo", export) / "model_repository"
+
+
+@pytest.fixture(scope="session")
+def fused_only_repository(exported_repository, run_root) -> Path:
+    """The exported repository's fused model alone: for tests of a server's lifetime, where the other four models
+    (each its own python-backend process in the bundled Triton) would only add start-up work."""
+    def copy(folder: Path) -> None:
+        shutil.copytree(exported_repository / "ncl", folder / "model_repository" / "ncl")
+    return built_once(run_root, "repo-fused", copy) / "model_repository"
 
 
 @pytest.fixture(scope="session")

@@ -233,8 +233,8 @@ def test_stop_leaves_no_process_and_no_shared_memory(exported_repository):
     assert not [line for line in ps.splitlines()[1:] if line.split()[0] == str(pid) or line.split()[1] == str(pid)]
 
 
-def test_launcher_serves_until_sigterm(exported_repository):
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-repository", str(exported_repository), "--server",
+def test_launcher_serves_until_sigterm(fused_only_repository):
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model-repository", str(fused_only_repository), "--server",
                              "bundled",
                              "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

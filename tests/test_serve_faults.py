@@ -130,8 +130,8 @@ def test_sigterm_during_startup_stops_serve_and_triton_within_seconds(tmp_path):
     assert_nothing_left(launcher.proc.pid, record, within=2)
 
 
-def test_sigkill_of_the_launcher_takes_triton_down_and_next_start_cleans_up(tmp_path, exported_repository):
-    launcher = Launcher(exported_repository)
+def test_sigkill_of_the_launcher_takes_triton_down_and_next_start_cleans_up(tmp_path, fused_only_repository):
+    launcher = Launcher(fused_only_repository)
     launcher.wait_for("serving")
     run_dir, ready_record = launcher.record()
     launcher.proc.kill()
@@ -196,8 +196,8 @@ def test_models_refused_before_loading_are_named_with_tritons_reason(tmp_path):
     assert_nothing_left(launcher.proc.pid)
 
 
-def test_triton_killed_while_serving_is_reported_with_its_signal(exported_repository):
-    launcher = Launcher(exported_repository)
+def test_triton_killed_while_serving_is_reported_with_its_signal(fused_only_repository):
+    launcher = Launcher(fused_only_repository)
     launcher.wait_for("serving")
     _, record = launcher.record()
     os.kill(record["server_pid"], signal.SIGKILL)
