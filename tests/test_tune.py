@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import shutil
 import subprocess
@@ -13,6 +14,8 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 from bench.tune import Point, apply, best_under, grid
 from serve.repository import ServingOptions, TensorSpec, model_config, read_config, write_config
@@ -139,14 +142,30 @@ class Tune:
         return load_processes(self.proc.pid)
 
     def wait_measuring(self, timeout: float = 120) -> dict:
-        """The launcher record of its Triton, once load processes are sending requests."""
+        """The launcher record of its Triton, once both load processes are up and the server has answered more
+        requests than their warm-ups (so the clients are past start-up, in their measuring loops)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and len(self.load_processes()) < 2:
+        while time.monotonic() < deadline and not (len(self.load_processes()) == 2 and self.requests_served() > 20):
             assert self.proc.poll() is None, self.proc.communicate()
-            time.sleep(0.2)
-        assert len(self.load_processes()) == 2
-        time.sleep(3)  # the load processes have imported and started sending
+            time.sleep(0.1)
+        assert len(self.load_processes()) == 2 and self.requests_served() > 20
         return next(record for _, record in runs_of(self.proc.pid))
+
+    def requests_served(self) -> int:
+        """Inferences Triton counted for the model, read over HTTP at the port its log names (0 before that)."""
+        logs = [run_dir / "server.log" for run_dir, _ in runs_of(self.proc.pid)]
+        found = [m for log in logs if log.exists()
+                 for m in re.findall(r"Started HTTPService at ([\d.]+:\d+)", log.read_text(errors="replace"))]
+        if not found:
+            return 0
+        client = httpclient.InferenceServerClient(found[0])
+        try:
+            stats = client.get_inference_statistics("ncl")["model_stats"]
+        except InferenceServerException:
+            return 0
+        finally:
+            client.close()
+        return sum(int(m.get("inference_count", 0)) for m in stats)
 
 
 @pytest.mark.parametrize("sig, code, message", [(signal.SIGINT, 130, "interrupted"),
