@@ -56,7 +56,7 @@ def test_tune_sweeps_real_triton_and_writes_a_served_variant(repository, tmp_pat
     out = tmp_path / "tune"
     proc = run_module("bench.tune", "--repository", str(repository), "--model", "ncl", "--server", "bundled",
                       "--instances", "1", "--max-batch-sizes", "4,16", "--queue-delays-us", "0", "--concurrency", "2",
-                      "--window-s", "0.5", "--latency-budget-ms", "100000", "--out", str(out), timeout=600)
+                      "--window-s", "0.2", "--latency-budget-ms", "100000", "--out", str(out), timeout=600)
     rows = list(csv.DictReader((out / "tune.csv").open()))
     assert [r["config"] for r in rows] == ["i1 b4 p- d0", "i1 b16 p- d0"], proc.stdout
     assert all(float(r["throughput"]) > 0 and not r["error"] for r in rows)
