@@ -206,15 +206,18 @@ def server_statistics(url: str, protocol: str, model: str) -> dict:
             "compute_infer_ns": ns("compute_infer"), "compute_output_ns": ns("compute_output")}
 
 
+MAX_WARMUP_S = 0.5  # closed-loop clients on warm connections reach their steady rate within milliseconds
 READY_TIMEOUT_S = 120  # for every load process to import tritonclient, connect and complete a warm-up request
 MIN_WINDOW_REQUESTS = 5  # a window with fewer completed requests measured nothing worth a throughput
 
 
 def measure_concurrency(url: str, protocol: str, model: str, images: np.ndarray, batch: int, concurrency: int,
-                        window_s: float = 1.0, windows: int = 3, warmup_s: float = 0.5,
+                        window_s: float = 1.0, windows: int = 3, warmup_s: float | None = None,
                         max_processes: int | None = None, tolerance: float = 0.1, client_kind: str = "asyncio") -> dict:
     """One point of the sweep, requests of `batch` images cycling through `images` (uint8 NHWC: the timed sample,
-    bench.measure.timed_images). Raises RuntimeError when requests fail."""
+    bench.measure.timed_images), after a warm-up of `warmup_s` (default: one window, at most MAX_WARMUP_S; every
+    connection has already had its own warm-up request). Raises RuntimeError when requests fail."""
+    warmup_s = min(window_s, MAX_WARMUP_S) if warmup_s is None else warmup_s
     batches = timing_batches(images, batch)
     processes = max(1, min(concurrency, max_processes or default_client_processes()))
     shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
