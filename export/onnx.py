@@ -35,6 +35,7 @@ from export.data_flags import LabelledData
 from export.naming import naive_ensemble_names
 from export.quantize import Int8Settings, add_int8_args, export_int8, write_report
 from export.torchlib import torchlib_registry_built_once
+from export.sessions import session_options
 from export.request import DEFAULT_OPSET, ExportRequest, add_request_args, request_from_args, validate
 from export.triton import publish_set, serving_options, signature, staged_model
 from serve.repository import ServingOptions, StagedModel, naive_ensemble_models, staging
@@ -92,7 +93,7 @@ def onnx_file(artifact: Path) -> Path:
 
 def onnx_runner(path: Path):
     try:
-        sess = ort.InferenceSession(str(path), providers=providers())
+        sess = ort.InferenceSession(str(path), session_options(), providers=providers())
     except Exception as exc:  # onnxruntime's pybind errors (Fail, InvalidGraph, NotImplemented) share no base
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise UserError(f"ONNX Runtime {ort.__version__} cannot load the exported graph: {first}") from None

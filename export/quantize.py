@@ -37,6 +37,7 @@ from export.job import ExportJob
 from export.data_flags import LabelledData, add_data_args
 from export.labelled import (EvalSet, accuracy_table, calibration_pixels, load_splits, shot_accuracy,
                              splits_record)
+from export.sessions import session_options
 from export.triton import publish
 from serve.repository import ServingOptions, staging
 
@@ -173,7 +174,8 @@ def temporary_files_in(folder: Path) -> Iterator[None]:
 
 
 def cpu_session(model: Path | bytes) -> ort.InferenceSession:
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), session_options(),
+                                providers=["CPUExecutionProvider"])
 
 
 def run_logits(sess: ort.InferenceSession, inputs: np.ndarray, batch: int = 256) -> np.ndarray:

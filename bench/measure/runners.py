@@ -20,6 +20,7 @@ import torch
 from tritonclient.utils import InferenceServerException
 
 from expertfuse.errors import UserError
+from export.sessions import session_options
 from serve.protocols import client_module, image_inputs
 
 
@@ -94,18 +95,13 @@ class TorchRunner(Runner):
 
 class OrtRunner(Runner):
     def __init__(self, path: Path, provider: str = "cpu", threads: int = 0):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        # Idle intra-op threads sleep instead of spinning: on a shared CPU a spinning pool fights the other load
-        # for cores, which slows small calls more than large ones and so moves the ratios the bench reports.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = {"cpu": ["CPUExecutionProvider"],
                      "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                      "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}[provider]
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
             raise RuntimeError(f"onnxruntime lacks {missing[0]}")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.session = ort.InferenceSession(str(path), session_options(threads), providers=providers)
         self.provider = provider
 
     def prepare(self, images):
