@@ -97,7 +97,8 @@ def early_exit_record(model_dir: Path) -> dict:
 
 def curve_rows(record: dict) -> list[dict]:
     """The threshold-cost-accuracy curve of an early-exit export, one row per setting, calibration and evaluation
-    side by side (the global thresholds, then the chosen and the cheapest qualifying global setting)."""
+    side by side, with the lower bounds auto judged each by (the global thresholds, then the chosen and the cheapest
+    qualifying global setting)."""
     auto, tail = record["auto"], record["auto"].get("tail_group") or "few"
     rows = []
     for kind, row in [*(("global", r) for r in auto["global_curve"]), ("chosen", auto["chosen"]),
@@ -105,6 +106,8 @@ def curve_rows(record: dict) -> list[dict]:
         rows.append({"setting": kind, "threshold": row["threshold"], "qualifies_on_calibration": row["ok"],
                      "calibration_experts_per_image": row["calibration_mean_experts"],
                      "calibration_top1": row["calibration"]["overall"], f"calibration_{tail}": row["calibration"][tail],
+                     "calibration_lower_bound_top1": row["calibration_lower_bound"]["overall"],
+                     f"calibration_lower_bound_{tail}": row["calibration_lower_bound"].get(tail),
                      "evaluation_experts_per_image": row["evaluation_mean_experts"],
                      "evaluation_top1": row["evaluation"]["overall"], f"evaluation_{tail}": row["evaluation"][tail]})
     return rows

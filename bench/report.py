@@ -209,7 +209,8 @@ def cost_accuracy_figure(points: list[dict]):
 def plot_early_exit_curve(record: dict, path: Path) -> None:
     """Experts run per image (x) against top-1 overall and on the tail group (y) for every global threshold, on the
     calibration split (where auto chose) and on the evaluation split (where it is scored), with the full ensemble's
-    accuracy, the tolerance band and the chosen setting marked."""
+    accuracy, the tolerance line, the thresholds that qualified (their lower bound within the tolerance: a point
+    above the line can still fail) and the chosen setting marked."""
     auto = record["auto"]
     tail = auto.get("tail_group")
     fig, axes = plt.subplots(1, 2 if tail else 1, figsize=(11 if tail else 6, 4.5), squeeze=False)
@@ -224,7 +225,12 @@ def plot_early_exit_curve(record: dict, path: Path) -> None:
             ax.plot(chosen[f"{split}_mean_experts"], chosen[split][group], marker="*", markersize=13, color=colour,
                     markeredgecolor="black", linestyle="none", label=f"chosen {chosen['threshold']}, {split}")
         band = auto["full_ensemble"][group] - auto["tolerance_points"]
-        ax.axhline(band, color="tab:blue", linestyle="--", linewidth=0.8, label=f"tolerance ({auto['tolerance_points']:g})")
+        ax.axhline(band, color="tab:blue", linestyle="--", linewidth=0.8,
+                   label=f"full ensemble - {auto['tolerance_points']:g}, calibration")
+        passed = [r for r in curve if r["ok"]]
+        ax.plot([r["calibration_mean_experts"] for r in passed], [r["calibration"][group] for r in passed],
+                marker="o", markersize=5, markerfacecolor="none", color="tab:green", linestyle="none",
+                label=f"qualifies ({100 * auto.get('confidence', 0.5):g}% lower bound within it)")
         ax.set(xlabel="experts run per image", ylabel=f"top-1 {group} (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6)

@@ -14,9 +14,10 @@ output, `experts_run` (INT64 [B, 1]), says how many experts each image went thro
 `auto` chooses the order and the thresholds on the calibration split (export.labelled: disjoint from the
 evaluation split, which only scores them): the cheapest setting (fewest experts per image) whose top-1
 overall and on the tail classes (few-shot; medium-shot where the split has no few-shot class) stays
-within the tolerance of the full ensemble at a stated confidence (default 95%: the one-sided lower bound of
-the paired difference, not its point estimate). Among thousands of settings, the cheapest whose point estimate
-is within the tolerance is mostly the luckiest on that split, and falls short on the next images.
+within the tolerance of the full ensemble by the one-sided lower confidence bound of the paired difference
+(default 95%, each setting and group on its own, no correction for the search), not its point estimate: among
+thousands of settings, the cheapest whose point estimate passes is mostly the luckiest on that split, and falls
+short on the next images.
 
 The graph is composed with the onnx API from per-expert graphs (FP32, or INT8 QDQ from
 export.quantize): NonZero / Gather select the unsure rows, ScatterND writes them back.
@@ -24,6 +25,7 @@ export.quantize): NonZero / Gather select the unsure rows, ScatterND writes them
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, replace
 from statistics import NormalDist
 from pathlib import Path
@@ -39,8 +41,8 @@ from expertfuse.parity import compare, float32_error, require
 from export.gate import expert_references, test_images
 from export.job import ExportJob
 from export.data_flags import LabelledData
-from export.labelled import (GROUPS, EvalSet, accuracy_table, class_weights, difference_lower_bounds, expert_logits,
-                             load_splits, shot_accuracy, splits_record)
+from export.labelled import (GROUPS, EvalSet, accuracy_table, difference_lower_bounds, expert_logits, load_splits,
+                             shot_accuracy, split_class_weights, splits_record)
 from export.quantize import (Calibration, GraphWriter, Int8Settings, accuracy_gate, cpu_session, quantize_most_accurate,
                              run_logits, stamp_metadata, write_report)
 from export.triton import publish
@@ -48,7 +50,7 @@ from serve.repository import ServingOptions, TensorSpec, staging
 from train.data.longtail import shot_groups
 
 AUTO_TOLERANCE_POINTS = 0.2
-AUTO_CONFIDENCE = 0.95  # one-sided: the chosen setting is within the tolerance with this confidence
+AUTO_CONFIDENCE = 0.95  # of each setting's one-sided lower bound, per group (no correction for the search)
 AUTO_GRID = np.round(np.arange(0.0, 1.0, 0.01), 2).tolist() + [0.995, 0.999, 1.0]  # one global threshold
 GROUP_GRID = [0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995,
               0.998, 0.999, 1.0]  # each shot group's threshold, searched jointly
@@ -104,12 +106,13 @@ class Auto:
 def parse_threshold(text: str) -> ExitRule | Auto:
     """argparse type: 'auto[:TOLERANCE[:CONFIDENCE]]', a threshold in [0, 1], or three (many,medium,few)."""
     if text == "auto" or text.startswith("auto:"):
+        parts = text.split(":")[1:]
         try:
-            given = [float(v) for v in text.split(":")[1:3]] if text.count(":") <= 2 else None
+            tolerance = float(parts[0]) if parts else AUTO_TOLERANCE_POINTS
+            confidence = float(parts[1]) if len(parts) > 1 else AUTO_CONFIDENCE
         except ValueError:
-            given = None
-        tolerance, confidence = (given or []) + [AUTO_TOLERANCE_POINTS, AUTO_CONFIDENCE][len(given or []):]
-        if given is None or not (tolerance >= 0 and 0.5 <= confidence < 1):
+            tolerance = confidence = -1.0
+        if len(parts) > 2 or not (0 <= tolerance < math.inf and 0.5 <= confidence < 1):
             raise UserError(f"--early-exit auto[:TOLERANCE[:CONFIDENCE]] takes points of top-1 (0 or more) and a "
                             f"confidence in [0.5, 1) (0.5: the point estimate), not {text!r}")
         return Auto(tolerance, confidence)
@@ -162,7 +165,7 @@ class Stages:
         self.predicted = means.argmax(-1)  # [N, K]
         self.data = data
         self.full_hits = self.predicted[:, -1] == data.labels
-        self.weights = class_weights(data)
+        self.weights = split_class_weights(data)
 
     def score(self, rule: ExitRule, z: float | None = None) -> dict:
         """Top-1 by shot group and mean experts per image under `rule`, as simulate would give them; with `z`, also
@@ -179,9 +182,8 @@ class Stages:
 
 
 def tail_group(data: EvalSet) -> str | None:
-    """The rarest shot group with classes: few-shot, or medium-shot where there is no few-shot class (CIFAR-10-LT)."""
-    groups = shot_groups(data.train_counts, data.shot_rule)
-    return next((g for g in ("few", "medium") if groups[g]), None)
+    """The rarest shot group with images in the split: few-shot, or medium-shot where it has none (CIFAR-10-LT)."""
+    return next((g for g in ("few", "medium") if g in split_class_weights(data)), None)
 
 
 def candidate_rules(data: EvalSet) -> list[ExitRule]:
@@ -202,24 +204,24 @@ def choose_exit(logits: np.ndarray, data: EvalSet, order: list[int], tolerance: 
     one-sided lower bound of the paired difference; 0.5: its point estimate). Returns it and the record of the
     choice: the full ensemble, the chosen rule, the cheapest global threshold that qualifies, why, and the
     global-threshold curve."""
-    full = shot_accuracy(logits[:, order].mean(1).argmax(1), data)
     tail, stages, z = tail_group(data), Stages(logits, order, data), NormalDist().inv_cdf(confidence)
+    full = shot_accuracy(stages.predicted[:, -1], data)  # the very predictions the bounds compare with
 
-    def qualifies(lower: dict) -> bool:  # a group without an image in the split bounds nothing
-        return lower["overall"] >= -tolerance and (tail is None or lower.get(tail, 0.0) >= -tolerance)
+    def qualifies(lower: dict) -> bool:
+        return lower["overall"] >= -tolerance and (tail is None or lower[tail] >= -tolerance)
     rows = [{"rule": rule, **stages.score(rule, z)} for rule in candidate_rules(data)]
     for row in rows:
         row["ok"] = qualifies(row["lower_bound"])
     cost = lambda r: (r["mean_experts"], -r["accuracy"]["overall"], -(r["accuracy"][tail] if tail else 0))  # noqa: E731
     chosen = min((r for r in rows if r["ok"]), key=cost)  # threshold 1.0 is the full ensemble: always there
     best_global = min((r for r in rows if r["ok"] and r["rule"].is_global), key=cost)
-    bound = lambda group: chosen["lower_bound"].get(group, 0.0)  # noqa: E731
+    bound = chosen["lower_bound"]
     why = (f"the cheapest of {len(rows)} settings (one global threshold, or one per shot group of the predicted "
-           f"class) within {tolerance:g} points of the full ensemble at {confidence:.0%} confidence on the "
+           f"class) within {tolerance:g} points of the full ensemble by the {100 * confidence:g}% lower bound on the "
            f"{data.source}, overall ({chosen['accuracy']['overall']:.2f} vs {full['overall']:.2f}, lower bound of "
-           f"the difference {bound('overall'):+.2f})"
+           f"the difference {bound['overall']:+.2f})"
            + (f" and on {tail}-shot classes ({chosen['accuracy'][tail]:.2f} vs {full[tail]:.2f}, lower bound "
-              f"{bound(tail):+.2f})" if tail else "")
+              f"{bound[tail]:+.2f})" if tail else "")
            + f": {chosen['mean_experts']:.3f} experts per image; the cheapest global threshold within it, "
              f"{best_global['rule']}, runs {best_global['mean_experts']:.3f}")
     record = {"tolerance_points": tolerance, "confidence": confidence, "tail_group": tail, "full_ensemble": full,

@@ -22,7 +22,7 @@ from expertfuse.preprocess import graph_input, normalize_pixels, served_pixels
 from export.data_flags import DATA_FLAGS, LabelledData
 from train.data.datasets import DataBundle, LabeledView, build_calibration, build_data
 from train.data.options import DataOptions
-from train.data.longtail import group_accuracy, shot_groups
+from train.data.longtail import class_weights, group_accuracy
 
 GROUPS = ("overall", "many", "medium", "few")
 
@@ -142,38 +142,32 @@ def shot_accuracy(predictions: np.ndarray, data: EvalSet) -> dict[str, float]:
     return group_accuracy(*class_hits(predictions, data), data.train_counts, data.shot_rule)
 
 
-def class_weights(data: EvalSet) -> dict[str, np.ndarray]:
-    """Per group (overall, many, medium, few), the weight of each class's own accuracy in that group's top-1, as
-    group_accuracy weighs them: by images overall and under the ncl rule, equally under the strict rule; classes
-    without an image in the split weigh nothing (a group without any: absent)."""
-    total = np.bincount(data.labels, minlength=data.num_classes).astype(np.float64)
-    weights = {"overall": total / max(total.sum(), 1)}
-    for name, classes in shot_groups(data.train_counts, data.shot_rule).items():
-        classes = [c for c in classes if total[c] > 0]
-        if classes:
-            weights[name] = np.zeros(data.num_classes)
-            weights[name][classes] = total[classes] / total[classes].sum() if data.shot_rule == "ncl" else 1 / len(classes)
-    return weights
+def split_class_weights(data: EvalSet) -> dict[str, np.ndarray]:
+    """train.data.longtail.class_weights of this split: how its top-1 of each group weighs each class."""
+    return class_weights(np.bincount(data.labels, minlength=data.num_classes), data.train_counts, data.shot_rule)
 
 
 def difference_lower_bounds(hits: np.ndarray, baseline_hits: np.ndarray, data: EvalSet, z: float,
                             weights: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """One-sided lower confidence bounds (points) of top-1 of `hits` minus top-1 of `baseline_hits` (per image,
-    both on `data`), overall and per shot group: the paired difference's class means, weighed as class_weights
-    does, minus z standard errors (normal approximation; the spread pooled over the group's classes, so that a
-    class where the two happened to agree on every image does not count as certain). Closed form, so that a search
-    can bound thousands of settings; like any normal approximation it is too narrow when a group's disagreements
-    number in the single digits."""
+    both on `data`), overall and per shot group: the paired difference's class means, weighed as the group's top-1
+    weighs its classes (split_class_weights), minus z standard errors. Normal approximation, the spread pooled over
+    the group's classes, so that a class where the two happened to agree on every image does not count as certain;
+    a group of one image per class has no spread to pool and, where the two differ at all, takes the largest a
+    difference of hits can have (1).
+    Closed form, so that a search can bound thousands of settings; like any normal approximation it is too narrow
+    when a group's disagreements number in the single digits."""
     labels, classes = data.labels, data.num_classes
     diff = hits.astype(np.float64) - baseline_hits
     count = np.bincount(labels, minlength=classes)
     mean = np.bincount(labels, weights=diff, minlength=classes) / np.maximum(count, 1)
     spread = np.bincount(labels, weights=diff * diff, minlength=classes) - count * mean ** 2  # sum of squares
     bounds = {}
-    for name, w in (weights if weights is not None else class_weights(data)).items():
+    for name, w in (weights if weights is not None else split_class_weights(data)).items():
         members = w > 0
-        pooled = spread[members].sum() / max(int((count[members] - 1).sum()), 1)
-        standard_error = np.sqrt(max(pooled, 0.0) * float((w[members] ** 2 / count[members]).sum()))
+        freedom = int((count[members] - 1).sum())
+        pooled = max(float(spread[members].sum()), 0.0) / freedom if freedom else float(mean[members].any())
+        standard_error = np.sqrt(pooled * float((w[members] ** 2 / count[members]).sum()))
         bounds[name] = float(100 * (w @ mean - z * standard_error))
     return bounds
 

@@ -1,5 +1,6 @@
-"""ONNX Runtime session options for every session the project runs its graphs in (export gates, `--fusion auto`,
-INT8 calibration and gates, the bench's runners)."""
+"""ONNX Runtime session options for every session the project runs its graphs in outside Triton (export gates,
+`--fusion auto`, INT8 calibration and gates, the bench's runners; the bundled Triton's python backend,
+serve/backends/onnx_model.py, is copied into model repositories and keeps ONNX Runtime's default)."""
 from __future__ import annotations
 
 import onnxruntime as ort

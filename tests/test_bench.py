@@ -161,13 +161,14 @@ def test_triton_runner_with_and_without_shared_memory(triton, tiny_checkpoint):
 
 
 def test_served_bench_writes_json_csv_and_plots(triton, tiny_checkpoint, tmp_path):
-    """The served stage alone (the demo's test covers the in-process stage and both together): a sweep over gRPC with
-    two client processes and the interleaved run through shared memory."""
+    """The served stage alone (the demo's test covers the in-process stage and both together): our load generator's
+    sweep over gRPC with two client processes (perf_analyzer's: tests/test_served.py) and the interleaved run through
+    shared memory."""
     out = tmp_path / "bench"
     proc = run_module("bench", "--ckpt", str(tiny_checkpoint), "--no-inprocess", "--eval-limit", "40", "--budget-s",
                       "0.5", "--window-s", "0.1", "--served", "--http-url", triton.endpoints.http, "--grpc-url",
                       triton.endpoints.grpc, "--concurrency", "1,2", "--protocols", "grpc", "--client-processes", "2",
-                      "--shared-memory", "--out", str(out))
+                      "--load-generator", "python", "--shared-memory", "--out", str(out))
     assert "## Cost and accuracy" in proc.stdout and "in-process:" not in proc.stdout
     result = json.loads((out / "bench.json").read_text())
     assert result["inprocess"] == [] and {p["where"] for p in result["points"]} == {"triton-grpc"}

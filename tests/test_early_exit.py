@@ -114,6 +114,15 @@ def test_auto_protects_the_tail_cheaper_than_any_global_threshold():
     assert not any(r["ok"] for r in record["global_curve"] if r["calibration_mean_experts"] < best_global["calibration_mean_experts"])
 
 
+def test_the_tail_is_the_rarest_group_the_split_has_images_of():
+    logits, data = tail_trap()  # classes 0 and 1 many, 2 medium, 3 few
+    assert ee.tail_group(data) == "few"
+    keep = data.labels != 3  # a split without an image of the few-shot class: the medium-shot classes are its tail
+    without = EvalSet(data.pixels[keep], data.labels[keep], data.train_counts, "strict", "constructed")
+    rule, record = ee.choose_exit(logits[keep], without, [0, 1, 2])
+    assert record["tail_group"] == "medium" and "on medium-shot classes" in record["why"]
+
+
 def lucky_trap(per_class: int) -> tuple[np.ndarray, EvalSet]:
     """Logits [8 * per_class, 3, 8]: the first expert is as sure of every image and as accurate as the full
     ensemble (80%), but right on other images: a fifth of them it gets right and the ensemble wrong, a fifth the
@@ -138,7 +147,7 @@ def test_auto_refuses_a_setting_whose_match_with_the_ensemble_is_luck():
     rule, record = ee.choose_exit(logits, data, [0, 1, 2])  # 95%: its 0.0 difference could be -3.7 points
     chosen = record["chosen"]
     assert chosen["calibration_mean_experts"] == 2.0 and record["confidence"] == 0.95
-    assert chosen["calibration_lower_bound"]["overall"] == 0.0 and "at 95% confidence" in record["why"]
+    assert chosen["calibration_lower_bound"]["overall"] == 0.0 and "by the 95% lower bound" in record["why"]
     lucky = next(r for r in record["global_curve"] if r["threshold"] == "0")
     assert not lucky["ok"] and lucky["calibration_lower_bound"]["overall"] < -1.0
     assert lucky["calibration"]["overall"] == record["full_ensemble"]["overall"]
@@ -164,6 +173,9 @@ def test_difference_lower_bounds_cover_the_true_difference_as_often_as_stated():
     assert all(0.92 < n / 2000 < 0.975 for n in covered.values()), covered  # 0.929-0.955 over three seeds
     same = difference_lower_bounds(labels == 0, labels == 0, data, z=1.645)
     assert same == {"overall": 0.0, "many": 0.0, "few": 0.0}  # identical predictions: nothing to doubt
+    one_each = EvalSet(data.pixels[:2], np.array([2, 3]), data.train_counts, "strict", "constructed")
+    worse = difference_lower_bounds(np.array([False, False]), np.array([True, True]), one_each, z=1.645)
+    assert worse["few"] < -100  # one image per class: no spread to pool, the largest is assumed, not none
 
 
 def test_exit_rules_parse_and_refuse_in_one_line():
@@ -171,7 +183,8 @@ def test_exit_rules_parse_and_refuse_in_one_line():
     assert str(ee.parse_threshold("0.8,0.95,1")) == "0.8,0.95,1"
     assert ee.parse_threshold("auto") == ee.Auto(0.2, 0.95) and ee.parse_threshold("auto:0.5") == ee.Auto(0.5, 0.95)
     assert ee.parse_threshold("auto:0.3:0.5") == ee.Auto(0.3, 0.5)  # 0.5: the point estimate
-    for bad in ("2", "0.5,0.6", "x", "auto:-1", "auto:", "auto:0.2:1", "auto:0.2:0.4", "auto:0.2:0.9:1", "auto:nan"):
+    for bad in ("2", "0.5,0.6", "x", "auto:-1", "auto:", "auto:0.2:1", "auto:0.2:0.4", "auto:0.2:0.9:1", "auto:nan",
+                "auto:inf"):
         with pytest.raises(UserError):
             ee.parse_threshold(bad)
 

@@ -69,13 +69,20 @@ def group_accuracy(correct: np.ndarray, total: np.ndarray, train_counts: Sequenc
     without an image in the split (a held-out calibration split has none of the head class) does not count.
     """
     per_class = np.divide(correct, total, out=np.zeros(len(total)), where=total > 0)
-    result = {"overall": float(100.0 * correct.sum() / max(total.sum(), 1))}
+    weights = class_weights(total, train_counts, rule)
+    return {name: 100.0 * float(weights[name] @ per_class) if name in weights else float("nan")
+            for name in ("overall", *shot_groups(train_counts, rule))}
+
+
+def class_weights(total: np.ndarray, train_counts: Sequence[int], rule: str = "strict") -> dict[str, np.ndarray]:
+    """Per group (overall, many, medium, few), the weight of each class's own accuracy in that group's top-1: by
+    images overall and under the ncl rule, equally per class under the strict rule; classes without an image in
+    the split (`total`: images per class) weigh nothing, and a group without any is absent."""
+    total = np.asarray(total, dtype=np.float64)
+    weights = {"overall": total / max(total.sum(), 1)}
     for name, classes in shot_groups(train_counts, rule).items():
         classes = [c for c in classes if total[c] > 0]
-        if not classes:
-            result[name] = float("nan")
-        elif rule == "ncl":
-            result[name] = float(100.0 * correct[classes].sum() / max(total[classes].sum(), 1))
-        else:
-            result[name] = 100.0 * float(per_class[classes].mean())
-    return result
+        if classes:
+            weights[name] = np.zeros(len(total))
+            weights[name][classes] = total[classes] / total[classes].sum() if rule == "ncl" else 1 / len(classes)
+    return weights
