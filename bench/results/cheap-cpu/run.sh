@@ -2,7 +2,7 @@
 # The cheap ensemble (INT8, tail-aware early exit) on today's checkpoints: every choice made on the calibration
 # split, every accuracy scored on the evaluation split. Run from the repository root:
 #   python ../shared/data/unpack_cifar10_jpeg.py --out DATA            (once: real CIFAR-10 as an ImageFolder tree)
-#   bash bench/results/cheap-cpu/run.sh runs DATA [demo] [served] [cifar]
+#   bash bench/results/cheap-cpu/run.sh runs DATA [demo] [served] [cifar] [halves]
 # RUNS (here `runs`, git-ignored) receives the checkpoints and model repositories; the committed files name them
 # relative to the repository root.
 set -euo pipefail
@@ -26,6 +26,10 @@ for step in "$@"; do
         --out "$runs/c10/ce3-r8-e40"
       python -m bench.cheap --ckpt "$runs/c10/ce3-r8-e40/ce.pt" --data-root "$data" --calib-per-class 500 \
         --repository "$runs/cheap-c10" --out $out/cifar10-lt-ce3-r8-e40 "${cheap[@]}" ;;
+    halves)  # does auto's choice hold on images it was not chosen on? (both checkpoints above; split_half.json)
+      python bench/results/cheap-cpu/split_half.py --ckpt "$runs/demo/train/ncl.pt" --out $out/demo
+      python bench/results/cheap-cpu/split_half.py --ckpt "$runs/c10/ce3-r8-e40/ce.pt" --data-root "$data" \
+        --out $out/cifar10-lt-ce3-r8-e40 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
