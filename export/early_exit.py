@@ -174,7 +174,8 @@ class Stages:
         leaves = self.confidence[:, :-1] > limit[self.predicted[:, :-1]]
         stage = np.concatenate([leaves, np.ones((len(leaves), 1), bool)], 1).argmax(1)
         predicted = self.predicted[np.arange(len(stage)), stage]
-        scored = {"accuracy": shot_accuracy(predicted, self.data), "mean_experts": float(stage.mean() + 1)}
+        scored = {"accuracy": shot_accuracy(predicted, self.data, self.weights),
+                  "mean_experts": float(stage.mean() + 1)}
         if z is not None:
             scored["lower_bound"] = difference_lower_bounds(predicted == self.data.labels, self.full_hits, self.data, z,
                                                             self.weights)

@@ -22,9 +22,7 @@ from expertfuse.preprocess import graph_input, normalize_pixels, served_pixels
 from export.data_flags import DATA_FLAGS, LabelledData
 from train.data.datasets import DataBundle, LabeledView, build_calibration, build_data
 from train.data.options import DataOptions
-from train.data.longtail import class_weights, group_accuracy
-
-GROUPS = ("overall", "many", "medium", "few")
+from train.data.longtail import GROUPS, class_weights, group_accuracy
 
 
 @dataclass
@@ -137,9 +135,11 @@ def class_hits(predictions: np.ndarray, data: EvalSet) -> tuple[np.ndarray, np.n
     return correct, total
 
 
-def shot_accuracy(predictions: np.ndarray, data: EvalSet) -> dict[str, float]:
-    """Top-1 (%) overall and many/medium/few from predicted class indices."""
-    return group_accuracy(*class_hits(predictions, data), data.train_counts, data.shot_rule)
+def shot_accuracy(predictions: np.ndarray, data: EvalSet,
+                  weights: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Top-1 (%) overall and many/medium/few from predicted class indices (`weights`: split_class_weights(data),
+    when the caller has them)."""
+    return group_accuracy(*class_hits(predictions, data), data.train_counts, data.shot_rule, weights)
 
 
 def split_class_weights(data: EvalSet) -> dict[str, np.ndarray]:

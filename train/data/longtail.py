@@ -61,17 +61,20 @@ def shot_groups(train_counts: Sequence[int], rule: str = "strict") -> dict[str, 
     return {"many": many, "medium": medium, "few": few}
 
 
-def group_accuracy(correct: np.ndarray, total: np.ndarray, train_counts: Sequence[int],
-                   rule: str = "strict") -> dict[str, float]:
+GROUPS = ("overall", "many", "medium", "few")
+
+
+def group_accuracy(correct: np.ndarray, total: np.ndarray, train_counts: Sequence[int], rule: str = "strict",
+                   weights: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Overall and many/medium/few accuracy (%) from per-class correct/total counts.
 
     strict averages per-class accuracies within a group (OLTR); ncl is sample-weighted like NCL's code. A class
     without an image in the split (a held-out calibration split has none of the head class) does not count.
+    `weights`: class_weights of the same split and rule, for a caller scoring many predictions of one split.
     """
     per_class = np.divide(correct, total, out=np.zeros(len(total)), where=total > 0)
-    weights = class_weights(total, train_counts, rule)
-    return {name: 100.0 * float(weights[name] @ per_class) if name in weights else float("nan")
-            for name in ("overall", *shot_groups(train_counts, rule))}
+    weights = class_weights(total, train_counts, rule) if weights is None else weights
+    return {name: 100.0 * float(weights[name] @ per_class) if name in weights else float("nan") for name in GROUPS}
 
 
 def class_weights(total: np.ndarray, train_counts: Sequence[int], rule: str = "strict") -> dict[str, np.ndarray]:
